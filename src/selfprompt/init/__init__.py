@@ -1,0 +1,75 @@
+"""Prompt initialisation: VPT's random init and SPT's prototypes of the task's own patch tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from selfprompt.init import methods as _methods  # noqa: F401 (registers the built-in initializers)
+from selfprompt.init.collect import image_batches, patch_tokens_by_layer
+from selfprompt.init.registry import (
+    PromptInitializer,
+    available_initializers,
+    get_initializer,
+    register_initializer,
+)
+from selfprompt.model import PromptedViT
+
+__all__ = ["PromptInitializer", "available_initializers", "init_prompts", "register_initializer"]
+
+
+@torch.no_grad()
+def init_prompts(
+    model: PromptedViT,
+    loader: Iterable | None = None,
+    method: str = "sample",
+    *,
+    fraction: float | None = None,
+    max_images: int | None = None,
+    seed: int = 0,
+    max_tokens: int = 32768,
+) -> torch.Tensor:
+    """Initialise ``model.prompts`` in place and return the new values.
+
+    Token-based methods run the frozen backbone *without prompts* over a seeded subset of the loader's
+    images (drawn without replacement, re-read in a fixed order) and build each prompted layer's prompts
+    from that layer's patch tokens: the patch embedding for layer 0, block i's input for layer i.
+    Memory stays bounded: at most ``max_tokens`` tokens per layer are kept (k-means), M for the others.
+
+    Args:
+        model: The PromptedViT whose prompts are set.
+        loader: Batches of the task's training images (use eval transforms); a tensor, an
+            ``(images, labels)`` pair or a dict with an ``image``/``pixel_values`` entry per batch.
+        method: A registered initializer: see :func:`available_initializers`.
+        fraction: Share of the loader's images to use, in (0, 1]; None uses all of them.
+        max_images: Cap on the number of images used.
+        seed: Seeds the subset, the sampling and k-means; the same seed gives the same prompts.
+        max_tokens: Tokens kept per layer for k-means.
+    """
+    initializer = get_initializer(method)
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}.")
+    if max_tokens < model.num_prompts:
+        raise ValueError(f"max_tokens ({max_tokens}) must be at least num_prompts ({model.num_prompts}).")
+    generator = torch.Generator().manual_seed(seed)
+    layers = [
+        initializer(model, generator=generator, max_tokens=max_tokens) for _ in range(model.num_prompt_layers)
+    ]
+    if initializer.needs_tokens:
+        if loader is None:
+            raise ValueError(f"Method {method!r} builds prompts from the task's images: pass a loader.")
+        reference = model.prompts
+        seen = 0
+        for images in image_batches(loader, fraction, max_images, generator):
+            images = images.to(reference.device, reference.dtype)
+            for layer, tokens in zip(layers, patch_tokens_by_layer(model.backbone, images, len(layers))):
+                layer.update(tokens.float())
+            seen += len(images)
+        if seen == 0:
+            raise ValueError(f"The loader yielded no images; method {method!r} needs the task's training images.")
+    prompts = torch.stack([layer.result() for layer in layers])
+    model.prompts.copy_(prompts)
+    return model.prompts.detach().clone()
