@@ -9,14 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from selfprompt.model import backbone_signature, timm_name
+from selfprompt.version import __version__
+
 import timm
 import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-
-from selfprompt.model import backbone_signature, timm_name
-from selfprompt.version import __version__
 
 if TYPE_CHECKING:
     from selfprompt.model import PromptedViT
@@ -77,7 +77,11 @@ def _check_backbone(saved: dict, backbone: nn.Module, name: str | None, director
         if saved[key] != actual.get(key)
     ]
     if problems:
-        hint = "\n(a hand-built or renamed backbone: pass backbone_name=...)" if saved["name"] != actual["name"] else ""
+        hint = (
+            "\n(a hand-built or renamed backbone: pass backbone_name=...)"
+            if saved["name"] != actual["name"]
+            else ""
+        )
         raise ValueError(
             f"The backbone does not match the adapter in {directory}:\n  " + "\n  ".join(problems) + hint
         )

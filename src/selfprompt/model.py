@@ -103,7 +103,9 @@ class PromptedViT(nn.Module):
         if deep_layers is not None and not deep:
             raise ValueError("deep_layers applies only to deep prompts; pass deep=True or drop deep_layers.")
         if deep_layers is not None and not 1 <= deep_layers <= depth:
-            raise ValueError(f"deep_layers must be in [1, {depth}] (the backbone's depth), got {deep_layers}.")
+            raise ValueError(
+                f"deep_layers must be in [1, {depth}] (the backbone's depth), got {deep_layers}."
+            )
         if not 0.0 <= prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}.")
         if pool is None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-
 from selfprompt.init import methods as _methods  # noqa: F401 (registers the built-in initializers)
 from selfprompt.init.collect import image_batches, patch_tokens_by_layer
 from selfprompt.init.registry import (
@@ -15,6 +13,8 @@ from selfprompt.init.registry import (
     register_initializer,
 )
 from selfprompt.model import PromptedViT
+
+import torch
 
 __all__ = ["PromptInitializer", "available_initializers", "init_prompts", "register_initializer"]
 
@@ -65,11 +65,15 @@ def init_prompts(
         seen = 0
         for images in image_batches(loader, fraction, max_images, generator):
             images = images.to(reference.device, reference.dtype)
-            for layer, tokens in zip(layers, patch_tokens_by_layer(model.backbone, images, len(layers))):
+            for layer, tokens in zip(
+                layers, patch_tokens_by_layer(model.backbone, images, len(layers)), strict=True
+            ):
                 layer.update(tokens.float())
             seen += len(images)
         if seen == 0:
-            raise ValueError(f"The loader yielded no images; method {method!r} needs the task's training images.")
+            raise ValueError(
+                f"The loader yielded no images; method {method!r} needs the task's training images."
+            )
     prompts = torch.stack([layer.result() for layer in layers])
     model.prompts.copy_(prompts)
     return model.prompts.detach().clone()

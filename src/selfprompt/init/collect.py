@@ -46,7 +46,11 @@ def image_batches(
     of batches is read as it comes; it supports ``max_images`` but not ``fraction``.
     """
     dataset = getattr(loader, "dataset", None)
-    if isinstance(loader, DataLoader) and isinstance(dataset, Sized) and not isinstance(dataset, IterableDataset):
+    if (
+        isinstance(loader, DataLoader)
+        and isinstance(dataset, Sized)
+        and not isinstance(dataset, IterableDataset)
+    ):
         count = _subset_size(len(dataset), fraction, max_images)
         chosen = torch.randperm(len(dataset), generator=generator)[:count].sort().values
         loader = DataLoader(
@@ -76,17 +80,17 @@ def image_batches(
 
 
 @torch.no_grad()
-def patch_tokens_by_layer(backbone: VisionTransformer, images: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
+def patch_tokens_by_layer(
+    backbone: VisionTransformer, images: torch.Tensor, num_layers: int
+) -> list[torch.Tensor]:
     """Patch tokens, prefix tokens excluded, as SPT draws prompts from, each shaped ``(B, H, W, D)``.
 
     Layer 0 is the patch embedding output (no position embedding, as in the official code); layer i >= 1 is
     the patch part of block i's input, i.e. block i-1's output. Only the blocks needed are run.
     """
     x = backbone.patch_embed(images)
-    if x.ndim == 4:  # dynamic_img_size: NHWC grid
-        grid = x.shape[1:3]
-    else:
-        grid = backbone.patch_embed.dynamic_feat_size(images.shape[-2:])
+    # dynamic_img_size gives an NHWC grid, otherwise (B, N, D) on the size the images imply
+    grid = x.shape[1:3] if x.ndim == 4 else backbone.patch_embed.dynamic_feat_size(images.shape[-2:])
     batch = x.shape[0]
     layers = [x.reshape(batch, *grid, -1)]
     if num_layers > 1:

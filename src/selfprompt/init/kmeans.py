@@ -1,4 +1,4 @@
-"""K-means in torch: greedy k-means++ seeding, Lloyd iterations, chunked distances, empty clusters re-seeded."""
+"""K-means in torch: greedy k-means++ seeding, Lloyd iterations in chunks, empty clusters re-seeded."""
 
 from __future__ import annotations
 
@@ -15,18 +15,27 @@ class KMeansResult:
     iterations: int
 
 
-def _squared_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    d2 = x.pow(2).sum(1, keepdim=True) - 2 * x @ centers.T + centers.pow(2).sum(1)
-    return d2.clamp_min_(0)
+def _squared_norms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).sum(1)
 
 
-def assign(x: torch.Tensor, centers: torch.Tensor, chunk_size: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest center of each row and its squared distance, computed ``chunk_size`` rows at a time."""
+def _squared_distances(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(_squared_norms(centers), x, centers.T, alpha=-2).add_(x_sq[:, None]).clamp_min_(0)
+
+
+def assign(
+    x: torch.Tensor, centers: torch.Tensor, x_sq: torch.Tensor, chunk_size: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest center of each row and its squared distance, ``chunk_size`` rows at a time.
+
+    ``x_sq`` holds the rows' squared norms; it is added after the minimum, which it does not change.
+    """
+    c_sq = _squared_norms(centers)
     labels, dists = [], []
-    for chunk in x.split(chunk_size):
-        d, i = _squared_distances(chunk, centers).min(dim=1)
+    for chunk, chunk_sq in zip(x.split(chunk_size), x_sq.split(chunk_size), strict=True):
+        d, i = torch.addmm(c_sq, chunk, centers.T, alpha=-2).min(dim=1)
         labels.append(i)
-        dists.append(d)
+        dists.append(d.add_(chunk_sq).clamp_min_(0))
     return torch.cat(labels), torch.cat(dists)
 
 
@@ -37,16 +46,23 @@ def _sample(weights: torch.Tensor, count: int, generator: torch.Generator) -> to
     return torch.searchsorted(cumulative, draws).clamp_max_(len(weights) - 1)
 
 
-def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator, chunk_size: int = 16384) -> torch.Tensor:
+def kmeans_plus_plus(
+    x: torch.Tensor, k: int, generator: torch.Generator, x_sq: torch.Tensor, chunk_size: int = 16384
+) -> torch.Tensor:
     """Greedy k-means++ seeding (each step keeps the best of 2 + log k candidates, as scikit-learn does)."""
     trials = 2 + int(math.log(k))
     first = torch.randint(len(x), (1,), generator=generator).to(x.device)
     centers = [x[first]]
-    closest = assign(x, centers[0], chunk_size)[1]
+    closest = assign(x, centers[0], x_sq, chunk_size)[1]
     for _ in range(1, k):
         candidates = _sample(closest, trials, generator)
-        # potential (total squared distance) if each candidate were added
-        candidate_d2 = torch.cat([_squared_distances(c, x[candidates]) for c in x.split(chunk_size)]).T
+        # squared distances to each candidate, to pick the one that lowers the total the most
+        candidate_d2 = torch.cat(
+            [
+                _squared_distances(c, c_sq, x[candidates])
+                for c, c_sq in zip(x.split(chunk_size), x_sq.split(chunk_size), strict=True)
+            ]
+        ).T
         new_closest = torch.minimum(closest, candidate_d2)
         best = new_closest.sum(1).argmin()
         centers.append(x[candidates[best]].unsqueeze(0))
@@ -72,11 +88,12 @@ def kmeans(
     if len(x) < k:
         raise ValueError(f"k-means needs at least k={k} points, got {len(x)}.")
     x = x.float()
+    x_sq = _squared_norms(x)
     threshold = tol * x.var(dim=0, unbiased=False).mean()
-    centers = kmeans_plus_plus(x, k, generator, chunk_size)
+    centers = kmeans_plus_plus(x, k, generator, x_sq, chunk_size)
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 (reported after the loop)
-        labels, d2 = assign(x, centers, chunk_size)
+        labels, d2 = assign(x, centers, x_sq, chunk_size)
         counts = torch.bincount(labels, minlength=k)
         sums = torch.zeros_like(centers).index_add_(0, labels, x)
         new = sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
@@ -87,5 +104,5 @@ def kmeans(
         centers = new
         if shift <= threshold:
             break
-    inertia = assign(x, centers, chunk_size)[1].sum().item()
+    inertia = assign(x, centers, x_sq, chunk_size)[1].sum().item()
     return KMeansResult(centers=centers, inertia=inertia, iterations=iterations)

@@ -1,15 +1,15 @@
-"""The built-in initializers: VPT's ``xavier`` and SPT's ``sample``, ``mean_pool``, ``max_pool``, ``kmeans``."""
+"""Built-in initializers: VPT's ``xavier``; SPT's ``sample``, ``mean_pool``, ``max_pool`` and ``kmeans``."""
 
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
 from selfprompt.init.kmeans import kmeans
 from selfprompt.init.registry import PromptInitializer, register_initializer
 from selfprompt.init.reservoir import Reservoir
+
+import torch
+import torch.nn.functional as F
 
 
 @register_initializer("xavier")
