@@ -2,7 +2,7 @@
 
 import json
 
-from selfprompt import PromptedViT, init_prompts
+from selfprompt import PromptedViT, ViTClassifier, init_prompts, load_pretrained
 
 import pytest
 import torch
@@ -109,3 +109,17 @@ def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+
+
+@pytest.mark.parametrize("train_backbone", [False, True])
+def test_classifier_round_trip_and_class_check(tmp_path, images, train_backbone):
+    model = ViTClassifier(tiny_vit(), num_classes=4, train_backbone=train_backbone).eval()
+    if train_backbone:  # a fine-tuned backbone is part of the artefact
+        torch.nn.init.normal_(model.backbone.blocks[0].mlp.fc1.weight)
+    model.save_pretrained(tmp_path)
+    reloaded = load_pretrained(tmp_path, backbone=tiny_vit()).eval()
+    assert type(reloaded) is ViTClassifier
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), model(images))
+    with pytest.raises(ValueError, match="holds a ViTClassifier, not a PromptedViT"):
+        PromptedViT.from_pretrained(tmp_path, backbone=tiny_vit())

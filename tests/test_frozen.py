@@ -1,6 +1,6 @@
 """Only prompts and head train; the backbone stays bit-identical and in eval mode."""
 
-from selfprompt import PromptedViT
+from selfprompt import PromptedViT, ViTClassifier
 
 import pytest
 import torch
@@ -37,3 +37,13 @@ def test_backbone_stays_in_eval_mode(images):
     assert not any(m.training for m in backbone.modules())
     with torch.no_grad():  # no dropout anywhere in the backbone: two training-mode passes agree
         assert torch.equal(model(images), model(images))
+
+
+def test_linear_probe_trains_only_the_head_and_full_trains_everything(images):
+    linear = ViTClassifier(tiny_vit(drop_path_rate=0.5), num_classes=4).train()
+    assert {n for n, p in linear.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    assert not linear.backbone.training
+    full = ViTClassifier(tiny_vit(drop_path_rate=0.5), num_classes=4, train_backbone=True).train()
+    assert all(p.requires_grad for p in full.parameters())
+    assert full.backbone.training and not full.eval().backbone.training
+    assert set(full.adapter_parameters()) == {n for n, _ in full.named_parameters()}

@@ -1,6 +1,6 @@
 """Token layout, deep replacement and pooling, checked against timm's own VisionTransformer."""
 
-from selfprompt import PromptedViT
+from selfprompt import PromptedViT, ViTClassifier
 
 import pytest
 import torch
@@ -166,3 +166,17 @@ def test_non_vit_backbone_is_refused(name):
         backbone = timm.create_model(name)
     with pytest.raises(TypeError, match="supports timm VisionTransformer"):
         PromptedViT(backbone, num_classes=3)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_without_prompts_equals_timm(case, images):
+    """ViTClassifier (linear probe / full fine-tune) is timm's own forward with the new head."""
+    overrides = CASES[case]
+    model = ViTClassifier(tiny_vit(**overrides), num_classes=7)
+    ref = VisionTransformer(**{**TINY, **overrides, "num_classes": 7}).eval()
+    ref.load_state_dict(
+        {**model.backbone.state_dict(), "head.weight": model.head.weight, "head.bias": model.head.bias}
+    )
+    x = torch.randn(2, 3, 40, 48) if overrides.get("dynamic_img_size") else images
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 if TYPE_CHECKING:
-    from selfprompt.model import PromptedViT
+    from selfprompt.model import ViTClassifier
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -36,12 +36,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_adapter(model: PromptedViT, directory: str | Path) -> Path:
+def save_adapter(model: ViTClassifier, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.adapter_parameters().items()}
     config = {
         "format_version": FORMAT_VERSION,
+        "class": type(model).__name__,
         "model": asdict(model.config),
         "backbone": backbone_signature(model.backbone, model.backbone_name),
         "versions": {"selfprompt": __version__, "torch": torch.__version__, "timm": timm.__version__},
@@ -88,10 +89,25 @@ def _check_backbone(saved: dict, backbone: nn.Module, name: str | None, director
 
 
 def load_adapter(
-    cls: type[PromptedViT], directory: str | Path, backbone: nn.Module, backbone_name: str | None
-) -> PromptedViT:
+    directory: str | Path,
+    backbone: nn.Module,
+    backbone_name: str | None = None,
+    expected: type[ViTClassifier] | None = None,
+) -> ViTClassifier:
+    """Rebuild the model saved in ``directory`` on ``backbone`` (a ViTClassifier or a PromptedViT).
+
+    ``expected`` (set by ``from_pretrained``) refuses a directory that holds another kind of model.
+    """
+    from selfprompt.model import PromptedViT, ViTClassifier
+
     directory = Path(directory)
     config = _read_config(directory)
+    cls = {c.__name__: c for c in (ViTClassifier, PromptedViT)}[config["class"]]
+    if expected is not None and cls is not expected:
+        raise ValueError(
+            f"{directory} holds a {cls.__name__}, not a {expected.__name__}: load it with "
+            f"selfprompt.{cls.__name__}.from_pretrained or selfprompt.load_pretrained."
+        )
     _check_backbone(config["backbone"], backbone, backbone_name, directory)
     model = cls(backbone, backbone_name=backbone_name, **config["model"])
     weights = directory / WEIGHTS_NAME

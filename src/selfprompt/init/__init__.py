@@ -47,6 +47,8 @@ def init_prompts(
         seed: Seeds the subset, the sampling and k-means; the same seed gives the same prompts.
         max_tokens: Tokens kept per layer for k-means.
     """
+    if not isinstance(model, PromptedViT):
+        raise TypeError(f"init_prompts needs a PromptedViT, got {type(model).__name__} (it has no prompts).")
     initializer = get_initializer(method)
     if fraction is not None and not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
