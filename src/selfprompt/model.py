@@ -1,4 +1,4 @@
-"""ViTClassifier (linear probe, full fine-tuning) and PromptedViT (VPT / SPT) around a timm VisionTransformer."""
+"""ViTClassifier (linear probe, full fine-tuning) and PromptedViT (VPT, SPT) around a timm ViT."""
 
 from __future__ import annotations
 

@@ -1,0 +1,5 @@
+import sys
+
+from selfprompt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""From a config to objects: the backbone, the model of a method, the splits of the protocol."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfprompt.config import DataConfig, ModelConfig
+from selfprompt.data import ImageDataset, build_transform, data_config, load_split, merge, split_off
+from selfprompt.model import PromptedViT, ViTClassifier
+
+import timm
+import torch
+from torch import nn
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """A timm model without its classifier; weights from ``cfg.checkpoint``, timm's sources, or random."""
+    if cfg.backbone not in timm.list_models() and cfg.backbone.split(".")[0] not in timm.list_models():
+        close = timm.list_models(f"*{cfg.backbone.split('.')[0].split('_')[0]}*")[:10]
+        raise ValueError(
+            f"Unknown backbone {cfg.backbone!r} (timm {timm.__version__}). Similar names: {close}"
+        )
+    kwargs = dict(cfg.backbone_kwargs, num_classes=0, drop_path_rate=cfg.drop_path)
+    if cfg.checkpoint is not None:
+        if not Path(cfg.checkpoint).is_file():
+            raise FileNotFoundError(f"Backbone checkpoint {cfg.checkpoint} does not exist.")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(cfg.checkpoint)}
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(
+                0
+            )  # random weights (pretrained false, new layers) are the same in every process
+            return timm.create_model(
+                cfg.backbone, pretrained=cfg.pretrained or cfg.checkpoint is not None, **kwargs
+            )
+    except (OSError, RuntimeError) as error:
+        if not cfg.pretrained or cfg.checkpoint is not None:
+            raise
+        raise RuntimeError(
+            f"Could not load pretrained weights for {cfg.backbone!r} ({error}). Offline, point "
+            f"--model.checkpoint at a local weights file, or use --model.pretrained false for random weights."
+        ) from error
+
+
+def backbone_name(cfg: ModelConfig) -> str:
+    """The name saved with adapters: the timm name, plus the weights file when one was given."""
+    return cfg.backbone if cfg.checkpoint is None else f"{cfg.backbone}+{Path(cfg.checkpoint).name}"
+
+
+def init_method(cfg: ModelConfig) -> str | None:
+    """The prompt initializer of the configured method (None for linear and full)."""
+    if cfg.method in ("linear", "full"):
+        if cfg.init is not None:
+            raise ValueError(f"method {cfg.method!r} has no prompts; drop model.init ({cfg.init!r}).")
+        return None
+    if cfg.method.startswith("vpt"):
+        if cfg.init not in (None, "xavier"):
+            raise ValueError(
+                f"{cfg.method} is VPT, initialised with xavier; for model.init={cfg.init!r} use "
+                f"spt-{cfg.method.split('-')[1]}."
+            )
+        return "xavier"
+    return cfg.init or "sample"
+
+
+def build_model(cfg: ModelConfig, backbone: nn.Module, num_classes: int) -> ViTClassifier:
+    common = dict(pool=cfg.pool, head_init_std=cfg.head_init_std, backbone_name=backbone_name(cfg))
+    if cfg.method in ("linear", "full"):
+        return ViTClassifier(backbone, num_classes, train_backbone=cfg.method == "full", **common)
+    deep = cfg.method.endswith("deep")
+    return PromptedViT(
+        backbone,
+        num_classes,
+        num_prompts=cfg.num_prompts or (20 if deep else 100),
+        deep=deep,
+        deep_layers=cfg.deep_layers,
+        prompt_dropout=cfg.prompt_dropout,
+        **common,
+    )
+
+
+@dataclass
+class Splits:
+    """The protocol's datasets: tune trains on ``train`` and selects on ``val``; final trains on
+    ``trainval`` and evaluates ``test`` once. ``init`` is ``train`` with eval transforms (for SPT)."""
+
+    train: ImageDataset
+    val: ImageDataset
+    trainval: ImageDataset
+    test: ImageDataset
+    init_train: ImageDataset
+    init_trainval: ImageDataset
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    def fingerprints(self) -> dict[str, str]:
+        return {name: getattr(self, name).fingerprint() for name in ("train", "val", "trainval", "test")}
+
+
+def eval_transform(cfg: DataConfig, backbone: nn.Module):
+    return build_transform(_preprocessing(cfg, backbone), train=False)
+
+
+def _preprocessing(cfg: DataConfig, backbone: nn.Module) -> dict:
+    """The backbone's pretrained preprocessing at the size it was built for, with the config's overrides."""
+    return data_config(
+        backbone,
+        img_size=cfg.img_size or backbone.patch_embed.img_size[0],
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=cfg.interpolation,
+        crop_pct=cfg.crop_pct,
+    )
+
+
+def build_splits(cfg: DataConfig, backbone: nn.Module, seed: int = 0) -> Splits:
+    """Load and check every split before anything is written (a bad dataset stops the run up front)."""
+    if cfg.root is None:
+        raise ValueError("data.root is not set: pass --data.root DIR (or set it in the recipe).")
+    pre = _preprocessing(cfg, backbone)
+    train_tf = build_transform(pre, train=True, augment=cfg.augment)
+    eval_tf = build_transform(pre, train=False)
+
+    def load(split: str, transform, classes=None) -> ImageDataset:
+        return load_split(
+            cfg.root, cfg.layout, split, transform, classes=classes, check_images=cfg.check_images
+        )
+
+    train = load(cfg.train_split, train_tf)
+    classes = train.classes
+    if cfg.val_split is None:
+        train, val = split_off(train, cfg.val_fraction, seed)
+        val = copy.copy(val)
+        val.transform = eval_tf
+        trainval = load(cfg.train_split, train_tf, classes)
+    else:
+        val = load(cfg.val_split, eval_tf, classes)
+        if cfg.trainval_split is not None:
+            trainval = load(cfg.trainval_split, train_tf, classes)
+        else:
+            trainval = merge(train, load(cfg.val_split, train_tf, classes))
+    test = load(cfg.test_split, eval_tf, classes)
+
+    def with_eval_transform(dataset: ImageDataset) -> ImageDataset:
+        view = copy.copy(dataset)
+        view.transform = eval_tf
+        return view
+
+    return Splits(train, val, trainval, test, with_eval_transform(train), with_eval_transform(trainval))

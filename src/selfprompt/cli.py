@@ -1,0 +1,156 @@
+"""The ``selfprompt`` command: train, eval, predict, init-prompts."""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from selfprompt.config import TrainConfig
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def _train_parser(prog: str, description: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="A YAML recipe (may also come first, bare)."
+    )
+    parser.add_class_arguments(TrainConfig, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def _run_dir_parser(prog: str, description: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("run_dir", type=str, help="A run directory written by `selfprompt train`.")
+    parser.add_argument(
+        "--seed", type=int | None, default=None, help="Which seed's model (default: the first)."
+    )
+    parser.add_argument("--stage", type=str, default="final", help="Which stage's model: final or tune.")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N.")
+    parser.add_argument(
+        "--ema", type=bool, default=False, help="Use the EMA weights (runs with optim.ema_decay)."
+    )
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="selfprompt", description="Visual prompt tuning (VPT, SPT) for timm ViTs.")
+    commands = parser.add_subcommands(dest="command")
+    commands.add_subcommand(
+        "train",
+        _train_parser(
+            "selfprompt train", "Train under the protocol: tune on val, train on train+val, test once."
+        ),
+        help="Train a method from a recipe plus overrides.",
+    )
+    evaluate = _run_dir_parser("selfprompt eval", "Evaluate a trained run on one split.")
+    evaluate.add_argument(
+        "--split", type=str, default="test", help="The split to evaluate (a data split name)."
+    )
+    commands.add_subcommand("eval", evaluate, help="Evaluate a trained run on a split.")
+    predict = _run_dir_parser("selfprompt predict", "Classify images with a trained run.")
+    predict.add_argument("inputs", nargs="+", type=str, help="Image files or folders of images.")
+    predict.add_argument(
+        "--output", type=str | None, default=None, help="Write a .csv or .json (default: stdout)."
+    )
+    predict.add_argument("--topk", type=int, default=1, help="Classes reported per image.")
+    commands.add_subcommand("predict", predict, help="Classify images: class and probability per image.")
+    init = _train_parser("selfprompt init-prompts", "Compute a recipe's initial prompts, save and show them.")
+    init.add_argument("--output", type=str, default="prompts.safetensors", help="Where to write the prompts.")
+    init.add_argument("--seed", type=int, default=0, help="Seed of the initialisation.")
+    commands.add_subcommand("init-prompts", init, help="Compute, cache and show initial prompts.")
+    return parser
+
+
+def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict) and k != "backbone_kwargs":
+            keys += _flat_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def check_field_names(parser: ArgumentParser, argv: list[str]) -> None:
+    """Refuse unknown options and recipe fields, suggesting the closest known name."""
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    unknown = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in known]
+    if "--config" in argv[:-1]:
+        recipe = Path(argv[argv.index("--config") + 1])
+        if recipe.is_file():
+            data = yaml.safe_load(recipe.read_text()) or {}
+            unknown += [f"--{k}" for k in _flat_keys(data) if f"--{k}" not in known]
+    for option in unknown:
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0][2:]}?" if close else "; see --help for every field."
+        parser.error(f"unknown config field {option[2:]!r}{hint}")
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """``selfprompt train recipe.yaml ...`` means ``selfprompt train --config recipe.yaml ...``."""
+    if len(argv) >= 2 and argv[0] in ("train", "init-prompts") and argv[1].endswith(RECIPE_SUFFIXES):
+        return [argv[0], "--config", *argv[1:]]
+    return argv
+
+
+def train_config(ns: Namespace) -> TrainConfig:
+    d = ns.as_dict()
+    for key in ("config", "output", "seed", "__path__"):
+        d.pop(key, None)
+    return TrainConfig.from_dict(d)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    if argv and argv[0] in ("train", "init-prompts"):
+        check_field_names(parser._subcommands_action._name_parser_map[argv[0]], argv[1:])
+    ns = parser.parse_args(argv)
+    command = ns.command
+    args = ns[command]
+    if command == "train":
+        from selfprompt.engine.run import run
+
+        run(train_config(args))
+    elif command == "eval":
+        from selfprompt.predict import evaluate_run
+
+        scores = evaluate_run(args.run_dir, args.split, args.seed, args.stage, args.device, args.ema)
+        print(json.dumps(scores, indent=2))
+    elif command == "predict":
+        from selfprompt.predict import predict_run
+
+        rows = predict_run(args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk)
+        _write_predictions(rows, args.output)
+    elif command == "init-prompts":
+        from selfprompt.predict import init_prompts_command
+
+        init_prompts_command(train_config(args), args.output, args.seed)
+    return 0
+
+
+def _write_predictions(rows: list[dict[str, Any]], output: str | None) -> None:
+    if output is None or output.endswith(".csv"):
+        stream = open(output, "w", newline="") if output else sys.stdout  # noqa: SIM115
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        if output:
+            stream.close()
+    elif output.endswith(".json"):
+        Path(output).write_text(json.dumps(rows, indent=2) + "\n")
+    else:
+        raise SystemExit(f"--output must end in .csv or .json, got {output}")
+    if output:
+        print(f"Wrote {len(rows)} predictions to {output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

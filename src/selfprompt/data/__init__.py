@@ -1,0 +1,16 @@
+"""Datasets on disk, timm-derived transforms and a generated dataset for offline runs."""
+
+from selfprompt.data.datasets import IMAGE_EXTENSIONS, ImageDataset, load_split, merge, split_off
+from selfprompt.data.synthetic import write_image_folder
+from selfprompt.data.transforms import build_transform, data_config
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDataset",
+    "build_transform",
+    "data_config",
+    "load_split",
+    "merge",
+    "split_off",
+    "write_image_folder",
+]

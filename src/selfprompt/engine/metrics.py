@@ -1,0 +1,57 @@
+"""Per-epoch metrics to JSONL and CSV (and optionally TensorBoard), rewritable from history on resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from selfprompt.checkpoint import atomic_write
+
+
+class MetricsLog:
+    def __init__(self, directory: Path, tensorboard: bool = False) -> None:
+        self.jsonl = directory / "metrics.jsonl"
+        self.csv = directory / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ImportError(
+                    "tensorboard=true needs the tensorboard package: pip install tensorboard"
+                ) from error
+            self.writer = SummaryWriter(str(directory / "tensorboard"))
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Start from ``rows`` (a resumed run's history), dropping lines written after its checkpoint."""
+        self.rows = list(rows)
+        text = "".join(json.dumps(r) + "\n" for r in self.rows)
+        atomic_write(self.jsonl, lambda p: p.write_text(text))
+        self._write_csv()
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._write_csv()
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key, value, row["epoch"])
+            self.writer.flush()
+
+    def _write_csv(self) -> None:
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.csv, lambda p: p.write_text(buffer.getvalue()))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

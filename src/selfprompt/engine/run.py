@@ -1,0 +1,207 @@
+"""The protocol as code: per seed, tune (train -> val) then final (train+val -> test once); a summary."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from selfprompt.build import Splits, build_splits, create_backbone, init_method
+from selfprompt.checkpoint import atomic_write
+from selfprompt.config import RESUMABLE_CHANGES, TrainConfig
+from selfprompt.engine.distributed import Context, barrier, setup, teardown
+from selfprompt.engine.loop import Stage, train_stage
+from selfprompt.init.registry import get_initializer
+from selfprompt.version import __version__
+
+import numpy
+import timm
+import torch
+import torchvision
+import yaml
+
+CONFIG_NAME = "config.yaml"
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain JSON/YAML data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        flat |= _flatten(v, key + ".") if isinstance(v, dict) and k != "backbone_kwargs" else {key: v}
+    return flat
+
+
+def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    old, new = _flatten(saved), _flatten(current)
+    return sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+    )
+
+
+def prepare_run_dir(cfg: TrainConfig, ctx: Context) -> Path:
+    """Create the run directory, or check that a resumed run's config is unchanged; never overwrite a run."""
+    out = Path(cfg.output_dir)
+    saved_path = out / CONFIG_NAME
+    if saved_path.is_file():
+        if not cfg.resume:
+            raise FileExistsError(
+                f"{out} already holds a run. Continue it with --resume true, or pick a new --output_dir."
+            )
+        changed = changed_fields(yaml.safe_load(saved_path.read_text()), config_dict(cfg))
+        if changed:
+            raise ValueError(
+                f"Cannot resume {out}: the config changed in {', '.join(changed)}. Restore those values, or "
+                f"start a new run with another --output_dir."
+            )
+    elif cfg.resume:
+        raise FileNotFoundError(f"Nothing to resume: {saved_path} does not exist.")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(config_dict(cfg), sort_keys=False)
+        atomic_write(saved_path, lambda p: p.write_text(text))
+    barrier()
+    return out
+
+
+def environment(cfg: TrainConfig, ctx: Context, splits: Splits) -> dict[str, Any]:
+    return {
+        "versions": {
+            "selfprompt": __version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "timm": timm.__version__,
+            "numpy": numpy.__version__,
+            "python": platform.python_version(),
+        },
+        "command": sys.argv,
+        "seeds": cfg.seeds,
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
+        "data_fingerprints": splits.fingerprints(),
+        "classes": splits.classes,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of each stage's headline numbers."""
+    summary: dict[str, Any] = {}
+    for stage, key in (("tune", "best_val_acc"), ("final", "last_test_acc")):
+        rows = [r for r in results if r["stage"] == stage]
+        if not rows:
+            continue
+        if stage == "final" and rows[0]["selected_on_test"]:
+            key = "best_test_acc"
+        summary[stage] = {
+            key: _mean_std([r[key] for r in rows]),
+            "seeds": [r["seed"] for r in rows],
+            "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in rows if r["seconds_per_epoch"]])
+            if any(r["seconds_per_epoch"] for r in rows)
+            else None,
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
+            "selected_on_test": rows[0]["selected_on_test"],
+        }
+        summary["trainable_parameters"] = rows[0]["trainable_parameters"]
+        summary["trainable_share"] = rows[0]["trainable_share"]
+    return summary
+
+
+def format_summary(cfg: TrainConfig, summary: dict[str, Any]) -> str:
+    lines = [f"{cfg.model.method} on {cfg.data.root} ({cfg.model.backbone}), seeds {cfg.seeds}"]
+    for stage in ("tune", "final"):
+        if stage not in summary:
+            continue
+        s = summary[stage]
+        key = next(k for k in s if k.endswith("_acc"))
+        acc = s[key]
+        per_epoch = f", {s['seconds_per_epoch']['mean']:.1f} s/epoch" if s["seconds_per_epoch"] else ""
+        lines.append(
+            f"  {stage:5s} {key}: {100 * acc['mean']:.2f} +- {100 * acc['std']:.2f}{per_epoch}, "
+            f"peak memory {s['peak_memory_mb']:.0f} MB"
+        )
+        if s["selected_on_test"]:
+            lines.append(
+                "  WARNING: selected on the test set (unsafe_select_on_test); not a valid test result."
+            )
+    if "trainable_parameters" in summary:
+        lines.append(
+            f"  trainable parameters: {summary['trainable_parameters']:,} "
+            f"({100 * summary['trainable_share']:.3f}% of the model)"
+        )
+    return "\n".join(lines)
+
+
+def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``cfg`` (single process, or one rank under torchrun) and return the summary."""
+    ctx = setup(cfg.device)
+    say = log if ctx.is_main else (lambda _: None)
+    try:
+        if cfg.unsafe_select_on_test:
+            say("WARNING: unsafe_select_on_test is on: the final stage selects its epoch on TEST accuracy.")
+        method = init_method(cfg.model)
+        if method is not None:
+            get_initializer(method)
+        pristine = create_backbone(cfg.model)
+        splits = build_splits(cfg.data, pristine)
+        out = prepare_run_dir(cfg, ctx)
+        if ctx.is_main:
+            text = json.dumps(environment(cfg, ctx, splits), indent=2) + "\n"
+            atomic_write(out / "env.json", lambda p: p.write_text(text))
+        results = []
+        for seed in cfg.seeds:
+            stages = {
+                "tune": Stage(
+                    "tune", splits.train, splits.init_train, "val", splits.val, True, out / f"seed{seed}/tune"
+                ),
+                "final": Stage(
+                    "final",
+                    splits.trainval,
+                    splits.init_trainval,
+                    "test",
+                    splits.test,
+                    cfg.unsafe_select_on_test,
+                    out / f"seed{seed}/final",
+                ),
+            }
+            for name in ("tune", "final") if cfg.stage == "both" else (cfg.stage,):
+                stage = stages[name]
+                if ctx.is_main:
+                    stage.directory.mkdir(parents=True, exist_ok=True)
+                barrier()
+                results.append(
+                    train_stage(
+                        cfg,
+                        ctx,
+                        stage,
+                        lambda: copy.deepcopy(pristine),
+                        len(splits.classes),
+                        splits.classes,
+                        seed,
+                        say,
+                    )
+                )
+        summary = summarize(results) if ctx.is_main else {}
+        if ctx.is_main:
+            text = json.dumps({"summary": summary, "results": results}, indent=2) + "\n"
+            atomic_write(out / "summary.json", lambda p: p.write_text(text))
+            say(format_summary(cfg, summary))
+            say(f"Run directory: {out}")
+        return summary
+    finally:
+        teardown()
