@@ -113,8 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("train", "init-prompts"):
         check_field_names(parser._subcommands_action._name_parser_map[argv[0]], argv[1:])
     ns = parser.parse_args(argv)
-    command = ns.command
-    args = ns[command]
+    try:
+        _dispatch(ns.command, ns[ns.command])
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"selfprompt {ns.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _dispatch(command: str, args: Namespace) -> None:
     if command == "train":
         from selfprompt.engine.run import run
 
@@ -127,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "predict":
         from selfprompt.predict import predict_run
 
+        if args.output is not None and not args.output.endswith((".csv", ".json")):
+            raise ValueError(f"--output must end in .csv or .json, got {args.output}")
         rows = predict_run(args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk)
         _write_predictions(rows, args.output)
     elif command == "init-prompts":
         from selfprompt.predict import init_prompts_command
 
         init_prompts_command(train_config(args), args.output, args.seed)
-    return 0
 
 
 def _write_predictions(rows: list[dict[str, Any]], output: str | None) -> None:
@@ -144,10 +152,8 @@ def _write_predictions(rows: list[dict[str, Any]], output: str | None) -> None:
         writer.writerows(rows)
         if output:
             stream.close()
-    elif output.endswith(".json"):
-        Path(output).write_text(json.dumps(rows, indent=2) + "\n")
     else:
-        raise SystemExit(f"--output must end in .csv or .json, got {output}")
+        Path(output).write_text(json.dumps(rows, indent=2) + "\n")
     if output:
         print(f"Wrote {len(rows)} predictions to {output}")
 

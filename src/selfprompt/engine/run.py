@@ -67,6 +67,7 @@ def prepare_run_dir(cfg: TrainConfig, ctx: Context) -> Path:
             )
     elif cfg.resume:
         raise FileNotFoundError(f"Nothing to resume: {saved_path} does not exist.")
+    barrier()  # every rank has checked before the main one writes
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(config_dict(cfg), sort_keys=False)
