@@ -242,7 +242,8 @@ def train_stage(
         }
         is_last = epoch == opt.epochs
         if is_last or (stage.eval_every_epoch and epoch % cfg.eval_every == 0):
-            eval_args = (stage.eval_set, ctx, cfg.data.eval_batch_size // ctx.world_size or 1, cfg.precision)
+            eval_batch = max(1, cfg.data.eval_batch_size // ctx.world_size)
+            eval_args = (stage.eval_set, ctx, eval_batch, cfg.precision, cfg.data.num_workers)
             scores = evaluate(model, *eval_args)
             row |= {f"{stage.eval_name}_{k}": v for k, v in scores.items()}
             if ema is not None:
