@@ -45,6 +45,16 @@ def accuracy(model: sp.PromptedViT, loader: DataLoader) -> float:
     return hits / len(loader.dataset)
 
 
+def train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer) -> float:
+    """One pass of cross-entropy training; returns the last batch's loss."""
+    for x, y in loader:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
 def pretrain_backbone(epochs: int = 2) -> VisionTransformer:
     """Supervised pretraining of a small ViT on grating orientation (the upstream task)."""
     torch.manual_seed(0)
@@ -52,12 +62,8 @@ def pretrain_backbone(epochs: int = 2) -> VisionTransformer:
     data = DataLoader(gratings(2048, seed=10, label="orientation"), batch_size=64, shuffle=True)
     optimizer = torch.optim.AdamW(vit.parameters(), lr=1e-3)
     for _ in range(epochs):
-        for x, y in data:
-            loss = torch.nn.functional.cross_entropy(vit(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    print(f"pretrained the backbone on orientation: last loss {loss.item():.3f}")
+        loss = train_epoch(vit, data, optimizer)
+    print(f"pretrained the backbone on orientation: last loss {loss:.3f}")
     vit.reset_classifier(0)
     return vit.eval()
 
@@ -70,13 +76,8 @@ def run(
     sp.init_prompts(model, train, "xavier" if method == "vpt-deep" else "sample", fraction=0.5, seed=0)
     optimizer = torch.optim.AdamW(model.adapter_parameters().values(), lr=2e-2, weight_decay=1e-4)
     for epoch in range(1, epochs + 1):
-        model.train()
-        for x, y in train:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        print(f"  {method:9s} epoch {epoch}: last loss {loss.item():.3f}, val acc {accuracy(model, val):.3f}")
+        loss = train_epoch(model.train(), train, optimizer)
+        print(f"  {method:9s} epoch {epoch}: last loss {loss:.3f}, val acc {accuracy(model, val):.3f}")
     return model, accuracy(model, val)
 
 
