@@ -166,6 +166,11 @@ def train_stage(
     start_epoch, best = 1, {}
     if cfg.resume and state_path.is_file():
         state = torch.load(state_path, map_location=ctx.device, weights_only=True)
+        if len(state["rng"]) != ctx.world_size:
+            raise ValueError(
+                f"{state_path} was written by {len(state['rng'])} process(es); resume with as many "
+                f"(now {ctx.world_size}), so that the data order and the result stay the same."
+            )
         with torch.no_grad():
             for k, p in model.adapter_parameters().items():
                 p.copy_(state["adapter"][k])
@@ -254,7 +259,8 @@ def train_stage(
         if ctx.is_main:
             metrics.log(row)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
-            log(f"[{stage.name} seed {seed}] epoch {epoch}/{opt.epochs}: {shown}")
+            eta = (opt.epochs - epoch) * sum(epoch_times) / len(epoch_times)
+            log(f"[{stage.name} seed {seed}] epoch {epoch}/{opt.epochs}: {shown}, stage eta {eta:.0f}s")
             _save_state(
                 state_path,
                 {
