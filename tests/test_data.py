@@ -226,6 +226,9 @@ def test_data_config_follows_timm_and_applies_overrides():
     assert cfg["input_size"] == (3, 64, 64) and cfg["mean"] == (0.1, 0.2, 0.3) and cfg["std"] == (1, 2, 3)
     assert cfg["interpolation"] == "bilinear" and data_config(backbone, crop_pct=1.0)["crop_pct"] == 1.0
     assert data_config(tiny_vit())["input_size"] == (3, 32, 32)  # hand-built: its own image size
+    resized = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=96)
+    assert data_config(resized)["input_size"] == (3, 96, 96)  # the size it was built for, not timm's default
+    assert data_config(resized)["mean"] == (0.5, 0.5, 0.5)  # the rest still from its pretrained config
     with pytest.raises(ValueError, match="interpolation"):
         data_config(backbone, interpolation="cubic")
 

@@ -106,10 +106,9 @@ def eval_transform(cfg: DataConfig, backbone: nn.Module):
 
 
 def _preprocessing(cfg: DataConfig, backbone: nn.Module) -> dict:
-    """The backbone's pretrained preprocessing at the size it was built for, with the config's overrides."""
     return data_config(
         backbone,
-        img_size=cfg.img_size or backbone.patch_embed.img_size[0],
+        img_size=cfg.img_size,
         mean=cfg.mean,
         std=cfg.std,
         interpolation=cfg.interpolation,

@@ -26,14 +26,14 @@ def data_config(
 ) -> dict[str, Any]:
     """The backbone's preprocessing (timm's pretrained config) with the given overrides applied.
 
-    A hand-built backbone (no ``pretrained_cfg``) gets timm's defaults, except that its input size follows
-    ``patch_embed.img_size``. Returns ``input_size`` ``(3, H, W)``, ``interpolation``, ``mean``, ``std`` and
-    ``crop_pct``.
+    The input size follows ``patch_embed.img_size``, the size the backbone was built for (timm's
+    pretrained config keeps its default when ``img_size`` was overridden at creation). Returns
+    ``input_size`` ``(3, H, W)``, ``interpolation``, ``mean``, ``std`` and ``crop_pct``.
     """
     resolved = resolve_data_config({}, model=backbone)
     cfg = {key: resolved[key] for key in ("input_size", "interpolation", "mean", "std", "crop_pct")}
     patch_embed = getattr(backbone, "patch_embed", None)
-    if not getattr(backbone, "pretrained_cfg", None) and getattr(patch_embed, "img_size", None):
+    if getattr(patch_embed, "img_size", None):  # the size it was built for (timm's cfg keeps the default)
         cfg["input_size"] = (3, *patch_embed.img_size)
     if img_size is not None:
         if img_size < 1:
