@@ -142,3 +142,11 @@ def test_resume_refuses_a_changed_config_and_a_run_is_never_overwritten(data, tm
     assert main([*args, "--resume", "true"]) == 0  # unchanged: the finished stage is not recomputed
     shutil.rmtree(out)
     assert "Nothing to resume" in fails([*args, "--resume", "true"], capsys)
+
+
+def test_unknown_backbone_and_missing_weights(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    err = fails(["train", *cli_args(data, out), "--model.backbone", "vit_tiny_patch16_2244"], capsys)
+    assert "Unknown backbone 'vit_tiny_patch16_2244'" in err and "'vit_tiny_patch16_224'" in err
+    err = fails(["train", *cli_args(data, out), "--model.pretrained", "true"], capsys)  # offline: no hub
+    assert "--model.checkpoint" in err and not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from torch import nn
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """A timm model without its classifier; weights from ``cfg.checkpoint``, timm's sources, or random."""
-    if cfg.backbone not in timm.list_models() and cfg.backbone.split(".")[0] not in timm.list_models():
-        close = timm.list_models(f"*{cfg.backbone.split('.')[0].split('_')[0]}*")[:10]
+    architecture = cfg.backbone.split(".")[0]
+    if not timm.is_model(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.5)
         raise ValueError(
-            f"Unknown backbone {cfg.backbone!r} (timm {timm.__version__}). Similar names: {close}"
+            f"Unknown backbone {cfg.backbone!r} (timm {timm.__version__}); closest names: {close}"
         )
     kwargs = dict(cfg.backbone_kwargs, num_classes=0, drop_path_rate=cfg.drop_path)
     if cfg.checkpoint is not None:
