@@ -150,3 +150,15 @@ def test_unknown_backbone_and_missing_weights(data, tmp_path, capsys):
     assert "Unknown backbone 'vit_tiny_patch16_2244'" in err and "'vit_tiny_patch16_224'" in err
     err = fails(["train", *cli_args(data, out), "--model.pretrained", "true"], capsys)  # offline: no hub
     assert "--model.checkpoint" in err and not out.exists()
+
+
+def test_tensorboard_without_its_package(data, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    out = tmp_path / "run"
+    assert "pip install 'selfprompt[tensorboard]'" in fails(
+        ["train", *cli_args(data, out), "--tensorboard", "true"], capsys
+    )
+    assert not out.exists()

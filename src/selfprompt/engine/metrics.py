@@ -17,13 +17,9 @@ class MetricsLog:
         self.csv = directory / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
         self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise ImportError(
-                    "tensorboard=true needs the tensorboard package: pip install tensorboard"
-                ) from error
+        if tensorboard:  # the run checked up front that the package is installed
+            from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(str(directory / "tensorboard"))
 
     def restore(self, rows: list[dict[str, Any]]) -> None:

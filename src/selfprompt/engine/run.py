@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import platform
 import statistics
@@ -155,6 +156,10 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     try:
         if cfg.unsafe_select_on_test:
             say("WARNING: unsafe_select_on_test is on: the final stage selects its epoch on TEST accuracy.")
+        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError(
+                "tensorboard true needs the tensorboard package: pip install 'selfprompt[tensorboard]'"
+            )
         method = init_method(cfg.model)
         if method is not None:
             get_initializer(method)
