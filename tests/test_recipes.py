@@ -58,7 +58,7 @@ def test_recipe(recipe: Path):
     if backbone == "mae":
         assert (m.pool, m.head_init_std) == ("mae", 0.02)
     elif backbone == "moco":
-        assert (m.pool, m.head_init_std, m.checkpoint) == ("token", 0.01, None)
+        assert (m.pool, m.head_init_std, m.checkpoint) == ("token", 0.01, "moco_v3_checkpoint_required.pth")
         assert (d.mean, d.std) == IMAGENET
     else:
         assert (m.pool, m.head_init_std) == ("token", 0.02)

@@ -27,7 +27,10 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     kwargs = dict(cfg.backbone_kwargs, num_classes=0, drop_path_rate=cfg.drop_path)
     if cfg.checkpoint is not None:
         if not Path(cfg.checkpoint).is_file():
-            raise FileNotFoundError(f"Backbone checkpoint {cfg.checkpoint} does not exist.")
+            raise FileNotFoundError(
+                f"Backbone checkpoint {cfg.checkpoint} does not exist; pass --model.checkpoint PATH, a local "
+                f"weights file for {cfg.backbone}."
+            )
         kwargs["pretrained_cfg_overlay"] = {"file": str(cfg.checkpoint)}
     try:
         with torch.random.fork_rng():
