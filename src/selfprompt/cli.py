@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selfprompt.config import TrainConfig
+from selfprompt.config import TrainConfig, flatten
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -69,15 +69,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in d.items():
-        keys.append(prefix + k)
-        if isinstance(v, dict) and k != "backbone_kwargs":
-            keys += _flat_keys(v, f"{prefix}{k}.")
-    return keys
-
-
 def check_field_names(parser: ArgumentParser, argv: list[str]) -> None:
     """Refuse unknown options and recipe fields, suggesting the closest known name."""
     known = [o for o in parser._option_string_actions if o.startswith("--")]
@@ -86,7 +77,7 @@ def check_field_names(parser: ArgumentParser, argv: list[str]) -> None:
         recipe = Path(argv[argv.index("--config") + 1])
         if recipe.is_file():
             data = yaml.safe_load(recipe.read_text()) or {}
-            unknown += [f"--{k}" for k in _flat_keys(data) if f"--{k}" not in known]
+            unknown += [f"--{k}" for k in flatten(data) if f"--{k}" not in known]
     for option in unknown:
         close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0][2:]}?" if close else "; see --help for every field."

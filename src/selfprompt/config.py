@@ -170,5 +170,14 @@ class TrainConfig:
         )
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config data as ``section.field`` -> value (``backbone_kwargs`` stays one value)."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        flat |= flatten(v, key + ".") if isinstance(v, dict) and k != "backbone_kwargs" else {key: v}
+    return flat
+
+
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"resume", "progress", "data.num_workers", "tensorboard"}

@@ -16,7 +16,7 @@ from typing import Any
 
 from selfprompt.build import Splits, build_splits, create_backbone, init_method
 from selfprompt.checkpoint import atomic_write
-from selfprompt.config import RESUMABLE_CHANGES, TrainConfig
+from selfprompt.config import RESUMABLE_CHANGES, TrainConfig, flatten
 from selfprompt.engine.distributed import Context, barrier, setup, teardown
 from selfprompt.engine.loop import Stage, train_stage
 from selfprompt.init.registry import get_initializer
@@ -36,16 +36,8 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        flat |= _flatten(v, key + ".") if isinstance(v, dict) and k != "backbone_kwargs" else {key: v}
-    return flat
-
-
 def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     return sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
     )
