@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-ALL = sorted(RECIPES.glob("**/*.yaml"))
+ALL = sorted(p for benchmark in ("vtab", "fgvc") for p in (RECIPES / benchmark).glob("**/*.yaml"))
 BENCHMARKS = ("vtab", "fgvc")
 BACKBONES = {
     "mae": "vit_base_patch16_224.mae",

@@ -1,4 +1,4 @@
-"""The ``selfprompt`` command: train, eval, predict, init-prompts."""
+"""The ``selfprompt`` command: train, eval, predict, init-prompts, pretrain, zoo."""
 
 from __future__ import annotations
 
@@ -10,19 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.config import TrainConfig, flatten
+from selfprompt.pretrain.config import PretrainConfig
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
+CONFIG_COMMANDS = ("train", "init-prompts", "pretrain")
 
 
-def _train_parser(prog: str, description: str) -> ArgumentParser:
+def _train_parser(prog: str, description: str, config_class: type = TrainConfig) -> ArgumentParser:
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--config", action=ActionConfigFile, help="A YAML recipe (may also come first, bare)."
     )
-    parser.add_class_arguments(TrainConfig, nested_key=None, fail_untyped=True)
+    parser.add_class_arguments(config_class, nested_key=None, fail_untyped=True)
     return parser
 
 
@@ -66,7 +68,30 @@ def build_parser() -> ArgumentParser:
     init.add_argument("--output", type=str, default="prompts.safetensors", help="Where to write the prompts.")
     init.add_argument("--seed", type=int, default=0, help="Seed of the initialisation.")
     commands.add_subcommand("init-prompts", init, help="Compute, cache and show initial prompts.")
+    pretrain = _train_parser(
+        "selfprompt pretrain", "Pretrain a timm ViT: MAE or supervised, resumable.", PretrainConfig
+    )
+    commands.add_subcommand("pretrain", pretrain, help="Pretrain a backbone (MAE or supervised).")
+    zoo = ArgumentParser(prog="selfprompt zoo", description="selfprompt's pretrained backbones.")
+    commands.add_subcommand("zoo", zoo, help="The offline model zoo: list, verify, export.")
+    _add_zoo_actions(zoo)
     return parser
+
+
+def _add_zoo_actions(parser: ArgumentParser) -> None:
+    actions = parser.add_subcommands(dest="action")
+    actions.add_subcommand("list", ArgumentParser(), help="The zoo's names, files and SHA-256.")
+    verify = ArgumentParser()
+    verify.add_argument("names", nargs="*", type=str, help="Names to check (default: all).")
+    actions.add_subcommand("verify", verify, help="Check the shipped weights against their SHA-256.")
+    export = ArgumentParser()
+    export.add_argument("run_dir", type=str, help="A finished `selfprompt pretrain` run directory.")
+    export.add_argument("--name", type=str, required=True, help="The zoo name, architecture.tag.")
+    export.add_argument(
+        "--weights_dir", type=str | None, default=None, help="Where to write (default: the package's)."
+    )
+    export.add_argument("--note", type=str, default="", help="A sentence for the model card.")
+    actions.add_subcommand("export", export, help="Ship a pretraining run as fp16 weights + model card.")
 
 
 def check_field_names(parser: ArgumentParser, argv: list[str]) -> None:
@@ -86,22 +111,22 @@ def check_field_names(parser: ArgumentParser, argv: list[str]) -> None:
 
 def _normalise_argv(argv: list[str]) -> list[str]:
     """``selfprompt train recipe.yaml ...`` means ``selfprompt train --config recipe.yaml ...``."""
-    if len(argv) >= 2 and argv[0] in ("train", "init-prompts") and argv[1].endswith(RECIPE_SUFFIXES):
+    if len(argv) >= 2 and argv[0] in CONFIG_COMMANDS and argv[1].endswith(RECIPE_SUFFIXES):
         return [argv[0], "--config", *argv[1:]]
     return argv
 
 
-def train_config(ns: Namespace) -> TrainConfig:
+def train_config(ns: Namespace, config_class: type = TrainConfig) -> Any:
     d = ns.as_dict()
-    for key in ("config", "output", "seed", "__path__"):
+    for key in ("config", "output", "__path__") + (("seed",) if config_class is TrainConfig else ()):
         d.pop(key, None)
-    return TrainConfig.from_dict(d)
+    return config_class.from_dict(d)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    if argv and argv[0] in ("train", "init-prompts"):
+    if argv and argv[0] in CONFIG_COMMANDS:
         check_field_names(parser._subcommands_action._name_parser_map[argv[0]], argv[1:])
     ns = parser.parse_args(argv)
     try:
@@ -133,6 +158,29 @@ def _dispatch(command: str, args: Namespace) -> None:
         from selfprompt.predict import init_prompts_command
 
         init_prompts_command(train_config(args), args.output, args.seed)
+    elif command == "pretrain":
+        from selfprompt.pretrain.run import pretrain
+
+        pretrain(train_config(args, PretrainConfig))
+    elif command == "zoo":
+        _zoo(args.action, args[args.action])
+
+
+def _zoo(action: str, args: Namespace) -> None:
+    from selfprompt import zoo
+
+    if action == "list":
+        for name, entry in zoo.registry().items():
+            print(
+                f"{name}  {entry['parameters']:,} parameters  {entry['bytes']:,} B  sha256 {entry['sha256']}"
+            )
+    elif action == "verify":
+        for name in args.names or zoo.available():
+            zoo.verify(name)
+            print(f"{name}: ok ({zoo.weights_file(name)})")
+    else:
+        card = zoo.export(args.run_dir, args.name, args.weights_dir, args.note)
+        print(f"Wrote {card.with_suffix('.safetensors')} and its model card {card}")
 
 
 def _write_predictions(rows: list[dict[str, Any]], output: str | None) -> None:

@@ -54,11 +54,13 @@ def data_config(
     return cfg
 
 
-def build_transform(cfg: dict[str, Any], *, train: bool, augment: AugmentType = "none") -> Callable:
+def build_transform(
+    cfg: dict[str, Any], *, train: bool, augment: AugmentType = "none", min_scale: float = 0.08
+) -> Callable:
     """PIL image -> normalised ``(3, H, W)`` tensor.
 
     Eval, and train with ``augment="none"`` (VTAB): timm's resize + center crop (``crop_pct``). Train with
-    ``"crop-flip"`` (FGVC): RandomResizedCrop (scale 0.08-1) + horizontal flip, nothing else.
+    ``"crop-flip"`` (FGVC): RandomResizedCrop (area scale ``min_scale``-1) + horizontal flip, nothing else.
     """
     if augment not in AUGMENTS:
         raise ValueError(f"Unknown augment {augment!r}; use one of {AUGMENTS}.")
@@ -67,7 +69,7 @@ def build_transform(cfg: dict[str, Any], *, train: bool, augment: AugmentType = 
             [
                 transforms.RandomResizedCrop(
                     tuple(cfg["input_size"][-2:]),
-                    scale=(0.08, 1.0),
+                    scale=(min_scale, 1.0),
                     interpolation=str_to_interp_mode(cfg["interpolation"]),
                 ),
                 transforms.RandomHorizontalFlip(0.5),

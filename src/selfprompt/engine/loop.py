@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,73 @@ def evaluate(
     return {"acc": correct / count, "loss": loss / count}
 
 
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def classification_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(net(images).float(), labels)
+
+
+def train_epoch(
+    net: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    compute_loss: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ctx: Context,
+    precision: str,
+    *,
+    accumulate: int = 1,
+    grad_clip: float | None = None,
+    ema: ParameterEMA | None = None,
+    bar: tqdm | None = None,
+) -> tuple[torch.Tensor, float]:
+    """``steps`` optimizer steps of ``accumulate`` micro-batches each (DDP syncs on the last one only).
+
+    Returns the summed per-step loss (a device tensor, not synchronised) and the seconds spent waiting
+    for data.
+    """
+    model = net.module if isinstance(net, DistributedDataParallel) else net
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_sum, data_time = torch.zeros((), device=ctx.device), 0.0
+    for _ in range(steps):
+        for micro_step in range(accumulate):
+            fetched = time.perf_counter()
+            images, labels = next(batches)
+            data_time += time.perf_counter() - fetched
+            images = images.to(ctx.device, non_blocking=True)
+            labels = labels.to(ctx.device, non_blocking=True)
+            last = micro_step == accumulate - 1
+            sync = contextlib.nullcontext() if last or net is model else net.no_sync()
+            with sync:
+                with autocast(ctx, precision):
+                    loss = compute_loss(net, images, labels)
+                (loss / accumulate).backward()
+            loss_sum += loss.detach() / accumulate
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if ema is not None:
+            ema.update()
+        if bar is not None:
+            bar.update()
+    return loss_sum, data_time
+
+
+def checked_loss(total: torch.Tensor, steps: int, ctx: Context, where: str, epoch: int) -> float:
+    """The mean loss over all processes; a non-finite one stops the run with what to change."""
+    loss = all_reduce_sum(total).item() / (steps * ctx.world_size)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"[{where}] the training loss became {loss} in epoch {epoch}; lower optim.lr or set "
+            f"optim.grad_clip."
+        )
+    return loss
+
+
 def _initialise_prompts(
     cfg: TrainConfig, ctx: Context, model: ViTClassifier, stage: Stage, seed: int
 ) -> None:
@@ -107,10 +174,6 @@ def _peak_memory_mb(ctx: Context) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda p: torch.save(state, p))
 
 
 def train_stage(
@@ -165,20 +228,9 @@ def train_stage(
     state_path = stage.directory / STATE_NAME
     start_epoch, best = 1, {}
     if cfg.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=ctx.device, weights_only=True)
-        if len(state["rng"]) != ctx.world_size:
-            raise ValueError(
-                f"{state_path} was written by {len(state['rng'])} process(es); resume with as many "
-                f"(now {ctx.world_size}), so that the data order and the result stay the same."
-            )
-        with torch.no_grad():
-            for k, p in model.adapter_parameters().items():
-                p.copy_(state["adapter"][k])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = load_state(state_path, ctx, model.adapter_parameters(), optimizer, scheduler)
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        _set_rng_state(state["rng"][ctx.rank], ctx)
         start_epoch, best = state["epoch"] + 1, state["best"]
         if metrics is not None:
             metrics.restore(state["history"])
@@ -196,45 +248,29 @@ def train_stage(
     for epoch in range(start_epoch, opt.epochs + 1):
         sampler.set_epoch(epoch)
         model.train()
-        started, data_time, loss_sum = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device)
+        started = time.perf_counter()
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"{stage.name} seed {seed} epoch {epoch}/{opt.epochs}",
             disable=not (cfg.progress and ctx.is_main),
             leave=False,
         )
-        batches = iter(loader)
-        for _ in range(steps_per_epoch):
-            for micro_step in range(opt.accumulate):
-                fetched = time.perf_counter()
-                images, labels = next(batches)
-                data_time += time.perf_counter() - fetched
-                images, labels = (
-                    images.to(ctx.device, non_blocking=True),
-                    labels.to(ctx.device, non_blocking=True),
-                )
-                last = micro_step == opt.accumulate - 1
-                sync = contextlib.nullcontext() if last or net is model else net.no_sync()
-                with sync:
-                    with autocast(ctx, cfg.precision):
-                        loss = F.cross_entropy(net(images).float(), labels)
-                    (loss / opt.accumulate).backward()
-                loss_sum += loss.detach() / opt.accumulate
-            if opt.grad_clip is not None:
-                nn.utils.clip_grad_norm_(list(model.adapter_parameters().values()), opt.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update()
-            bar.update()
+        loss_sum, data_time = train_epoch(
+            net,
+            iter(loader),
+            steps_per_epoch,
+            classification_loss,
+            optimizer,
+            scheduler,
+            ctx,
+            cfg.precision,
+            accumulate=opt.accumulate,
+            grad_clip=opt.grad_clip,
+            ema=ema,
+            bar=bar,
+        )
         bar.close()
-        train_loss = all_reduce_sum(loss_sum).item() / (steps_per_epoch * ctx.world_size)
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
-                f"[{stage.name} seed {seed}] the training loss became {train_loss} in epoch {epoch}; "
-                f"lower optim.lr or set optim.grad_clip."
-            )
+        train_loss = checked_loss(loss_sum, steps_per_epoch, ctx, f"{stage.name} seed {seed}", epoch)
         epoch_time = time.perf_counter() - started
         epoch_times.append(epoch_time)
         row: dict[str, Any] = {
@@ -261,21 +297,17 @@ def train_stage(
             shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
             eta = (opt.epochs - epoch) * sum(epoch_times) / len(epoch_times)
             log(f"[{stage.name} seed {seed}] epoch {epoch}/{opt.epochs}: {shown}, stage eta {eta:.0f}s")
-            _save_state(
-                state_path,
-                {
-                    "epoch": epoch,
-                    "adapter": {k: p.detach().cpu() for k, p in model.adapter_parameters().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "rng": _gather_rng_states(ctx),
-                    "best": best,
-                    "history": metrics.rows,
-                },
-            )
-        else:
-            _gather_rng_states(ctx)
+        save_state(
+            state_path,
+            ctx,
+            epoch,
+            model.adapter_parameters(),
+            optimizer,
+            scheduler,
+            ema=ema.state_dict() if ema is not None else None,
+            best=best,
+            history=metrics.rows if metrics is not None else None,
+        )
 
     result: dict[str, Any] = {
         "stage": stage.name,
@@ -303,10 +335,55 @@ def train_stage(
     return result
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], ctx: Context) -> None:
-    torch.set_rng_state(state["cpu"].cpu())
-    if state.get("cuda") is not None and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].cpu(), ctx.device)
+def save_state(
+    path: Path,
+    ctx: Context,
+    epoch: int,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    **extra: Any,
+) -> None:
+    """Checkpoint the end of ``epoch`` atomically (every rank calls it: each rank's RNG state is kept)."""
+    rng = _gather_rng_states(ctx)
+    if not ctx.is_main:
+        return
+    state = {
+        "epoch": epoch,
+        "adapter": {k: p.detach().cpu() for k, p in params.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,
+        **extra,
+    }
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_state(
+    path: Path,
+    ctx: Context,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore what :func:`save_state` wrote into ``params``, the optimizer, the scheduler and this rank's
+    RNG; returns the whole state (its epoch and extras)."""
+    state = torch.load(path, map_location=ctx.device, weights_only=True)
+    if len(state["rng"]) != ctx.world_size:
+        raise ValueError(
+            f"{path} was written by {len(state['rng'])} process(es); resume with as many "
+            f"(now {ctx.world_size}), so that the data order and the result stay the same."
+        )
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state["adapter"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][ctx.rank]
+    torch.set_rng_state(rng["cpu"].cpu())
+    if rng.get("cuda") is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), ctx.device)
+    return state
 
 
 def _gather_rng_states(ctx: Context) -> list[dict[str, torch.Tensor]]:

@@ -31,8 +31,8 @@ import yaml
 CONFIG_NAME = "config.yaml"
 
 
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as plain JSON/YAML data (tuples become lists)."""
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON/YAML data (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
@@ -43,7 +43,7 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     )
 
 
-def prepare_run_dir(cfg: TrainConfig, ctx: Context) -> Path:
+def prepare_run_dir(cfg: Any, ctx: Context) -> Path:
     """Create the run directory, or check that a resumed run's config is unchanged; never overwrite a run."""
     out = Path(cfg.output_dir)
     saved_path = out / CONFIG_NAME
@@ -69,7 +69,8 @@ def prepare_run_dir(cfg: TrainConfig, ctx: Context) -> Path:
     return out
 
 
-def environment(cfg: TrainConfig, ctx: Context, splits: Splits) -> dict[str, Any]:
+def run_environment(ctx: Context) -> dict[str, Any]:
+    """Versions, command line, processes and device of this run."""
     return {
         "versions": {
             "selfprompt": __version__,
@@ -80,12 +81,21 @@ def environment(cfg: TrainConfig, ctx: Context, splits: Splits) -> dict[str, Any
             "python": platform.python_version(),
         },
         "command": sys.argv,
-        "seeds": cfg.seeds,
         "world_size": ctx.world_size,
         "device": str(ctx.device),
+        "device_name": torch.cuda.get_device_name(ctx.device)
+        if ctx.device.type == "cuda"
+        else platform.processor(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def environment(cfg: TrainConfig, ctx: Context, splits: Splits) -> dict[str, Any]:
+    return {
+        **run_environment(ctx),
+        "seeds": cfg.seeds,
         "data_fingerprints": splits.fingerprints(),
         "classes": splits.classes,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 

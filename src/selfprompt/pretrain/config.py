@@ -1,0 +1,115 @@
+"""Typed configuration of ``selfprompt pretrain``: MAE or supervised pretraining of a timm ViT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from selfprompt.config import OptimConfig
+
+
+@dataclass
+class MAEConfig:
+    """Masked-autoencoder settings (He et al., 2022).
+
+    Attributes:
+        mask_ratio: Share of patch tokens masked per image.
+        decoder_dim: Width of the light decoder.
+        decoder_depth: Transformer blocks of the decoder.
+        decoder_heads: Attention heads of the decoder.
+        norm_pix_loss: Reconstruct per-patch normalised pixels (the paper's better target).
+    """
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class PretrainDataConfig:
+    """Pretraining images.
+
+    Attributes:
+        source: fashion-mnist (the IDX files of Debian's dataset-fashion-mnist) or folder
+            (root/<split>/<class>/<image>, as `selfprompt train` reads with layout folder).
+        root: fashion-mnist: the folder of its .gz files (None: /usr/share/datasets/fashion-mnist);
+            folder: the dataset root.
+        train_split: folder source: the split pretrained on.
+        eval_split: folder source: a split evaluated by supervised pretraining (None: none). Fashion-MNIST
+            evaluates its 10k test images.
+        max_images: Pretrain on the first this many images only (quick checks); None uses all.
+        batch_size: Global batch size.
+        eval_batch_size: Batch size of evaluation.
+        num_workers: Data-loading worker processes per training process.
+        min_scale: Lower bound of RandomResizedCrop's area scale (MAE: 0.2).
+    """
+
+    source: Literal["fashion-mnist", "folder"] = "fashion-mnist"
+    root: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    max_images: int | None = None
+    batch_size: int = 256
+    eval_batch_size: int = 512
+    num_workers: int = 4
+    min_scale: float = 0.2
+
+
+def _mae_optim() -> OptimConfig:
+    return OptimConfig(
+        lr=1.5e-3, weight_decay=0.05, head_weight_decay=0.05, betas=(0.9, 0.95), epochs=100, warmup_epochs=10
+    )
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining run: objective, backbone, data, optimizer, where it writes.
+
+    Attributes:
+        objective: mae (masked autoencoder, normalised-pixel loss) or supervised (cross-entropy on labels).
+        backbone: timm architecture name, created with random weights (e.g. vit_mini_patch4_32).
+        backbone_kwargs: Extra keyword arguments for timm.create_model.
+        data: Pretraining images.
+        optim: AdamW and its warmup + cosine schedule; biases, norms and position/class/mask tokens are
+            not decayed.
+        mae: Masked-autoencoder settings (objective mae).
+        label_smoothing: Label smoothing of the supervised loss.
+        drop_path: Stochastic depth of the encoder.
+        output_dir: Run directory (config, metrics, checkpoint, encoder weights, summary).
+        seed: Seed of the weights, the data order, the masks and the augmentation.
+        device: auto (CUDA when available), cpu, cuda or cuda:N.
+        precision: auto (bf16 autocast on CUDA with bf16 support, else fp32), fp32 or bf16.
+        eval_every: Supervised: evaluate every this many epochs (and after the last).
+        resume: Continue the run in output_dir from its last checkpoint; refused if the config changed.
+        tensorboard: Also write TensorBoard event files (needs the tensorboard package).
+        progress: Show progress bars.
+    """
+
+    objective: Literal["mae", "supervised"] = "mae"
+    backbone: str = "vit_mini_patch4_32"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    optim: OptimConfig = field(default_factory=_mae_optim)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    label_smoothing: float = 0.1
+    drop_path: float = 0.0
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    eval_every: int = 10
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        d = dict(d)
+        return cls(
+            data=PretrainDataConfig(**d.pop("data")),
+            optim=OptimConfig(**d.pop("optim")),
+            mae=MAEConfig(**d.pop("mae")),
+            **d,
+        )

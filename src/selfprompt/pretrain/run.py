@@ -1,0 +1,225 @@
+"""``selfprompt pretrain``: MAE or supervised pretraining of a timm ViT, on the engine's epoch loop.
+
+Writes into ``output_dir``: ``config.yaml``, ``env.json``, ``metrics.{jsonl,csv}``, ``state.pt`` (every
+epoch, for ``--resume``), and at the end ``encoder.safetensors`` (the backbone without a head, fp32) and
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from selfprompt.checkpoint import atomic_write
+from selfprompt.data import build_transform, data_config
+from selfprompt.engine.distributed import Context, setup, teardown
+from selfprompt.engine.loop import (
+    LossFn,
+    checked_loss,
+    evaluate,
+    load_state,
+    save_state,
+    train_epoch,
+)
+from selfprompt.engine.metrics import MetricsLog
+from selfprompt.engine.optim import warmup_cosine
+from selfprompt.engine.run import prepare_run_dir, run_environment
+from selfprompt.pretrain.config import PretrainConfig
+from selfprompt.pretrain.data import pretrain_datasets
+from selfprompt.pretrain.mae import MaskedAutoencoder
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+ENCODER_NAME = "encoder.safetensors"
+STATE_NAME = "state.pt"
+SUMMARY_NAME = "summary.json"
+_UNDECAYED_TOKENS = ("pos_embed", "cls_token", "reg_token", "mask_token")
+
+
+def pretrain_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases, norms and position/class/register/mask tokens are not decayed (the MAE recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        undecayed = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in _UNDECAYED_TOKENS
+        (no_decay if undecayed else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+
+
+def _mae_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return net(images)[0].float()
+
+
+def _encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(model, MaskedAutoencoder):
+        return model.encoder_state_dict()
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+
+
+def build_pretraining(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module, LossFn]:
+    """``(model that trains, its encoder, loss)``; the weights are random under ``cfg.seed``."""
+    if not timm.is_model(cfg.backbone):
+        raise ValueError(f"Unknown backbone {cfg.backbone!r} (timm {timm.__version__}).")
+    torch.manual_seed(cfg.seed)
+    encoder = timm.create_model(
+        cfg.backbone, pretrained=False, num_classes=0, drop_path_rate=cfg.drop_path, **cfg.backbone_kwargs
+    )
+    if cfg.objective == "mae":
+        mae = cfg.mae
+        model = MaskedAutoencoder(
+            encoder, mae.decoder_dim, mae.decoder_depth, mae.decoder_heads, mae.mask_ratio, mae.norm_pix_loss
+        )
+        return model, encoder, _mae_loss
+
+    def supervised_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(net(images).float(), labels, label_smoothing=cfg.label_smoothing)
+
+    return encoder, encoder, supervised_loss
+
+
+def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``cfg`` (single process, or one rank under torchrun) and return its summary."""
+    ctx = setup(cfg.device)
+    say = log if ctx.is_main else (lambda _: None)
+    try:
+        model, encoder, compute_loss = build_pretraining(cfg)
+        pre = data_config(encoder)
+        train_tf = build_transform(pre, train=True, augment="crop-flip", min_scale=cfg.data.min_scale)
+        train, evaluation = pretrain_datasets(cfg.data, train_tf, build_transform(pre, train=False))
+        if cfg.objective == "supervised":
+            encoder.reset_classifier(len(train.classes))
+        else:
+            evaluation = None  # MAE reports its reconstruction loss only
+        out = prepare_run_dir(cfg, ctx)
+        if ctx.is_main:
+            env = run_environment(ctx) | {"data_fingerprint": train.fingerprint(), "images": len(train)}
+            atomic_write(out / "env.json", lambda p: p.write_text(json.dumps(env, indent=2) + "\n"))
+        return _train(cfg, ctx, model.to(ctx.device), encoder, compute_loss, train, evaluation, out, say)
+    finally:
+        teardown()
+
+
+def _train(
+    cfg: PretrainConfig,
+    ctx: Context,
+    model: nn.Module,
+    encoder: nn.Module,
+    compute_loss: LossFn,
+    train: Any,
+    evaluation: Any,
+    out: Path,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    summary_path = out / SUMMARY_NAME
+    if cfg.resume and summary_path.is_file():
+        say(f"[pretrain] already finished: {summary_path}")
+        return json.loads(summary_path.read_text())
+    opt, data = cfg.optim, cfg.data
+    micro, remainder = divmod(data.batch_size, ctx.world_size * opt.accumulate)
+    if remainder or micro == 0:
+        raise ValueError(
+            f"data.batch_size ({data.batch_size}) must be a multiple of processes x optim.accumulate "
+            f"({ctx.world_size} x {opt.accumulate})."
+        )
+    sampler = DistributedSampler(
+        train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    loader = DataLoader(
+        train,
+        batch_size=micro,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=data.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=data.num_workers > 0,
+    )
+    steps = len(loader) // opt.accumulate
+    if steps == 0:
+        raise ValueError(
+            f"{len(train)} images are fewer than one batch ({data.batch_size}); lower data.batch_size."
+        )
+    optimizer = pretrain_optimizer(model, cfg)
+    scheduler = warmup_cosine(optimizer, opt.warmup_epochs * steps, opt.epochs * steps, opt.lr, opt.min_lr)
+    params = dict(model.named_parameters())
+    metrics = MetricsLog(out, cfg.tensorboard) if ctx.is_main else None
+    state_path, start_epoch = out / STATE_NAME, 1
+    if cfg.resume and state_path.is_file():
+        state = load_state(state_path, ctx, params, optimizer, scheduler)
+        start_epoch = state["epoch"] + 1
+        if metrics is not None:
+            metrics.restore(state["history"])
+        say(f"[pretrain] resuming after epoch {state['epoch']}")
+    elif metrics is not None:
+        metrics.restore([])
+    net = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    for epoch in range(start_epoch, opt.epochs + 1):
+        sampler.set_epoch(epoch)
+        model.train()
+        bar = tqdm(
+            total=steps,
+            desc=f"pretrain epoch {epoch}/{opt.epochs}",
+            disable=not (cfg.progress and ctx.is_main),
+            leave=False,
+        )
+        begin = time.perf_counter()
+        loss_sum, data_time = train_epoch(
+            net, iter(loader), steps, compute_loss, optimizer, scheduler, ctx, cfg.precision,
+            accumulate=opt.accumulate, grad_clip=opt.grad_clip, bar=bar,
+        )  # fmt: skip
+        bar.close()
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": epoch * steps,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": checked_loss(loss_sum, steps, ctx, "pretrain", epoch),
+            "epoch_time": time.perf_counter() - begin,
+            "data_time": data_time,
+        }
+        if evaluation is not None and (epoch % cfg.eval_every == 0 or epoch == opt.epochs):
+            scores = evaluate(model, evaluation, ctx, data.eval_batch_size, cfg.precision, data.num_workers)
+            row |= {f"eval_{k}": v for k, v in scores.items()}
+        if metrics is not None:
+            metrics.log(row)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
+            say(f"[pretrain] epoch {epoch}/{opt.epochs}: {shown}")
+        save_state(
+            state_path, ctx, epoch, params, optimizer, scheduler, history=metrics.rows if metrics else None
+        )
+    if not ctx.is_main:
+        return {}
+    weights = {k: v.detach().cpu().contiguous() for k, v in _encoder_state(model).items()}
+    atomic_write(out / ENCODER_NAME, lambda p: save_file(weights, str(p)))
+    rows = metrics.rows
+    summary = {
+        "objective": cfg.objective,
+        "backbone": cfg.backbone,
+        "epochs": opt.epochs,
+        "images": len(train),
+        "final_train_loss": rows[-1]["train_loss"],
+        "wall_time_s": sum(r["epoch_time"] for r in rows),
+        "encoder_sha256": hashlib.sha256((out / ENCODER_NAME).read_bytes()).hexdigest(),
+        "encoder_parameters": sum(v.numel() for v in weights.values()),
+    }
+    if "eval_acc" in rows[-1]:
+        summary["final_eval_acc"] = rows[-1]["eval_acc"]
+    atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    metrics.close()
+    say(
+        f"[pretrain] {cfg.objective} {cfg.backbone}: final loss {summary['final_train_loss']:.4f} after "
+        f"{opt.epochs} epochs, {summary['wall_time_s']:.0f} s; encoder weights {out / ENCODER_NAME}"
+    )
+    return summary
