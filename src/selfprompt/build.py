@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfprompt.config import DataConfig, ModelConfig
-from selfprompt.data import ImageDataset, build_transform, data_config, load_split, merge, split_off
+from selfprompt.data import (
+    ImageDataset,
+    build_transform,
+    data_config,
+    load_split,
+    merge,
+    split_off,
+    vtab_mini,
+)
 from selfprompt.model import PromptedViT, ViTClassifier
 
 import timm
@@ -125,6 +133,8 @@ def build_splits(cfg: DataConfig, backbone: nn.Module, seed: int = 0) -> Splits:
     """Load and check every split before anything is written (a bad dataset stops the run up front)."""
     if cfg.root is None:
         raise ValueError("data.root is not set: pass --data.root DIR (or set it in the recipe).")
+    if (Path(cfg.root) / vtab_mini.MANIFEST_NAME).is_file():
+        vtab_mini.verify(cfg.root)  # a prepared task is checked against its hashes before use
     pre = _preprocessing(cfg, backbone)
     train_tf = build_transform(pre, train=True, augment=cfg.augment)
     eval_tf = build_transform(pre, train=False)

@@ -7,8 +7,9 @@ import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from selfprompt.bench import BenchConfig
 from selfprompt.config import TrainConfig, flatten
 from selfprompt.pretrain.config import PretrainConfig
 
@@ -75,7 +76,42 @@ def build_parser() -> ArgumentParser:
     zoo = ArgumentParser(prog="selfprompt zoo", description="selfprompt's pretrained backbones.")
     commands.add_subcommand("zoo", zoo, help="The offline model zoo: list, verify, export.")
     _add_zoo_actions(zoo)
+    bench = ArgumentParser(prog="selfprompt bench", description="The VTAB-mini grid, resumable.")
+    bench.add_argument("--config", action=ActionConfigFile, help="A YAML file of bench settings.")
+    bench.add_class_arguments(BenchConfig, nested_key=None, fail_untyped=True)
+    commands.add_subcommand("bench", bench, help="Run methods x backbones x tasks x seeds on VTAB-mini.")
+    demo = ArgumentParser(
+        prog="selfprompt demo", description="linear vs VPT-deep vs SPT-deep, offline, on CPU."
+    )
+    demo.add_argument("--output_dir", type=str | None, default=None, help="Default: runs/demo-<date-time>.")
+    demo.add_argument("--task", type=str, default="clevr_count", help="The VTAB-mini task.")
+    demo.add_argument("--epochs", type=int | None, default=None, help="Default: the recipes' (10).")
+    demo.add_argument("--seed", type=int, default=0, help="Seed of every run.")
+    demo.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N.")
+    commands.add_subcommand("demo", demo, help="The 3-minute offline demo: linear, VPT-deep, SPT-deep.")
+    data = ArgumentParser(prog="selfprompt data", description="Benchmarks built offline.")
+    commands.add_subcommand("data", data, help="Prepare or check VTAB-mini.")
+    _add_data_actions(data)
     return parser
+
+
+def _add_data_actions(parser: ArgumentParser) -> None:
+    from selfprompt.data.vtab_mini import TASKS
+
+    actions = parser.add_subcommands(dest="action")
+    prepare = ArgumentParser()
+    prepare.add_argument("benchmark", type=Literal["vtab-mini"], help="The benchmark to build: vtab-mini.")
+    prepare.add_argument("--root", type=str, required=True, help="The cache folder to write.")
+    prepare.add_argument(
+        "--tasks",
+        type=str | None,
+        default=None,
+        help=f"Comma-separated tasks to build (default: all of {list(TASKS)}).",
+    )
+    actions.add_subcommand("prepare", prepare, help="Build VTAB-mini into a cache folder, deterministically.")
+    check = ArgumentParser()
+    check.add_argument("root", type=str, help="A folder written by `selfprompt data prepare`.")
+    actions.add_subcommand("check", check, help="Check every prepared task against its manifest.")
 
 
 def _add_zoo_actions(parser: ArgumentParser) -> None:
@@ -164,6 +200,50 @@ def _dispatch(command: str, args: Namespace) -> None:
         pretrain(train_config(args, PretrainConfig))
     elif command == "zoo":
         _zoo(args.action, args[args.action])
+    elif command == "data":
+        _data(args.action, args[args.action])
+    elif command == "demo":
+        from selfprompt.demo import demo
+
+        if args.task not in vtab_mini_tasks():
+            raise ValueError(f"Unknown VTAB-mini task {args.task!r}; tasks: {vtab_mini_tasks()}.")
+        demo(args.output_dir, args.task, args.epochs, args.seed, args.device)
+    elif command == "bench":
+        from selfprompt.bench import bench
+
+        d = args.as_dict()
+        d.pop("config", None)
+        d.pop("__path__", None)
+        bench(BenchConfig(**d))
+
+
+def vtab_mini_tasks() -> list[str]:
+    from selfprompt.data.vtab_mini import TASKS
+
+    return list(TASKS)
+
+
+def _data(action: str, args: Namespace) -> None:
+    from selfprompt.data import vtab_mini
+
+    if action == "prepare":
+        tasks = args.tasks.split(",") if args.tasks else None
+        unknown = sorted(set(tasks or []) - set(vtab_mini.TASKS))
+        if unknown:
+            raise ValueError(f"Unknown VTAB-mini tasks {unknown}; tasks: {list(vtab_mini.TASKS)}.")
+        print(f"Wrote {vtab_mini.prepare(args.root, tasks)}")
+        return
+    root = Path(args.root)
+    tasks = (
+        sorted(d for d in root.iterdir() if (d / vtab_mini.MANIFEST_NAME).is_file()) if root.is_dir() else []
+    )
+    if not tasks:
+        raise FileNotFoundError(
+            f"{root} holds no prepared task; run selfprompt data prepare vtab-mini --root {root}"
+        )
+    for task in tasks:
+        manifest = vtab_mini.verify(task)
+        print(f"{task.name}: ok ({manifest['counts']})")
 
 
 def _zoo(action: str, args: Namespace) -> None:

@@ -1,5 +1,6 @@
 """Datasets on disk, timm-derived transforms and a generated dataset for offline runs."""
 
+from selfprompt.data import vtab_mini
 from selfprompt.data.datasets import IMAGE_EXTENSIONS, ImageDataset, load_split, merge, split_off
 from selfprompt.data.synthetic import write_image_folder
 from selfprompt.data.transforms import build_transform, data_config
@@ -12,5 +13,6 @@ __all__ = [
     "load_split",
     "merge",
     "split_off",
+    "vtab_mini",
     "write_image_folder",
 ]

@@ -113,14 +113,16 @@ _HORIZON, _FOCAL, _CAM_HEIGHT = 0.3, 1.0, 1.95  # horizon row, focal length, cam
 _NEAR, _FAR = 3.0, 12.0  # depth range of objects on the floor
 _CLEVR_DEPTH_EDGES = np.array([3.0, 4.0, 5.0, 6.0, 7.0, 8.5, 10.0])  # closest-object depth bins (6)
 _MIN_COUNT, _MAX_COUNT = 3, 10
+_PLACEMENT_ATTEMPTS = 1000
 
 
 def _place_objects(rng: np.random.Generator, count: int, closest: float | None) -> np.ndarray:
     """Rows ``(depth, x, radius)`` of objects on the floor, apart in the world and not hiding each other.
 
-    With ``closest``, the first object sits at that depth and the others behind it.
+    With ``closest``, the first object sits at that depth and the others behind it. Gives up (RuntimeError)
+    after ``_PLACEMENT_ATTEMPTS`` fresh layouts, which no label of the shipped tasks comes near.
     """
-    while True:
+    for _attempt in range(_PLACEMENT_ATTEMPTS):
         objects: list[tuple[float, float, float]] = []
         for _ in range(50 * count):
             first = closest is not None and not objects
@@ -131,6 +133,10 @@ def _place_objects(rng: np.random.Generator, count: int, closest: float | None) 
                 objects.append((z, x, r))
             if len(objects) == count:
                 return np.array(objects)
+    raise RuntimeError(
+        f"Could not place {count} objects apart (closest depth {closest}) in {_PLACEMENT_ATTEMPTS} layouts; "
+        f"the scene constants leave too little room."
+    )
 
 
 def _apart(z1: float, x1: float, r1: float, z2: float, x2: float, r2: float) -> bool:

@@ -38,13 +38,13 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def verify(name: str) -> None:
+def verify(name: str, weights_dir: Path = WEIGHTS_DIR) -> None:
     """Raise if ``name``'s shipped weights are missing or differ from their recorded SHA-256."""
-    entry = registry().get(name)
-    path = weights_file(name)
+    entry = registry(weights_dir).get(name)
+    path = weights_file(name, weights_dir)
     if entry is None or not path.is_file():
         raise FileNotFoundError(
-            f"The weights of {name} are not in {WEIGHTS_DIR}; reinstall selfprompt, or export them with "
+            f"The weights of {name} are not in {weights_dir}; reinstall selfprompt, or export them with "
             f"`selfprompt zoo export RUN_DIR --name {name}`."
         )
     actual = sha256(path)

