@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -161,13 +162,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """From nested plain data (a parsed recipe or a run's saved config.yaml)."""
-        d = dict(d)
-        return cls(
-            model=ModelConfig(**d.pop("model")),
-            data=DataConfig(**d.pop("data")),
-            optim=OptimConfig(**d.pop("optim")),
-            **d,
-        )
+        return nested_from_dict(cls, d)
+
+
+def nested_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """A config dataclass from nested plain data: sections (fields whose default is a dataclass) are built
+    from their dicts; missing fields keep their defaults."""
+    kwargs = dict(d)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and isinstance(kwargs.get(f.name), dict):
+            kwargs[f.name] = type(default)(**kwargs[f.name])
+    return cls(**kwargs)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from selfprompt.config import OptimConfig
+from selfprompt.config import OptimConfig, nested_from_dict
 
 
 @dataclass
@@ -106,10 +106,4 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        d = dict(d)
-        return cls(
-            data=PretrainDataConfig(**d.pop("data")),
-            optim=OptimConfig(**d.pop("optim")),
-            mae=MAEConfig(**d.pop("mae")),
-            **d,
-        )
+        return nested_from_dict(cls, d)
