@@ -125,7 +125,37 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunOptions:
+    """How a run executes, shared by training and pretraining.
+
+    Attributes:
+        device: auto (CUDA when available), cpu, cuda or cuda:N.
+        precision: auto (bf16 autocast on CUDA with bf16 support, else fp32), fp32 or bf16.
+        resume: Continue the run in output_dir from its last checkpoint; refused if the config changed.
+        tensorboard: Also write TensorBoard event files (needs the tensorboard package).
+        progress: Show progress bars.
+    """
+
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """From nested plain data (a parsed recipe or a run's saved config.yaml): sections (fields whose
+        default is a dataclass) are built from their dicts; missing fields keep their defaults."""
+        kwargs = dict(d)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(default) and isinstance(kwargs.get(f.name), dict):
+                kwargs[f.name] = type(default)(**kwargs[f.name])
+        return cls(**kwargs)
+
+
+@dataclass
+class TrainConfig(RunOptions):
     """A training run under the evaluation protocol: tune on val, then train on train+val, test once.
 
     Attributes:
@@ -135,14 +165,9 @@ class TrainConfig:
         output_dir: Run directory (config, metrics, checkpoints, adapters, results).
         stage: tune (train on train, select on val), final (train on train+val, evaluate test once) or both.
         seeds: One run per seed; results report their mean and standard deviation.
-        device: auto (CUDA when available), cpu, cuda or cuda:N.
-        precision: auto (bf16 autocast on CUDA with bf16 support, else fp32), fp32 or bf16.
         eval_every: Evaluate on val every this many epochs while tuning (and always after the last).
-        resume: Continue the run in output_dir from its last checkpoint; refused if the config changed.
         unsafe_select_on_test: UNSAFE, for reproducing the official code only: the final stage evaluates
             test every epoch and reports the best epoch. Results are marked as selected on test.
-        tensorboard: Also write TensorBoard event files (needs the tensorboard package).
-        progress: Show progress bars.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,29 +176,8 @@ class TrainConfig:
     output_dir: str = "runs/default"
     stage: Literal["tune", "final", "both"] = "both"
     seeds: list[int] = field(default_factory=lambda: [0])
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
     eval_every: int = 1
-    resume: bool = False
     unsafe_select_on_test: bool = False
-    tensorboard: bool = False
-    progress: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """From nested plain data (a parsed recipe or a run's saved config.yaml)."""
-        return nested_from_dict(cls, d)
-
-
-def nested_from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """A config dataclass from nested plain data: sections (fields whose default is a dataclass) are built
-    from their dicts; missing fields keep their defaults."""
-    kwargs = dict(d)
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default) and isinstance(kwargs.get(f.name), dict):
-            kwargs[f.name] = type(default)(**kwargs[f.name])
-    return cls(**kwargs)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from selfprompt.config import OptimConfig, nested_from_dict
+from selfprompt.config import OptimConfig, RunOptions
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _mae_optim() -> OptimConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunOptions):
     """A pretraining run: objective, backbone, data, optimizer, where it writes.
 
     Attributes:
@@ -79,12 +79,7 @@ class PretrainConfig:
         drop_path: Stochastic depth of the encoder.
         output_dir: Run directory (config, metrics, checkpoint, encoder weights, summary).
         seed: Seed of the weights, the data order, the masks and the augmentation.
-        device: auto (CUDA when available), cpu, cuda or cuda:N.
-        precision: auto (bf16 autocast on CUDA with bf16 support, else fp32), fp32 or bf16.
         eval_every: Supervised: evaluate every this many epochs (and after the last).
-        resume: Continue the run in output_dir from its last checkpoint; refused if the config changed.
-        tensorboard: Also write TensorBoard event files (needs the tensorboard package).
-        progress: Show progress bars.
     """
 
     objective: Literal["mae", "supervised"] = "mae"
@@ -97,13 +92,4 @@ class PretrainConfig:
     drop_path: float = 0.0
     output_dir: str = "runs/pretrain"
     seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
     eval_every: int = 10
-    resume: bool = False
-    tensorboard: bool = False
-    progress: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        return nested_from_dict(cls, d)
