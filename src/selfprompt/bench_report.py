@@ -53,7 +53,9 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, tup
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     table = aggregate(rows)
-    params = {(r["backbone"], r["variant"]): (r["trainable_parameters"], r["trainable_share"]) for r in rows}
+    params: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for r in rows:  # the head's size follows each task's classes: report the mean over tasks
+        params[(r["backbone"], r["variant"])].append((r["trainable_parameters"], r["trainable_share"]))
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     lines = []
     for backbone in backbones:
@@ -76,9 +78,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             label = f"{name} ({TASKS[name].group})" if name in TASKS else f"**{name}**"
             shown = ["–" if c is None else f"{c[0]:.2f} ± {c[1]:.2f}" for c in cells]
             lines.append(f"| {label} | " + " | ".join(shown) + " |")
-        shares = [params[(backbone, v)] for v in variants]
+        shares = [
+            (
+                statistics.fmean(n for n, _ in params[(backbone, v)]),
+                statistics.fmean(s for _, s in params[(backbone, v)]),
+            )
+            for v in variants
+        ]
         lines.append(
-            "| trainable parameters | " + " | ".join(f"{n:,} ({100 * s:.2f}%)" for n, s in shares) + " |"
+            "| trainable parameters (mean over tasks) | "
+            + " | ".join(f"{n:,.0f} ({100 * s:.2f}%)" for n, s in shares)
+            + " |"
         )
         lines.append("")
     return "\n".join(lines)
