@@ -80,6 +80,40 @@ def classification_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tens
     return F.cross_entropy(net(images).float(), labels)
 
 
+def training_loader(
+    dataset: Dataset, batch_size: int, accumulate: int, num_workers: int, ctx: Context, seed: int, what: str
+) -> tuple[DistributedSampler, DataLoader, int]:
+    """The shuffled, sharded loader of one training run: ``(sampler, loader, optimizer steps per epoch)``.
+
+    ``batch_size`` is global (over processes and accumulation steps); ``what`` names the dataset in errors.
+    """
+    micro, remainder = divmod(batch_size, ctx.world_size * accumulate)
+    if remainder or micro == 0:
+        raise ValueError(
+            f"data.batch_size ({batch_size}) must be a multiple of processes x optim.accumulate "
+            f"({ctx.world_size} x {accumulate})."
+        )
+    sampler = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=micro,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+    steps = len(loader) // accumulate
+    if steps == 0:
+        raise ValueError(
+            f"{what} has {len(dataset)} images, fewer than one global batch ({batch_size}); lower "
+            f"data.batch_size."
+        )
+    return sampler, loader, steps
+
+
 def train_epoch(
     net: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -192,30 +226,10 @@ def train_stage(
         log(f"[{stage.name} seed {seed}] already finished: {result_path}")
         return json.loads(result_path.read_text())
     opt = cfg.optim
-    micro, remainder = divmod(cfg.data.batch_size, ctx.world_size * opt.accumulate)
-    if remainder or micro == 0:
-        raise ValueError(
-            f"data.batch_size ({cfg.data.batch_size}) must be a multiple of processes x optim.accumulate "
-            f"({ctx.world_size} x {opt.accumulate})."
-        )
-    sampler = DistributedSampler(
-        stage.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
-    )
-    loader = DataLoader(
-        stage.train,
-        batch_size=micro,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.data.num_workers,
-        pin_memory=ctx.device.type == "cuda",
-        persistent_workers=cfg.data.num_workers > 0,
-    )
-    steps_per_epoch = len(loader) // opt.accumulate
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"The {stage.name} training split has {len(stage.train)} images, fewer than one global batch "
-            f"({cfg.data.batch_size}); lower data.batch_size."
-        )
+    sampler, loader, steps_per_epoch = training_loader(
+        stage.train, cfg.data.batch_size, opt.accumulate, cfg.data.num_workers, ctx, seed,
+        f"The {stage.name} training split",
+    )  # fmt: skip
 
     torch.manual_seed(seed)
     model = build_model(cfg.model, make_backbone(), num_classes).to(ctx.device)

@@ -18,12 +18,14 @@ from selfprompt.checkpoint import atomic_write
 from selfprompt.data import build_transform, data_config
 from selfprompt.engine.distributed import Context, setup, teardown
 from selfprompt.engine.loop import (
+    STATE_NAME,
     LossFn,
     checked_loss,
     evaluate,
     load_state,
     save_state,
     train_epoch,
+    training_loader,
 )
 from selfprompt.engine.metrics import MetricsLog
 from selfprompt.engine.optim import warmup_cosine
@@ -38,11 +40,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 ENCODER_NAME = "encoder.safetensors"
-STATE_NAME = "state.pt"
 SUMMARY_NAME = "summary.json"
 _UNDECAYED_TOKENS = ("pos_embed", "cls_token", "reg_token", "mask_token")
 
@@ -129,29 +129,9 @@ def _train(
         say(f"[pretrain] already finished: {summary_path}")
         return json.loads(summary_path.read_text())
     opt, data = cfg.optim, cfg.data
-    micro, remainder = divmod(data.batch_size, ctx.world_size * opt.accumulate)
-    if remainder or micro == 0:
-        raise ValueError(
-            f"data.batch_size ({data.batch_size}) must be a multiple of processes x optim.accumulate "
-            f"({ctx.world_size} x {opt.accumulate})."
-        )
-    sampler = DistributedSampler(
-        train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    sampler, loader, steps = training_loader(
+        train, data.batch_size, opt.accumulate, data.num_workers, ctx, cfg.seed, "The pretraining set"
     )
-    loader = DataLoader(
-        train,
-        batch_size=micro,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=data.num_workers,
-        pin_memory=ctx.device.type == "cuda",
-        persistent_workers=data.num_workers > 0,
-    )
-    steps = len(loader) // opt.accumulate
-    if steps == 0:
-        raise ValueError(
-            f"{len(train)} images are fewer than one batch ({data.batch_size}); lower data.batch_size."
-        )
     optimizer = pretrain_optimizer(model, cfg)
     scheduler = warmup_cosine(optimizer, opt.warmup_epochs * steps, opt.epochs * steps, opt.lr, opt.min_lr)
     params = dict(model.named_parameters())
