@@ -3,11 +3,13 @@
 Nothing here builds a model or touches the network: the recipes are only parsed and checked.
 """
 
+import re
 from pathlib import Path
 
 from selfprompt.build import init_method
 from selfprompt.cli import _normalise_argv, build_parser, check_field_names, train_config
 from selfprompt.config import TrainConfig
+from selfprompt.data import registry
 
 import pytest
 
@@ -77,19 +79,18 @@ def test_recipe(recipe: Path):
     if name.startswith("spt"):
         assert m.init == "sample"
 
+    assert d.layout == "list"
+    splits = (d.train_split, d.val_split, d.trainval_split, d.test_split)
+    task = re.search(r"--data\.task (\w+)", text)[1]
+    assert task in registry.tasks(d.benchmark)
     if benchmark == "vtab":
-        assert d.layout == "list"
-        assert (d.train_split, d.val_split, d.trainval_split, d.test_split) == (
-            "train800",
-            "val200",
-            "train800val200",
-            "test",
-        )
+        assert d.benchmark == "vtab-1k"
+        assert splits == registry.VTAB_SPLITS
         assert (d.augment, d.crop_pct) == ("none", 1.0)
     else:
-        assert d.layout == "folder"
-        assert (d.train_split, d.val_split, d.trainval_split, d.test_split) == ("train", None, None, "test")
-        assert (d.val_fraction, d.augment, d.crop_pct) == (0.1, "crop-flip", 0.875)
+        assert d.benchmark == "fgvc"
+        assert splits == registry.tasks("fgvc")["cub"].splits
+        assert (d.augment, d.crop_pct) == ("crop-flip", 0.875)
 
     assert (d.batch_size, o.epochs, o.warmup_epochs, o.min_lr) == (32, 100, 10, 1e-8)
     assert all(isinstance(v, float) for v in (o.lr, o.weight_decay, o.head_weight_decay, o.min_lr))

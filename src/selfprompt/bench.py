@@ -1,5 +1,9 @@
-"""``selfprompt bench``: VTAB-mini tasks x methods x zoo backbones x seeds (x initializers x prompt lengths),
-each cell a ``selfprompt train`` run of the package's VTAB-mini recipe; resumable, with tables and a plot.
+"""``selfprompt bench``: tasks x methods x backbones x seeds (x initializers x prompt lengths) on VTAB-mini,
+VTAB-1k or FGVC, each cell a ``selfprompt train`` run of a recipe; resumable, with tables and a plot.
+
+VTAB-mini cells use the package's recipes with the zoo backbones; VTAB-1k and FGVC cells use
+``<recipes>/<backbone>/<method>.yaml`` (the repository's ``recipes/vtab`` and ``recipes/fgvc``), where a
+backbone is a recipe folder (``mae``, ``moco``, ``sup_in21k``).
 
 A cell with a ``summary.json`` is never run again; one that stopped part-way resumes from its checkpoint.
 """
@@ -21,11 +25,14 @@ from typing import Any, Literal
 
 from selfprompt.checkpoint import atomic_write
 from selfprompt.config import METHODS, Method
-from selfprompt.data import vtab_mini
+from selfprompt.data import registry
 from selfprompt.zoo.models import ZOO_TAGS
 
 RECIPES = Path(__file__).parent / "recipes" / "vtab_mini"
+DEFAULT_RECIPES = {"vtab-1k": "recipes/vtab", "fgvc": "recipes/fgvc"}
+PAPER_BACKBONES = ["mae", "moco", "sup_in21k"]
 CELL_NAME = "cell.json"
+LOG_NAME = "cell.log"
 
 
 def zoo_pool(backbone: str) -> str:
@@ -38,11 +45,16 @@ class BenchConfig:
     """The grid and how to run it.
 
     Attributes:
-        root: A folder written by `selfprompt data prepare vtab-mini`.
+        root: The benchmark's folder (written by `selfprompt data prepare`; one folder per task).
+        benchmark: vtab-mini, vtab-1k or fgvc.
         output_dir: Where cells, tables and the plot go; rerunning continues what is there.
-        tasks: VTAB-mini tasks; None runs every prepared task.
-        methods: Methods, each trained with its VTAB-mini recipe.
-        backbones: timm names of the backbones (default: both zoo backbones).
+        tasks: Tasks; None runs every task found in root.
+        methods: Methods, each trained with its recipe.
+        backbones: vtab-mini: timm names (default: both zoo backbones); vtab-1k, fgvc: recipe folders
+            (default: mae, moco, sup_in21k).
+        recipes: vtab-1k, fgvc: the folder of <backbone>/<method>.yaml recipes (default: recipes/vtab or
+            recipes/fgvc under the current folder).
+        overrides: Extra `--section.field value` arguments for every cell, e.g. ["--model.checkpoint", "P"].
         seeds: Seeds of every cell.
         inits: Sweep SPT's prompt initializer over these (spt-* methods); None keeps the recipe's.
         num_prompts: Sweep the prompt length over these (prompt methods); None keeps the recipe's.
@@ -57,10 +69,13 @@ class BenchConfig:
     """
 
     root: str
+    benchmark: Literal["vtab-mini", "vtab-1k", "fgvc"] = "vtab-mini"
     output_dir: str = "runs/bench"
     tasks: list[str] | None = None
     methods: list[Method] = field(default_factory=lambda: list(METHODS))
-    backbones: list[str] = field(default_factory=lambda: list(ZOO_TAGS))
+    backbones: list[str] | None = None
+    recipes: str | None = None
+    overrides: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     inits: list[str] | None = None
     num_prompts: list[int] | None = None
@@ -92,34 +107,59 @@ class Cell:
         return out / "cells" / self.backbone / self.task / self.variant / f"seed{self.seed}"
 
 
+def backbones(cfg: BenchConfig) -> list[str]:
+    if cfg.backbones is not None:
+        return cfg.backbones
+    return list(ZOO_TAGS) if cfg.benchmark == "vtab-mini" else PAPER_BACKBONES
+
+
+def recipe(cfg: BenchConfig, cell: Cell) -> Path:
+    name = f"{cell.method.replace('-', '_')}.yaml"
+    if cfg.benchmark == "vtab-mini":
+        return RECIPES / name
+    return Path(cfg.recipes or DEFAULT_RECIPES[cfg.benchmark]) / cell.backbone / name
+
+
 def grid(cfg: BenchConfig) -> list[Cell]:
     """Every cell, seed-major (all of seed 0 first), so a stopped bench has whole seeds."""
     root = Path(cfg.root)
-    prepared = [t for t in vtab_mini.TASKS if (root / t / vtab_mini.MANIFEST_NAME).is_file()]
+    known = registry.tasks(cfg.benchmark)
+    last_split = {name: t.splits[-1] for name, t in known.items()}
+    prepared = [n for n, t in known.items() if (root / t.folder / f"{last_split[n]}.txt").is_file()]
     tasks = cfg.tasks if cfg.tasks is not None else prepared
     missing = [t for t in tasks if t not in prepared]
     if missing or not tasks:
         raise FileNotFoundError(
-            f"VTAB-mini tasks {missing or list(vtab_mini.TASKS)} are not prepared in {root}: run "
-            f"selfprompt data prepare vtab-mini --root {root}"
+            f"{cfg.benchmark} tasks {missing or list(known)} are not prepared in {root}: run selfprompt data "
+            f"prepare {cfg.benchmark} (see selfprompt data list for the folder each task needs)."
         )
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; methods: {list(METHODS)}.")
     cells = []
-    for seed, backbone, task, method in itertools.product(cfg.seeds, cfg.backbones, tasks, cfg.methods):
+    for seed, backbone, task, method in itertools.product(cfg.seeds, backbones(cfg), tasks, cfg.methods):
         inits = cfg.inits if cfg.inits and method.startswith("spt") else [None]
         lengths = cfg.num_prompts if cfg.num_prompts and method not in ("linear", "full") else [None]
         cells += [Cell(backbone, task, method, seed, i, m) for i in inits for m in lengths]
+    absent = sorted({str(recipe(cfg, c)) for c in cells if not recipe(cfg, c).is_file()})
+    if absent:
+        raise FileNotFoundError(
+            f"Recipes {absent} do not exist; pass --recipes DIR holding <backbone>/<method>.yaml (the "
+            "repository's recipes/vtab or recipes/fgvc) and backbones that are its folders."
+        )
     return cells
 
 
 def cell_command(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list[str]:
+    if cfg.benchmark == "vtab-mini":
+        data = ["--model.backbone", cell.backbone, "--model.pool", zoo_pool(cell.backbone)]
+    else:
+        data = []
     args = [
-        sys.executable, "-m", "selfprompt", "train", str(RECIPES / f"{cell.method.replace('-', '_')}.yaml"),
-        "--model.backbone", cell.backbone,
-        "--model.pool", zoo_pool(cell.backbone),
-        "--data.root", str(Path(cfg.root) / cell.task),
+        sys.executable, "-m", "selfprompt", "train", str(recipe(cfg, cell)), *data,
+        "--data.root", str(cfg.root),
+        "--data.benchmark", cfg.benchmark,
+        "--data.task", cell.task,
         "--seeds", f"[{cell.seed}]",
         "--stage", cfg.stage,
         "--device", cfg.device,
@@ -134,7 +174,7 @@ def cell_command(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list[
         args += ["--model.init", cell.init]
     if cell.num_prompts is not None:
         args += ["--model.num_prompts", str(cell.num_prompts)]
-    return args + (["--resume", "true"] if resume else [])
+    return args + list(cfg.overrides) + (["--resume", "true"] if resume else [])
 
 
 def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str, Any]:
@@ -147,17 +187,18 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.perf_counter()
     done = subprocess.run(cell_command(cfg, cell, out, resume), env=env, capture_output=True, text=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOG_NAME).open("a") as log:  # every attempt's output, kept beside its config.yaml
+        log.write(done.stdout + done.stderr)
     if done.returncode != 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "error.log").write_text(done.stdout + done.stderr)
-        raise RuntimeError(f"cell {directory} failed (exit {done.returncode}); see {directory / 'error.log'}")
+        raise RuntimeError(f"cell {directory} failed (exit {done.returncode}); see {directory / LOG_NAME}")
     summary = json.loads((directory / "summary.json").read_text())
     env_info = json.loads((directory / "env.json").read_text())
     final = next(r for r in summary["results"] if r["stage"] == "final")
     tune = next((r for r in summary["results"] if r["stage"] == "tune"), None)
     record = asdict(cell) | {
         "variant": cell.variant,
-        "group": vtab_mini.TASKS[cell.task].group,
+        "group": registry.task(cfg.benchmark, cell.task).group,
         "test_acc": final["last_test_acc"],
         "val_acc": tune["last_val_acc"] if tune else None,
         "trainable_parameters": final["trainable_parameters"],
@@ -209,6 +250,6 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str
         )
     from selfprompt.bench_report import write_report
 
-    for path in write_report(rows, out, cfg):
+    for path in write_report(rows, out, cfg, cfg.benchmark):
         log(f"bench: wrote {path}")
     return rows

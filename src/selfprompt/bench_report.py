@@ -14,24 +14,30 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.checkpoint import atomic_write
-from selfprompt.data.vtab_mini import GROUPS, TASKS
+from selfprompt.data import registry
+from selfprompt.paper import SOURCES, TASK_MEAN, quoted
 
 VTAB_MEAN = "VTAB mean (of group means)"
-TASK_MEAN = "mean over tasks"
+TITLES = {"vtab-mini": "VTAB-mini", "vtab-1k": "VTAB-1k", "fgvc": "FGVC"}
 
 
 def _spread(values: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
-def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, tuple[float, float, int]]]:
-    """(backbone, variant) -> {task or aggregate name: (mean, std over seeds, seeds)}."""
+def aggregate(
+    rows: list[dict[str, Any]], benchmark: str = "vtab-mini"
+) -> dict[tuple[str, str], dict[str, tuple[float, float, int]]]:
+    """(backbone, variant) -> {task or aggregate name: (mean, std over seeds, seeds)}: per task, per group,
+    the mean of group means (VTAB) and the mean over tasks, each computed per seed, then over seeds."""
+    tasks_of = registry.tasks(benchmark)
+    groups_of = registry.groups(benchmark)
     acc: dict[tuple[str, str], dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         acc[(r["backbone"], r["variant"])][r["seed"]][r["task"]] = 100 * r["test_acc"]
     table = {}
     for key, by_seed in acc.items():
-        tasks = sorted({t for per_task in by_seed.values() for t in per_task}, key=list(TASKS).index)
+        tasks = {t for per_task in by_seed.values() for t in per_task}
         columns: dict[str, list[float]] = defaultdict(list)
         for per_task in by_seed.values():
             for task, value in per_task.items():
@@ -39,20 +45,24 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, tup
             if set(per_task) != set(tasks):
                 continue  # an aggregate needs every task of this seed
             groups = {
-                g: statistics.fmean(v for t, v in per_task.items() if TASKS[t].group == g)
-                for g in GROUPS
-                if any(TASKS[t].group == g for t in per_task)
+                g: statistics.fmean(v for t, v in per_task.items() if tasks_of[t].group == g)
+                for g in groups_of
+                if any(tasks_of[t].group == g for t in per_task)
             }
             for g, v in groups.items():
                 columns[g].append(v)
-            columns[VTAB_MEAN].append(statistics.fmean(groups.values()))
-            columns[TASK_MEAN].append(statistics.fmean(per_task.values()))
+            if benchmark != "fgvc":  # FGVC has one group: its mean is the mean over tasks
+                columns[VTAB_MEAN].append(statistics.fmean(groups.values()))
+                columns[TASK_MEAN].append(statistics.fmean(per_task.values()))
         table[key] = {name: _spread(values) for name, values in columns.items()}
     return table
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    table = aggregate(rows)
+def markdown(rows: list[dict[str, Any]], benchmark: str = "vtab-mini") -> str:
+    """Per backbone: tasks, groups and means as rows, variants as columns, each followed by the published
+    number (``<variant> (paper)``) where :mod:`selfprompt.paper` quotes one."""
+    table = aggregate(rows, benchmark)
+    tasks_of = registry.tasks(benchmark)
     params: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for r in rows:  # the head's size follows each task's classes: report the mean over tasks
         params[(r["backbone"], r["variant"])].append((r["trainable_parameters"], r["trainable_share"]))
@@ -60,23 +70,30 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = []
     for backbone in backbones:
         variants = list(dict.fromkeys(r["variant"] for r in rows if r["backbone"] == backbone))
-        tasks = [t for t in TASKS if any(r["task"] == t and r["backbone"] == backbone for r in rows)]
+        tasks = [t for t in tasks_of if any(r["task"] == t and r["backbone"] == backbone for r in rows)]
         seeds = sorted({r["seed"] for r in rows if r["backbone"] == backbone})
+        paper = {v: quoted(benchmark, backbone, v) for v in variants}
+        headers = [h for v in variants for h in [v, *([f"{v} (paper)"] if paper[v] else [])]]
         lines += [
             f"### {backbone}",
             "",
-            f"Test accuracy (%), mean ± std over seeds {seeds}.",
+            f"Test accuracy (%), mean ± std over seeds {seeds}."
+            + (f" (paper): {SOURCES}" if any(paper.values()) else ""),
             "",
-            "| task | " + " | ".join(variants) + " |",
-            "| --- |" + " ---: |" * len(variants),
+            "| task | " + " | ".join(headers) + " |",
+            "| --- |" + " ---: |" * len(headers),
         ]
-        names = [*tasks, *GROUPS, VTAB_MEAN, TASK_MEAN]
-        for name in names:
+        extra = [] if benchmark == "fgvc" else [VTAB_MEAN, TASK_MEAN]
+        for name in [*tasks, *registry.groups(benchmark), *extra]:
             cells = [table[(backbone, v)].get(name) for v in variants]
             if all(c is None for c in cells):
                 continue
-            label = f"{name} ({TASKS[name].group})" if name in TASKS else f"**{name}**"
-            shown = ["–" if c is None else f"{c[0]:.2f} ± {c[1]:.2f}" for c in cells]
+            label = f"{name} ({tasks_of[name].group})" if name in tasks_of else f"**{name}**"
+            shown = []
+            for v, c in zip(variants, cells, strict=True):
+                shown.append("–" if c is None else f"{c[0]:.2f} ± {c[1]:.2f}")
+                if paper[v]:
+                    shown.append(f"{paper[v][name]:.2f}" if name in paper[v] else "–")
             lines.append(f"| {label} | " + " | ".join(shown) + " |")
         shares = [
             (
@@ -85,11 +102,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             )
             for v in variants
         ]
-        lines.append(
-            "| trainable parameters (mean over tasks) | "
-            + " | ".join(f"{n:,.0f} ({100 * s:.2f}%)" for n, s in shares)
-            + " |"
-        )
+        shown = [
+            x
+            for v, (n, share) in zip(variants, shares, strict=True)
+            for x in [f"{n:,.0f} ({100 * share:.2f}%)", *(["–"] if paper[v] else [])]
+        ]
+        lines.append("| trainable parameters (mean over tasks) | " + " | ".join(shown) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -102,7 +120,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+def plot(rows: list[dict[str, Any]], path: Path, benchmark: str = "vtab-mini") -> bool:
     """Mean test accuracy over tasks per method and backbone (error bars: std over seeds); False without
     matplotlib."""
     try:
@@ -112,18 +130,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    table = aggregate(rows)
+    table = aggregate(rows, benchmark)
+    mean = "fgvc" if benchmark == "fgvc" else TASK_MEAN
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(variants) * len(backbones), 4))
     width = 0.8 / len(backbones)
     for b, backbone in enumerate(backbones):
-        stats = [table.get((backbone, v), {}).get(TASK_MEAN, (float("nan"), 0.0, 0)) for v in variants]
+        stats = [table.get((backbone, v), {}).get(mean, (float("nan"), 0.0, 0)) for v in variants]
         xs = [i + (b - (len(backbones) - 1) / 2) * width for i in range(len(variants))]
         ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=backbone)
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     ax.set_ylabel("test accuracy, mean over tasks (%)")
-    ax.set_title("VTAB-mini")
+    ax.set_title(TITLES[benchmark])
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -132,7 +151,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def write_report(rows: list[dict[str, Any]], out: Path, cfg: Any) -> list[Path]:
+def write_report(rows: list[dict[str, Any]], out: Path, cfg: Any, benchmark: str = "vtab-mini") -> list[Path]:
     """``results.md`` (tables), ``cells.csv`` (one line per cell) and ``results.png``; returns the paths."""
     if not rows:
         return []
@@ -140,12 +159,12 @@ def write_report(rows: list[dict[str, Any]], out: Path, cfg: Any) -> list[Path]:
     command = " ".join(["selfprompt", *sys.argv[1:]])
     settings = json.dumps(asdict(cfg))
     text = (
-        f"# VTAB-mini bench\n\n{len(rows)} cells; command `{command}`; resolved settings `{settings}`.\n\n"
-        f"{markdown(rows)}"
+        f"# {TITLES[benchmark]} bench\n\n{len(rows)} cells; command `{command}`; resolved settings "
+        f"`{settings}`.\n\n{markdown(rows, benchmark)}"
     )
     for name, content in (("results.md", text), ("cells.csv", _csv(rows))):
         atomic_write(out / name, lambda p, c=content: p.write_text(c))
         written.append(out / name)
-    if plot(rows, out / "results.png"):
+    if plot(rows, out / "results.png", benchmark):
         written.append(out / "results.png")
     return written

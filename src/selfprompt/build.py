@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from selfprompt.data import (
     data_config,
     load_split,
     merge,
+    registry,
     split_off,
     vtab_mini,
 )
@@ -129,22 +131,53 @@ def _preprocessing(cfg: DataConfig, backbone: nn.Module) -> dict:
     )
 
 
-def build_splits(cfg: DataConfig, backbone: nn.Module, seed: int = 0) -> Splits:
-    """Load and check every split before anything is written (a bad dataset stops the run up front)."""
+def task_root(cfg: DataConfig) -> tuple[Path, list[str] | None]:
+    """The folder holding the splits and, for a registry task without ``classes.txt``, its class names."""
     if cfg.root is None:
         raise ValueError("data.root is not set: pass --data.root DIR (or set it in the recipe).")
-    if (Path(cfg.root) / vtab_mini.MANIFEST_NAME).is_file():
-        vtab_mini.verify(cfg.root)  # a prepared task is checked against its hashes before use
+    root = Path(cfg.root).expanduser()
+    if cfg.task is None:
+        return root, None
+    if cfg.benchmark is None:
+        raise ValueError(f"data.task {cfg.task!r} needs data.benchmark: vtab-1k, fgvc or vtab-mini.")
+    info = registry.task(cfg.benchmark, cfg.task)
+    if (root / info.folder).is_dir():
+        root = root / info.folder
+    elif not (root / f"{cfg.test_split}.txt").is_file() and cfg.layout == "list":
+        raise FileNotFoundError(
+            f"{cfg.benchmark} task {cfg.task}: neither {root / info.folder} nor {root} holds its lists; "
+            f"pass the folder that holds {info.folder}/ (prepare it first: selfprompt data prepare "
+            f"{cfg.benchmark} ...; check it: selfprompt data check {root})."
+        )
+    classes_file = root / "classes.txt"
+    if classes_file.is_file():
+        named = [
+            line.strip() for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+        if len(named) != info.num_classes:
+            raise ValueError(
+                f"{classes_file} names {len(named)} classes but {cfg.benchmark} {cfg.task} has "
+                f"{info.num_classes}; fix the file or the task name."
+            )
+        return root, named
+    return root, [str(k) for k in range(info.num_classes)]
+
+
+def build_splits(cfg: DataConfig, backbone: nn.Module, seed: int = 0) -> Splits:
+    """Load and check every split before anything is written (a bad dataset stops the run up front)."""
+    root, task_classes = task_root(cfg)
+    if (root / vtab_mini.MANIFEST_NAME).is_file() and json.loads(
+        (root / vtab_mini.MANIFEST_NAME).read_text()
+    ).get("benchmark", "vtab-mini") == "vtab-mini":
+        vtab_mini.verify(root)  # a prepared task is checked against its hashes before use
     pre = _preprocessing(cfg, backbone)
     train_tf = build_transform(pre, train=True, augment=cfg.augment)
     eval_tf = build_transform(pre, train=False)
 
     def load(split: str, transform, classes=None) -> ImageDataset:
-        return load_split(
-            cfg.root, cfg.layout, split, transform, classes=classes, check_images=cfg.check_images
-        )
+        return load_split(root, cfg.layout, split, transform, classes=classes, check_images=cfg.check_images)
 
-    train = load(cfg.train_split, train_tf)
+    train = load(cfg.train_split, train_tf, task_classes)
     classes = train.classes
     if cfg.val_split is None:
         train, val = split_off(train, cfg.val_fraction, seed)

@@ -55,7 +55,10 @@ class DataConfig:
     """Dataset, splits, loading and preprocessing.
 
     Attributes:
-        root: Dataset root directory.
+        root: Dataset root directory: a task's folder, or with ``task`` the benchmark folder holding it.
+        benchmark: vtab-1k, fgvc or vtab-mini: the registry ``task`` belongs to (``selfprompt data list``).
+        task: A registry task: its folder under root is used (or root itself when it holds the split lists),
+            its class count sizes the head (VTAB-1k's train800 can miss classes), and a mismatch is an error.
         layout: list (VTAB-1k style "path label" files named <split>.txt under root) or folder
             (root/<split>/<class>/<image>).
         train_split: Split trained on while tuning.
@@ -76,6 +79,8 @@ class DataConfig:
     """
 
     root: str | None = None
+    benchmark: Literal["vtab-1k", "fgvc", "vtab-mini"] | None = None
+    task: str | None = None
     layout: Literal["list", "folder"] = "list"
     train_split: str = "train800"
     val_split: str | None = "val200"

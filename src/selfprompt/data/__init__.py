@@ -1,6 +1,6 @@
 """Datasets on disk, timm-derived transforms and a generated dataset for offline runs."""
 
-from selfprompt.data import vtab_mini
+from selfprompt.data import registry, vtab, vtab_mini
 from selfprompt.data.datasets import IMAGE_EXTENSIONS, ImageDataset, load_split, merge, split_off
 from selfprompt.data.synthetic import write_image_folder
 from selfprompt.data.transforms import build_transform, data_config
@@ -12,7 +12,9 @@ __all__ = [
     "data_config",
     "load_split",
     "merge",
+    "registry",
     "split_off",
+    "vtab",
     "vtab_mini",
     "write_image_folder",
 ]

