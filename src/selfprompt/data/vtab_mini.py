@@ -175,37 +175,20 @@ def prepare(root: str | Path, tasks: list[str] | None = None, log: Callable[[str
 
 
 def verify(task_dir: str | Path) -> dict[str, Any]:
-    """Check a task folder against its manifest; raise naming what is missing or changed, and the fix."""
+    """Check a task folder against its manifest (:func:`selfprompt.data.check.check_task`); raise naming every
+    problem and the command that rebuilds the task."""
+    from selfprompt.data.check import check_task
+    from selfprompt.data.registry import task
+
     task_dir = Path(task_dir)
-    fix = f"rebuild it: selfprompt data prepare vtab-mini --root {task_dir.parent} --tasks {task_dir.name}"
     path = task_dir / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{task_dir} is not a prepared VTAB-mini task (no {MANIFEST_NAME}); {fix}.")
+        raise FileNotFoundError(
+            f"{task_dir} is not a prepared VTAB-mini task (no {MANIFEST_NAME}); rebuild it: selfprompt data "
+            f"prepare vtab-mini --root {task_dir.parent} --tasks {task_dir.name}."
+        )
     manifest = json.loads(path.read_text())
-    for split, expected in manifest["sha256"].items():
-        list_file = task_dir / f"{split}.txt"
-        if not list_file.is_file():
-            raise FileNotFoundError(
-                f"VTAB-mini task {task_dir} is incomplete: {list_file.name} is missing; {fix}."
-            )
-        text = list_file.read_text()
-        lines = text.splitlines()
-        if len(lines) != manifest["counts"][split]:
-            raise ValueError(
-                f"VTAB-mini task {task_dir} is incomplete: {list_file.name} lists {len(lines)} images, its "
-                f"manifest {manifest['counts'][split]}; {fix}."
-            )
-        missing = [
-            line.rsplit(" ", 1)[0] for line in lines if not (task_dir / line.rsplit(" ", 1)[0]).is_file()
-        ]
-        if missing:
-            raise FileNotFoundError(
-                f"VTAB-mini task {task_dir} is incomplete: {len(missing)} images of {split} are missing "
-                f"(first: {missing[0]}); {fix}."
-            )
-        if split_hash(task_dir, text) != expected:
-            raise ValueError(
-                f"VTAB-mini task {task_dir} was modified: the {split} split (its list or images) no longer "
-                f"matches its manifest's SHA-256; {fix}."
-            )
+    problems = check_task(task_dir, task("vtab-mini", manifest["task"]))
+    if problems:
+        raise ValueError(f"VTAB-mini task {task_dir} failed its check: {'; '.join(map(str, problems))}")
     return manifest
