@@ -1,0 +1,280 @@
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from selfprompt.data import fgvc, load_split, split_off, stratified_split, write_image_folder
+
+import pytest
+from fgvc_fakes import NABIRDS_LEAF_IDS, make_fake, make_vpt_json, source_id
+
+NAMES = tuple(fgvc.DATASETS)
+# (dataset, make_fake options): every official layout, both Dogs list places and both Cars layouts
+LAYOUTS = [(n, {}) for n in NAMES] + [("dogs", {"dogs_lists": "lists"}), ("cars", {"cars_layout": "car_ims"})]
+CLASS_NAMES = {
+    "cub": ["001.Bird_1", "002.Bird_2", "003.Bird_3"],
+    "nabirds": [f"Species {cid} (adult)" for cid in NABIRDS_LEAF_IDS[:3]],
+    "flowers": ["1", "2", "3"],
+    "dogs": ["n02080000-Breed_0", "n02080001-Breed_1", "n02080002-Breed_2"],
+    "cars": ["Make0 Model0 2000", "Make1 Model1 2001", "Make2 Model2 2002"],
+}
+
+
+def prepare(name: str, source: Path, **kwargs) -> Path:
+    """fgvc.prepare on a 3-class fake, which must warn that the class count is not the real one."""
+    with pytest.warns(UserWarning, match=f"has 3 classes, not {fgvc.DATASETS[name].num_classes}"):
+        return fgvc.prepare(name, source, **kwargs)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_registry_sizes_are_consistent():
+    assert set(NAMES) == {"cub", "nabirds", "flowers", "dogs", "cars"}
+    for name, d in fgvc.DATASETS.items():
+        assert d.name == name and d.homepage.startswith("http") and d.terms and d.folder
+        assert d.vpt.test == d.official.test
+        if d.official.val is None:  # VPT's train/val is a 90/10 split of official train
+            assert d.vpt.train + d.vpt.val == d.official.train
+            assert abs(d.vpt.val / d.official.train - 0.1) < 0.002
+        else:
+            assert d.vpt == d.official
+    assert fgvc.DATASETS["cub"].official == fgvc.SplitSizes(5994, None, 5794)
+    nabirds = fgvc.DATASETS["nabirds"].official
+    assert nabirds.train + nabirds.test == 48562
+    with pytest.raises(ValueError, match="Unknown FGVC dataset 'birds'; choose one of: cub, nabirds"):
+        fgvc.get("birds")
+
+
+@pytest.mark.parametrize(("name", "options"), LAYOUTS)
+def test_official_readers_give_contiguous_labels_and_existing_paths(name, options, tmp_path):
+    source = make_fake(name, tmp_path, **options)
+    read = fgvc.read_official(name, source)
+    assert read.classes == CLASS_NAMES[name]
+    expected = {"train": 1, "val": 1, "test": 3} if name == "flowers" else {"train": 3, "test": 2}
+    assert {split: len(samples) for split, samples in read.splits.items()} == {
+        split: 3 * n for split, n in expected.items()
+    }
+    for split, samples in read.splits.items():
+        for label in range(3):  # every class, the right number of times
+            assert sum(y == label for _, y in samples) == expected[split]
+        for path, _ in samples:
+            assert not Path(path).is_absolute() and (source / path).is_file()
+    every = [p for samples in read.splits.values() for p, _ in samples]
+    assert len(set(every)) == len(every)
+
+
+def test_nabirds_maps_non_contiguous_leaf_ids_and_ignores_inner_nodes(tmp_path):
+    source = make_fake("nabirds", tmp_path)
+    assert len(lines(source / "classes.txt")) == 3 + 3  # inner hierarchy nodes + leaves
+    read = fgvc.read_official("nabirds", source)
+    for path, label in read.splits["train"]:
+        assert path.split("/")[1] == f"{NABIRDS_LEAF_IDS[label]:04d}"
+
+
+@pytest.mark.parametrize(("name", "options"), LAYOUTS)
+def test_prepare_writes_lists_that_load_split_reads_back(name, options, tmp_path):
+    source = make_fake(name, tmp_path, **options)
+    out = prepare(name, source)
+    assert out == source / fgvc.OUTPUT_DIR
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{s}.txt" for s in fgvc.LIST_SPLITS] + ["classes.txt", fgvc.SPLIT_FILE]
+    )
+    loaded = {split: load_split(out, "list", split) for split in fgvc.LIST_SPLITS}
+    official = fgvc.read_official(name, source)
+    for dataset in loaded.values():
+        assert dataset.classes == CLASS_NAMES[name]
+        assert {label for _, label in dataset.samples} == {0, 1, 2}  # stratified: every class everywhere
+    train, val, trainval, test = (
+        {(p.resolve().relative_to(source).as_posix(), y) for p, y in loaded[s].samples}
+        for s in fgvc.LIST_SPLITS
+    )
+    assert test == set(official.splits["test"])
+    assert not train & val and trainval == train | val
+    if name == "flowers":
+        assert (train, val) == (set(official.splits["train"]), set(official.splits["val"]))
+    else:
+        assert trainval == set(official.splits["train"])
+        assert len(val) == 3  # 10% of 3 per class, clamped to one
+    record = json.loads((out / fgvc.SPLIT_FILE).read_text())
+    seeded = name != "flowers"
+    assert record == {
+        "format_version": 1,
+        "dataset": name,
+        "splits": "official",
+        "val": "seeded" if seeded else "official",
+        "seed": 0 if seeded else None,
+        "val_fraction": 0.1 if seeded else None,
+        "num_classes": 3,
+        "counts": {s: len(loaded[s]) for s in fgvc.LIST_SPLITS},
+    }
+
+
+def test_prepare_is_byte_deterministic_and_seeded(tmp_path):
+    source = make_fake("cub", tmp_path, per_class=8)
+
+    def written(seed: int) -> dict[str, bytes]:
+        out = prepare("cub", source, seed=seed, val_fraction=0.25)
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    first = written(0)
+    assert written(0) == first
+    other = written(1)
+    assert other["val.txt"] != first["val.txt"] and other["trainval.txt"] == first["trainval.txt"]
+    assert other["test.txt"] == first["test.txt"] and other["classes.txt"] == first["classes.txt"]
+    val = load_split(source / fgvc.OUTPUT_DIR, "list", "val")
+    assert len(val) == 3 * 2  # round(0.25 * 6) per class
+
+
+def test_stratified_split_is_what_split_off_does(tmp_path):
+    data = write_image_folder(tmp_path / "data", num_classes=3, per_class=7, splits=("train",), size=8)
+    dataset = load_split(data, "folder", "train")
+    train, val = split_off(dataset, 0.3, seed=4)
+    assert stratified_split(dataset.samples, 0.3, seed=4) == (train.samples, val.samples)
+    plain = [(path.name, label) for path, label in dataset.samples]  # any item type
+    assert stratified_split(plain, 0.3, 4)[1] == [(path.name, label) for path, label in val.samples]
+    assert [sum(y == c for _, y in val.samples) for c in range(3)] == [2, 2, 2]  # round(0.3 * 7) each
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [(n, {}) for n in NAMES if n != "cars"] + [("cars", {"cars_layout": "car_ims"})]
+)
+def test_vpt_json_splits_are_read_and_named_from_the_archive(name, options, tmp_path):
+    source = make_fake(name, tmp_path, **options)
+    official = fgvc.read_official(name, source).splits
+    json_dir = make_vpt_json(name, source, official, out=tmp_path / "vpt_splits")
+    table = json.loads((json_dir / "train.json").read_text())
+    assert all((source / fgvc.DATASETS[name].vpt_image_dir / key).is_file() for key in table)
+
+    read = fgvc.read_vpt_json(name, source, json_dir)
+    assert read.classes == CLASS_NAMES[name]
+    out = prepare(name, source, splits="vpt", json_dir=json_dir)
+    record = json.loads((out / fgvc.SPLIT_FILE).read_text())
+    assert (record["splits"], record["val"], record["seed"]) == ("vpt", "vpt", None)
+    for split in ("train", "val", "test"):
+        listed = load_split(out, "list", split)
+        assert len(listed) == len(json.loads((json_dir / f"{split}.json").read_text()))
+        assert listed.classes == CLASS_NAMES[name]
+    trainval = load_split(out, "list", "trainval").samples
+    assert trainval == load_split(out, "list", "train").samples + load_split(out, "list", "val").samples
+
+
+def test_vpt_json_in_source_by_default_and_checked_against_the_archive(tmp_path):
+    source = make_fake("cub", tmp_path)
+    official = fgvc.read_official("cub", source).splits
+    make_vpt_json("cub", source, official)
+    assert fgvc.read_vpt_json("cub", source).splits["test"] == official["test"]
+
+    (source / "classes.txt").unlink()  # no archive metadata: names are VPT's class ids
+    assert fgvc.read_vpt_json("cub", source).classes == [str(source_id("cub", y)) for y in range(3)]
+
+    source = make_fake("cub", tmp_path / "again")
+    make_vpt_json("cub", source, official)
+    test = json.loads((source / "test.json").read_text())
+    first, second = sorted(test)[0], sorted(test)[-1]
+    test[first], test[second] = test[second], test[first]  # two test images swap labels
+    (source / "test.json").write_text(json.dumps(test))
+    with pytest.raises(ValueError, match="VPT's JSON labels 2 images differently from the CUB-200-2011"):
+        fgvc.read_vpt_json("cub", source)
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "remove", "error", "fragments"),
+    [
+        (
+            "cub",
+            {},
+            "images.txt",
+            FileNotFoundError,
+            ["images.txt not found in", "extracted CUB-200-2011 folder"],
+        ),
+        (
+            "nabirds",
+            {},
+            "train_test_split.txt",
+            FileNotFoundError,
+            ["train_test_split.txt not found", "nabirds/"],
+        ),
+        (
+            "flowers",
+            {},
+            "setid.mat",
+            FileNotFoundError,
+            ["setid.mat not found", "imagelabels.mat and setid.mat"],
+        ),
+        ("dogs", {}, "test_list.mat", FileNotFoundError, ["test_list.mat not found", "lists.tar"]),
+        (
+            "cars",
+            {},
+            "cars_test_annos_withlabels.mat",
+            FileNotFoundError,
+            ["cars_test_annos.mat has no labels"],
+        ),
+        ("cars", {}, "devkit/cars_meta.mat", FileNotFoundError, ["cars_meta.mat not found in", "devkit"]),
+        (
+            "cub",
+            {},
+            "images/002.Bird_2/Bird_4.jpg",
+            FileNotFoundError,
+            ["1 listed images are missing", "images/002.Bird_2/Bird_4.jpg", "Extract the image archive"],
+        ),
+        ("dogs", {}, "Images", FileNotFoundError, ["15 listed images are missing", "and 12 more"]),
+    ],
+)
+def test_missing_archive_files_are_named_with_the_fix(name, options, remove, error, fragments, tmp_path):
+    source = make_fake(name, tmp_path, **options)
+    target = source / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    before = tree(source)
+    with pytest.raises(error) as caught:
+        fgvc.prepare(name, source)
+    for fragment in fragments:
+        assert fragment in str(caught.value), (fragment, str(caught.value))
+    assert tree(source) == before  # nothing written
+
+
+def test_bad_arguments_and_json_are_named(tmp_path):
+    source = make_fake("flowers", tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a folder: point --source at the extracted Oxford"):
+        fgvc.prepare("flowers", source / "nowhere")
+    with pytest.raises(ValueError, match="Unknown splits 'paper'"):
+        fgvc.prepare("flowers", source, splits="paper")
+    with pytest.raises(FileNotFoundError, match=r"train.json not found in .*pass --json_dir DIR"):
+        fgvc.prepare("flowers", source, splits="vpt")
+    for name, text, message in [
+        ("train.json", "{", "is not valid JSON"),
+        ("train.json", "[]", "must be a non-empty"),
+        (
+            "train.json",
+            '{"jpg/image_00001.jpg": "bird"}',
+            "class id 'bird' of 'jpg/image_00001.jpg' is not an",
+        ),
+    ]:
+        make_vpt_json("flowers", source, fgvc.read_official("flowers", source).splits)
+        (source / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            fgvc.prepare("flowers", source, splits="vpt")
+    assert not (source / fgvc.OUTPUT_DIR).exists()
+
+
+def test_mat_files_without_scipy_name_the_install(tmp_path, monkeypatch):
+    source = make_fake("cars", tmp_path)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # import scipy.io now raises ImportError
+    with pytest.raises(
+        ModuleNotFoundError, match=r"cars_meta.mat needs scipy: pip install scipy .*selfprompt\[fgvc\]"
+    ):
+        fgvc.read_official("cars", source)
+    fgvc.read_official("cub", make_fake("cub", tmp_path))  # the text-file archives need no scipy
+
+
+def test_overlapping_splits_are_refused(tmp_path):
+    source = make_fake("flowers", tmp_path)
+    official = fgvc.read_official("flowers", source).splits
+    make_vpt_json("flowers", source, {**official, "val": official["val"] + official["train"][:1]})
+    with pytest.raises(ValueError, match="1 images are in both train and val"):
+        fgvc.prepare("flowers", source, splits="vpt")
