@@ -15,8 +15,12 @@ import numpy as np
 from PIL import Image
 from scipy.io import savemat
 
-NABIRDS_LEAF_IDS = (295, 296, 313, 401, 999)  # non-contiguous, as NABirds' leaf classes are
 NABIRDS_INNER = {0: "Birds", 1: "Perching Birds", 22: "Waterfowl"}  # hierarchy nodes no image is labelled
+
+
+def nabirds_leaf_ids(num_classes: int) -> list[int]:
+    """Increasing, non-contiguous class ids, as NABirds' leaf classes are (295, 299, 305, 313, ...)."""
+    return [295 + 3 * k + k * k for k in range(num_classes)]
 
 
 def _jpeg(path: Path, label: int, index: int) -> None:
@@ -31,7 +35,7 @@ def _official_split(index: int, per_class: int) -> str:
 
 def _birds(root: Path, num_classes: int, per_class: int, nabirds: bool) -> None:
     if nabirds:
-        ids = NABIRDS_LEAF_IDS[:num_classes]
+        ids = nabirds_leaf_ids(num_classes)
         names = {**NABIRDS_INNER, **{cid: f"Species {cid} (adult)" for cid in ids}}
     else:
         ids = tuple(range(1, num_classes + 1))
@@ -147,8 +151,8 @@ def make_fake(
     """Write a fake official archive of FGVC dataset ``name`` under ``root``; return the ``source`` folder.
 
     Args:
-        num_classes: Classes (NABirds: at most 5, drawn from non-contiguous leaf ids).
-        per_class: Images per class (at least 3).
+        num_classes: Classes (NABirds: non-contiguous leaf ids, see :func:`nabirds_leaf_ids`).
+        per_class: Images per class; at least 4 for a seeded val (2 go to test, Flowers: 1 train, 1 val).
         dogs_lists: Where Dogs' ``*_list.mat`` go, relative to the source (``.`` or ``lists``).
         cars_layout: ``devkit`` (cars_train/, cars_test/, devkit/) or ``car_ims`` (car_ims/ + cars_annos.mat).
     """
@@ -197,4 +201,4 @@ def make_vpt_json(
 
 def source_id(name: str, label: int) -> int:
     """The archive's class id of 0-based ``label`` in a fake."""
-    return NABIRDS_LEAF_IDS[label] if name == "nabirds" else label + 1
+    return nabirds_leaf_ids(label + 1)[label] if name == "nabirds" else label + 1

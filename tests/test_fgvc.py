@@ -1,19 +1,23 @@
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
+from selfprompt.build import build_splits
+from selfprompt.config import DataConfig
 from selfprompt.data import fgvc, load_split, split_off, stratified_split, write_image_folder
 
 import pytest
-from fgvc_fakes import NABIRDS_LEAF_IDS, make_fake, make_vpt_json, source_id
+from conftest import tiny_vit
+from fgvc_fakes import make_fake, make_vpt_json, nabirds_leaf_ids, source_id
 
 NAMES = tuple(fgvc.DATASETS)
 # (dataset, make_fake options): every official layout, both Dogs list places and both Cars layouts
 LAYOUTS = [(n, {}) for n in NAMES] + [("dogs", {"dogs_lists": "lists"}), ("cars", {"cars_layout": "car_ims"})]
 CLASS_NAMES = {
     "cub": ["001.Bird_1", "002.Bird_2", "003.Bird_3"],
-    "nabirds": [f"Species {cid} (adult)" for cid in NABIRDS_LEAF_IDS[:3]],
+    "nabirds": [f"Species {cid} (adult)" for cid in nabirds_leaf_ids(3)],
     "flowers": ["1", "2", "3"],
     "dogs": ["n02080000-Breed_0", "n02080001-Breed_1", "n02080002-Breed_2"],
     "cars": ["Make0 Model0 2000", "Make1 Model1 2001", "Make2 Model2 2002"],
@@ -70,7 +74,7 @@ def test_nabirds_maps_non_contiguous_leaf_ids_and_ignores_inner_nodes(tmp_path):
     assert len(lines(source / "classes.txt")) == 3 + 3  # inner hierarchy nodes + leaves
     read = fgvc.read_official("nabirds", source)
     for path, label in read.splits["train"]:
-        assert path.split("/")[1] == f"{NABIRDS_LEAF_IDS[label]:04d}"
+        assert path.split("/")[1] == f"{nabirds_leaf_ids(3)[label]:04d}"
 
 
 @pytest.mark.parametrize(("name", "options"), LAYOUTS)
@@ -272,9 +276,37 @@ def test_mat_files_without_scipy_name_the_install(tmp_path, monkeypatch):
     fgvc.read_official("cub", make_fake("cub", tmp_path))  # the text-file archives need no scipy
 
 
+def test_corrupt_mat_file_is_named(tmp_path):
+    source = make_fake("flowers", tmp_path)
+    for content in (b"", b"not a MATLAB file" * 20):
+        (source / "setid.mat").write_bytes(content)
+        with pytest.raises(
+            ValueError, match=r"Cannot read .*setid.mat as a MATLAB file .*download and extract"
+        ):
+            fgvc.prepare("flowers", source)
+    assert not (source / fgvc.OUTPUT_DIR).exists()
+
+
+def test_prepared_lists_feed_the_training_splits(tmp_path):
+    out = prepare("dogs", make_fake("dogs", tmp_path))
+    names = {"train_split": "train", "val_split": "val", "trainval_split": "trainval", "test_split": "test"}
+    splits = build_splits(DataConfig(root=str(out), **names), tiny_vit())
+    assert [len(d) for d in (splits.train, splits.val, splits.trainval, splits.test)] == [6, 3, 9, 6]
+    image, label = splits.test[0]
+    assert image.shape == (3, 32, 32) and label == 0 and splits.test.classes == CLASS_NAMES["dogs"]
+
+
 def test_overlapping_splits_are_refused(tmp_path):
     source = make_fake("flowers", tmp_path)
     official = fgvc.read_official("flowers", source).splits
     make_vpt_json("flowers", source, {**official, "val": official["val"] + official["train"][:1]})
     with pytest.raises(ValueError, match="1 images are in both train and val"):
         fgvc.prepare("flowers", source, splits="vpt")
+
+
+def test_full_class_count_prepares_without_warning(tmp_path):
+    source = make_fake("flowers", tmp_path, num_classes=102, per_class=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fgvc.prepare("flowers", source)
+    assert len(lines(out / "classes.txt")) == 102 and len(lines(out / "test.txt")) == 102
