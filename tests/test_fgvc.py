@@ -131,6 +131,22 @@ def test_prepare_is_byte_deterministic_and_seeded(tmp_path):
     assert len(val) == 3 * 2  # round(0.25 * 6) per class
 
 
+def test_prepare_can_write_outside_the_source(tmp_path):
+    source = make_fake("cars", tmp_path / "readonly")
+    before = tree(source)
+    out = prepare("cars", source, out=tmp_path / "lists" / "cars")
+    assert tree(source) == before
+    assert lines(out / "test.txt")[0] == "../../readonly/stanford_cars/cars_test/00001.jpg 0"
+    test = load_split(out, "list", "test")
+    assert len(test) == 6 and all(path.is_file() for path, _ in test.samples)
+
+    source = make_fake("cub", tmp_path)
+    before = tree(source)
+    with pytest.raises(FileExistsError, match=r"already holds classes.txt, not written by prepare"):
+        fgvc.prepare("cub", source, out=source)  # would clobber CUB's own classes.txt
+    assert tree(source) == before
+
+
 def test_stratified_split_is_what_split_off_does(tmp_path):
     data = write_image_folder(tmp_path / "data", num_classes=3, per_class=7, splits=("train",), size=8)
     dataset = load_split(data, "folder", "train")
