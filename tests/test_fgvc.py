@@ -274,12 +274,27 @@ def test_bad_arguments_and_json_are_named(tmp_path):
             '{"jpg/image_00001.jpg": "bird"}',
             "class id 'bird' of 'jpg/image_00001.jpg' is not an",
         ),
+        ("val.json", '{"jpg/image\\n1.jpg": 1}', "An image path of val holds a line break"),
     ]:
         make_vpt_json("flowers", source, fgvc.read_official("flowers", source).splits)
         (source / name).write_text(text)
         with pytest.raises(ValueError, match=message):
             fgvc.prepare("flowers", source, splits="vpt")
     assert not (source / fgvc.OUTPUT_DIR).exists()
+
+
+def test_malformed_bird_metadata_is_named(tmp_path):
+    source = make_fake("cub", tmp_path)
+    flags = source / "train_test_split.txt"
+    flags.write_text(flags.read_text().replace(" 1\n", " 0\n"))
+    with pytest.raises(ValueError, match=r"The train split of CUB-200-2011 in .* is empty"):
+        fgvc.prepare("cub", source)
+    flags.write_text(flags.read_text().replace(" 0\n", " yes\n", 1))
+    with pytest.raises(ValueError, match=r"flags image 1 with 'yes', not 1 \(train\) or 0"):
+        fgvc.prepare("cub", source)
+    (source / "image_class_labels.txt").write_text("1 1\n")
+    with pytest.raises(ValueError, match=r"14 image ids of .*images.txt \(e.g. 2\) have no class"):
+        fgvc.prepare("cub", source)
 
 
 def test_mat_files_without_scipy_name_the_install(tmp_path, monkeypatch):
