@@ -134,6 +134,12 @@ def _add_data_actions(parser: ArgumentParser) -> None:
     prepare.add_argument("--json_dir", type=str | None, default=None, help="fgvc: VPT's JSON split files.")
     prepare.add_argument("--val_fraction", type=float, default=0.1, help="fgvc: seeded val share of train.")
     prepare.add_argument("--seed", type=int, default=0, help="fgvc: seed of the val split.")
+    prepare.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="fgvc: where the lists go (default: SOURCE/selfprompt_splits).",
+    )
     actions.add_subcommand("prepare", prepare, help="Write a benchmark's list layout (VTAB-1k from TFDS).")
     check = ArgumentParser()
     check.add_argument("root", type=str, help="A benchmark folder (or one task's folder with --tasks NAME).")
@@ -296,7 +302,7 @@ def _prepare(args: Namespace, names: list[str] | None) -> None:
             raise ValueError("fgvc needs --task NAME and --source DIR (the extracted official archive).")
         written = fgvc.prepare(
             args.task, args.source, splits=args.splits, json_dir=args.json_dir,
-            val_fraction=args.val_fraction, seed=args.seed,
+            val_fraction=args.val_fraction, seed=args.seed, out=args.out,
         )  # fmt: skip
         print(f"Wrote the split lists of {args.task} into {written}")
         return

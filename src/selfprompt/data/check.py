@@ -126,7 +126,7 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
                 f"replace them; {rebuild}",
             )
         )
-    extra = sorted(set(_images_on_disk(folder)) - set(files))
+    extra = _unlisted_images(folder, files)
     if extra:
         problems.append(
             Problem(
@@ -146,16 +146,20 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
     return problems
 
 
-def _images_on_disk(folder: Path) -> list[str]:
+def _unlisted_images(folder: Path, files: list[str]) -> list[str]:
+    """Images under the folder that holds the task folder and every listed image (an FGVC archive's root for
+    lists in its ``selfprompt_splits/``) that no list names, as paths relative to the task folder."""
+    listed = {os.path.normpath(folder / p) for p in files}
+    base = Path(os.path.commonpath([os.path.normpath(folder), *listed]))
     found = []
-    for directory, subdirs, names in os.walk(folder):
+    for directory, subdirs, names in os.walk(base):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         found += [
-            Path(os.path.relpath(Path(directory) / n, folder)).as_posix()
+            os.path.join(directory, n)
             for n in names
             if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
         ]
-    return found
+    return sorted(Path(os.path.relpath(p, folder)).as_posix() for p in set(found) - listed)
 
 
 def _rebuild_hint(folder: Path, info: TaskInfo) -> str:
@@ -163,7 +167,7 @@ def _rebuild_hint(folder: Path, info: TaskInfo) -> str:
         return f"rebuild it: selfprompt data prepare vtab-mini --root {folder.parent} --tasks {info.name}"
     if info.benchmark == "vtab-1k":
         return f"rebuild it: selfprompt data prepare vtab-1k --root {folder.parent} --tasks {info.name}"
-    return f"rebuild its lists: selfprompt data prepare fgvc --task {info.name} --source {folder}"
+    return f"rebuild its lists: selfprompt data prepare fgvc --task {info.name} --source {folder.parent}"
 
 
 def check_root(

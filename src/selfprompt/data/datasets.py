@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from PIL import Image
@@ -18,6 +18,7 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _SHOWN = 5  # offending files named in one error message
 
 Sample = tuple[Path, int]
+T = TypeVar("T")
 
 
 class ImageDataset(Dataset):
@@ -239,17 +240,18 @@ def merge(a: ImageDataset, b: ImageDataset) -> ImageDataset:
     return ImageDataset(a.samples + b.samples, a.classes, a.root, a.transform)
 
 
-def split_off(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    """A seeded, per-class (stratified) split into ``(train, val)``, for datasets without a validation split.
+def stratified_split(
+    samples: Sequence[tuple[T, int]], fraction: float, seed: int
+) -> tuple[list[tuple[T, int]], list[tuple[T, int]]]:
+    """A seeded, per-class (stratified) split of ``(item, label)`` samples into ``(train, val)`` lists.
 
     Each class with n >= 2 samples gives ``round(fraction * n)`` of them to val, clamped to 1 .. n - 1 so
-    that both sides see the class; a class with one sample stays in train. Both keep the dataset's order and
-    transform (set ``val.transform`` to the eval transform).
+    that both sides see the class; a class with one sample stays in train. Both keep the input order.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}.")
     by_class: dict[int, list[int]] = {}
-    for i, (_, label) in enumerate(dataset.samples):
+    for i, (_, label) in enumerate(samples):
         by_class.setdefault(label, []).append(i)
     generator = torch.Generator().manual_seed(seed)
     held: set[int] = set()
@@ -258,8 +260,16 @@ def split_off(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageD
         count = len(members)
         take = min(max(round(fraction * count), 1), count - 1)
         held.update(members[j] for j in torch.randperm(count, generator=generator)[:take].tolist())
-    train = [s for i, s in enumerate(dataset.samples) if i not in held]
-    val = [s for i, s in enumerate(dataset.samples) if i in held]
+    train = [s for i, s in enumerate(samples) if i not in held]
+    val = [s for i, s in enumerate(samples) if i in held]
+    return train, val
+
+
+def split_off(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """A seeded, stratified split into ``(train, val)`` (:func:`stratified_split`), for datasets without a
+    validation split. Both keep the dataset's transform (set ``val.transform`` to the eval transform).
+    """
+    train, val = stratified_split(dataset.samples, fraction, seed)
     return (
         ImageDataset(train, dataset.classes, dataset.root, dataset.transform),
         ImageDataset(val, dataset.classes, dataset.root, dataset.transform),

@@ -49,8 +49,9 @@ def _tasks() -> dict[str, dict[str, TaskInfo]]:
             for t in vtab.TASKS.values()
         },
         "fgvc": {
-            d.name: TaskInfo(d.name, "fgvc", "fgvc", d.num_classes, d.label_meaning, d.folder,
-                             splits=fgvc.SPLITS, counts=fgvc.expected_counts(d), source=d.url)
+            d.name: TaskInfo(d.name, "fgvc", "fgvc", d.num_classes, d.label_meaning,
+                             f"{fgvc.ROOT_FOLDERS[d.name]}/{fgvc.OUTPUT_DIR}", splits=fgvc.LIST_SPLITS,
+                             counts=fgvc.expected_counts(d), source=d.homepage)
             for d in fgvc.DATASETS.values()
         },
         "vtab-mini": {
