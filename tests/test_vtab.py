@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import tiny_vit
-from vtab_fakes import TFDS_SIZES, make_vtab_copy
+from vtab_fakes import TFDS_SIZES, FakeSource, make_vtab_copy
 
 
 def count(slices: list[tuple[str, int, int]]) -> int:
@@ -84,6 +84,19 @@ def test_labels_follow_vtab_preprocessing():
     assert tasks["dsprites_ori"].label({"label_orientation": 3}) == 1
     mask = tasks["dsprites_loc"].image({"image": np.ones((4, 4, 1), dtype=np.uint8)})
     assert mask.shape == (4, 4, 3) and mask.max() == 255
+
+
+def test_prepare_writes_each_task_from_its_source(tmp_path):
+    small = {"kitti": None, "smallnorb_ele": {"train": 1000, "test": 600}}
+    folders = vtab.prepare(
+        tmp_path, list(small), source=lambda t: FakeSource(t.name, small[t.name]), log=print
+    )
+    assert [f.name for f in folders] == ["kitti", "smallnorb_ele"]
+    manifest = json.loads((tmp_path / "smallnorb_ele" / "manifest.json").read_text())
+    assert manifest["counts"] == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 300}
+    assert manifest["slices"]["test"] == [["test", 300, 600]]
+    with pytest.raises(ValueError, match=r"Unknown VTAB-1k tasks \['cifar'\]"):
+        vtab.prepare(tmp_path, ["cifar"])
 
 
 def test_prepare_without_tensorflow_datasets_says_what_to_install(monkeypatch, tmp_path):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfprompt import backbones
+from selfprompt.backbones import backbone_info
 from selfprompt.config import DataConfig, ModelConfig
 from selfprompt.data import (
     ImageDataset,
@@ -21,47 +22,33 @@ from selfprompt.data import (
 )
 from selfprompt.model import PromptedViT, ViTClassifier
 
-import timm
-import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
+
+NORMALIZATIONS = ("backbone", "imagenet")
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
-    """A timm model without its classifier; weights from ``cfg.checkpoint``, timm's sources, or random."""
-    architecture = cfg.backbone.split(".")[0]
-    if not timm.is_model(architecture):
-        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.5)
-        raise ValueError(
-            f"Unknown backbone {cfg.backbone!r} (timm {timm.__version__}); closest names: {close}"
-        )
-    kwargs = dict(cfg.backbone_kwargs, num_classes=0, drop_path_rate=cfg.drop_path)
-    if cfg.checkpoint is not None:
-        if not Path(cfg.checkpoint).is_file():
-            raise FileNotFoundError(
-                f"Backbone checkpoint {cfg.checkpoint} does not exist; pass --model.checkpoint PATH, a local "
-                f"weights file for {cfg.backbone}."
-            )
-        kwargs["pretrained_cfg_overlay"] = {"file": str(cfg.checkpoint)}
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(
-                0
-            )  # random weights (pretrained false, new layers) are the same in every process
-            return timm.create_model(
-                cfg.backbone, pretrained=cfg.pretrained or cfg.checkpoint is not None, **kwargs
-            )
-    except (OSError, RuntimeError) as error:
-        if not cfg.pretrained or cfg.checkpoint is not None:
-            raise
-        raise RuntimeError(
-            f"Could not load pretrained weights for {cfg.backbone!r} ({error}). Offline, point "
-            f"--model.checkpoint at a local weights file, or use --model.pretrained false for random weights."
-        ) from error
+    """The configured backbone (see :func:`selfprompt.backbones.create_backbone`)."""
+    return backbones.create_backbone(
+        cfg.backbone,
+        cfg.checkpoint,
+        pretrained=cfg.pretrained,
+        **dict(cfg.backbone_kwargs, drop_path_rate=cfg.drop_path),
+    )
 
 
-def backbone_name(cfg: ModelConfig) -> str:
+def backbone_name(backbone: nn.Module) -> str | None:
     """The name saved with adapters: the timm name, plus the weights file when one was given."""
-    return cfg.backbone if cfg.checkpoint is None else f"{cfg.backbone}+{Path(cfg.checkpoint).name}"
+    return backbone_info(backbone).adapter_name
+
+
+def head_input(cfg: ModelConfig, backbone: nn.Module) -> str:
+    """``model.pool``, else the weights family's (``mae`` for MAE), else the backbone's own pooling."""
+    pool = cfg.pool or backbone_info(backbone).pool
+    if pool is None:
+        pool = "token" if getattr(backbone, "global_pool", None) == "token" else "avg"
+    return pool
 
 
 def init_method(cfg: ModelConfig) -> str | None:
@@ -81,7 +68,9 @@ def init_method(cfg: ModelConfig) -> str | None:
 
 
 def build_model(cfg: ModelConfig, backbone: nn.Module, num_classes: int) -> ViTClassifier:
-    common = dict(pool=cfg.pool, head_init_std=cfg.head_init_std, backbone_name=backbone_name(cfg))
+    common = dict(
+        pool=head_input(cfg, backbone), head_init_std=cfg.head_init_std, backbone_name=backbone_name(backbone)
+    )
     if cfg.method in ("linear", "full"):
         return ViTClassifier(backbone, num_classes, train_backbone=cfg.method == "full", **common)
     deep = cfg.method.endswith("deep")
@@ -117,15 +106,21 @@ class Splits:
 
 
 def eval_transform(cfg: DataConfig, backbone: nn.Module):
-    return build_transform(_preprocessing(cfg, backbone), train=False)
+    return build_transform(preprocessing(cfg, backbone), train=False)
 
 
-def _preprocessing(cfg: DataConfig, backbone: nn.Module) -> dict:
+def preprocessing(cfg: DataConfig, backbone: nn.Module) -> dict:
+    """Input size, interpolation, mean, std and crop_pct: the backbone's pretrained config, with
+    ``data.normalization: imagenet`` (the SPT code's choice for every backbone) and explicit values
+    winning."""
+    if cfg.normalization not in NORMALIZATIONS:
+        raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, got {cfg.normalization!r}.")
+    imagenet = cfg.normalization == "imagenet"
     return data_config(
         backbone,
         img_size=cfg.img_size,
-        mean=cfg.mean,
-        std=cfg.std,
+        mean=cfg.mean if cfg.mean is not None or not imagenet else IMAGENET_DEFAULT_MEAN,
+        std=cfg.std if cfg.std is not None or not imagenet else IMAGENET_DEFAULT_STD,
         interpolation=cfg.interpolation,
         crop_pct=cfg.crop_pct,
     )
@@ -170,7 +165,7 @@ def build_splits(cfg: DataConfig, backbone: nn.Module, seed: int = 0) -> Splits:
         (root / vtab_mini.MANIFEST_NAME).read_text()
     ).get("benchmark", "vtab-mini") == "vtab-mini":
         vtab_mini.verify(root)  # a prepared task is checked against its hashes before use
-    pre = _preprocessing(cfg, backbone)
+    pre = preprocessing(cfg, backbone)
     train_tf = build_transform(pre, train=True, augment=cfg.augment)
     eval_tf = build_transform(pre, train=False)
 

@@ -45,11 +45,21 @@ def save_adapter(model: ViTClassifier, directory: str | Path) -> Path:
         "class": type(model).__name__,
         "model": asdict(model.config),
         "backbone": backbone_signature(model.backbone, model.backbone_name),
+        "backbone_weights": _weights_record(model.backbone),
         "versions": {"selfprompt": __version__, "torch": torch.__version__, "timm": timm.__version__},
     }
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return directory
+
+
+def _weights_record(backbone: nn.Module) -> dict:
+    """The origin and licence of the backbone's weights (informative; not checked on load)."""
+    from selfprompt.backbones import backbone_info
+
+    info = backbone_info(backbone)
+    checkpoint = Path(info.checkpoint).name if info.checkpoint else None
+    return {"license": info.license, "family": info.family, "format": info.format, "checkpoint": checkpoint}
 
 
 def _read_config(directory: Path) -> dict:

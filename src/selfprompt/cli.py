@@ -1,4 +1,5 @@
-"""The ``selfprompt`` command: train, eval, predict, init-prompts, pretrain, zoo."""
+"""The ``selfprompt`` command: train, eval, predict, init-prompts, pretrain, zoo, backbone, bench, demo,
+data."""
 
 from __future__ import annotations
 
@@ -90,6 +91,18 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="Seed of every run.")
     demo.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N.")
     commands.add_subcommand("demo", demo, help="The 3-minute offline demo: linear, VPT-deep, SPT-deep.")
+    backbone = ArgumentParser(
+        prog="selfprompt backbone",
+        description="Load a backbone as `train` would and report where it came from.",
+    )
+    backbone.add_argument("--backbone", type=str | None, default=None, help="timm name (null: infer it).")
+    backbone.add_argument("--checkpoint", type=str | None, default=None, help="A weights file, any layout.")
+    backbone.add_argument(
+        "--backbone_kwargs", type=dict, default={}, help="More timm.create_model arguments."
+    )
+    commands.add_subcommand(
+        "backbone", backbone, help="Check a backbone or weights file: layout, licence, load."
+    )
     data = ArgumentParser(prog="selfprompt data", description="Benchmarks built offline.")
     commands.add_subcommand("data", data, help="Prepare or check VTAB-mini.")
     _add_data_actions(data)
@@ -236,6 +249,15 @@ def _dispatch(command: str, args: Namespace) -> None:
         from selfprompt.pretrain.run import pretrain
 
         pretrain(train_config(args, PretrainConfig))
+    elif command == "backbone":
+        from selfprompt.backbones import backbone_info, create_backbone
+        from selfprompt.build import preprocessing
+        from selfprompt.config import DataConfig
+
+        model = create_backbone(args.backbone, args.checkpoint, **args.backbone_kwargs)
+        info = backbone_info(model)
+        print(info.describe())
+        print(json.dumps({**info.as_dict(), "preprocessing": preprocessing(DataConfig(), model)}, indent=2))
     elif command == "zoo":
         _zoo(args.action, args[args.action])
     elif command == "data":

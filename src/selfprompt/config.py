@@ -15,15 +15,18 @@ class ModelConfig:
     """Backbone and method.
 
     Attributes:
-        backbone: timm model name, e.g. vit_base_patch16_224.mae.
-        checkpoint: Local backbone weights file (timm loads it through its pretrained-config file overlay);
-            None uses timm's own pretrained weights when pretrained is true.
-        pretrained: Load pretrained backbone weights (from checkpoint, else from timm's sources).
+        backbone: timm model name with its pretrained tag, e.g. vit_base_patch16_224.mae; with a checkpoint
+            it names the architecture, and null infers it from the checkpoint (standard ViT widths).
+        checkpoint: Backbone weights file in any supported layout, recognised from its keys: timm .pth or
+            .safetensors, MAE pretraining/fine-tuning, MoCo v3 pretraining/linear-probe, DINO, JAX .npz.
+            None uses timm's own pretrained weights (cache, zoo or hub) when pretrained is true.
+        pretrained: Load timm's pretrained weights for backbone (a checkpoint is always loaded).
         backbone_kwargs: Extra keyword arguments for timm.create_model (e.g. img_size, patch_size, depth).
         method: linear, full, vpt-shallow, vpt-deep, spt-shallow or spt-deep.
         num_prompts: Prompt tokens per layer (M); None is 20 for deep and 100 for shallow (official README).
         deep_layers: Deep prompts on the first k blocks only; None prompts all blocks.
-        pool: token, avg or mae (the official SPT MAE head); None follows the backbone.
+        pool: token, avg or mae (the official SPT MAE head); None: mae for MAE weights, else the
+            backbone's own pooling (the class token for supervised, MoCo v3 and DINO ViTs).
         prompt_dropout: Dropout on prompt tokens while training (VPT: 0.1).
         head_init_std: Std of the head's truncated-normal init (SPT: 0.02; 0.01 for MoCo v3).
         drop_path: Backbone stochastic depth; acts only when the backbone trains (full).
@@ -33,7 +36,7 @@ class ModelConfig:
         prompts_file: Start from prompts saved by `selfprompt init-prompts` instead of initialising.
     """
 
-    backbone: str = "vit_base_patch16_224.mae"
+    backbone: str | None = "vit_base_patch16_224.mae"
     checkpoint: str | None = None
     pretrained: bool = True
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +74,9 @@ class DataConfig:
         num_workers: Data-loading worker processes per training process.
         augment: none (the VTAB protocol) or crop-flip (random resized crop + flip, the FGVC protocol).
         img_size: Input size; None takes the backbone's pretrained config.
+        normalization: backbone (the weights' own mean/std: timm's pretrained config, ImageNet's for MAE,
+            MoCo v3 and DINO files) or imagenet (what the SPT code used for every backbone); explicit mean
+            and std win over both.
         mean: Normalisation mean; None takes the backbone's pretrained config.
         std: Normalisation std; None takes the backbone's pretrained config.
         interpolation: Resize interpolation; None takes the backbone's pretrained config.
@@ -92,6 +98,7 @@ class DataConfig:
     num_workers: int = 2
     augment: Literal["none", "crop-flip"] = "none"
     img_size: int | None = None
+    normalization: Literal["backbone", "imagenet"] = "backbone"
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     interpolation: str | None = None

@@ -53,7 +53,8 @@ def load_run_model(
             f"{adapter} does not exist: seed {seed}, stage {stage!r} has not finished in {run_dir} "
             f"(seeds: {cfg.seeds}; stages: tune, final{'; EMA needs optim.ema_decay' if ema else ''})."
         )
-    model = load_adapter(adapter, create_backbone(cfg.model), backbone_name(cfg.model))
+    backbone = create_backbone(cfg.model)
+    model = load_adapter(adapter, backbone, backbone_name(backbone))
     classes = json.loads((stage_dir / "classes.json").read_text())
     return cfg, model.to(resolve_device(device)).eval(), classes
 
@@ -134,7 +135,7 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
     if not isinstance(model, PromptedViT):
         raise ValueError(f"method {cfg.model.method!r} has no prompts; use a vpt-* or spt-* method.")
     key = {
-        "backbone": backbone_name(cfg.model),
+        "backbone": backbone_name(backbone),
         "method": init_method(cfg.model),
         "shape": list(model.prompts.shape),
         "seed": seed,

@@ -304,13 +304,13 @@ def prepare(
     root: str | Path,
     tasks: list[str] | None = None,
     data_dir: str | None = None,
-    source: Callable[[str], Source] | None = None,
+    source: Callable[[VTABTask], Source] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
-    """Write ``tasks`` (default: all 19) under ``root`` from TFDS (or ``source(tfds_name)``)."""
+    """Write ``tasks`` (default: all 19) under ``root`` from TFDS (or from ``source(task)``)."""
     unknown = sorted(set(tasks or []) - set(TASKS))
     if unknown:
         raise ValueError(f"Unknown VTAB-1k tasks {unknown}; tasks: {list(TASKS)}.")
-    make_source = source or (lambda name: TfdsSource(name, data_dir))
+    make_source = source or (lambda task: TfdsSource(task.tfds, data_dir))
     Path(root).mkdir(parents=True, exist_ok=True)
-    return [write_task(TASKS[name], make_source(TASKS[name].tfds), root, log) for name in tasks or TASKS]
+    return [write_task(TASKS[name], make_source(TASKS[name]), root, log) for name in tasks or TASKS]

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selfprompt.build import Splits, build_splits, create_backbone, init_method
+from selfprompt.backbones import backbone_info
+from selfprompt.build import Splits, build_splits, create_backbone, head_input, init_method, preprocessing
 from selfprompt.checkpoint import atomic_write
 from selfprompt.config import RESUMABLE_CHANGES, TrainConfig, flatten
 from selfprompt.engine.distributed import Context, barrier, setup, teardown
@@ -90,9 +91,21 @@ def run_environment(ctx: Context) -> dict[str, Any]:
     }
 
 
-def environment(cfg: TrainConfig, ctx: Context, splits: Splits) -> dict[str, Any]:
+def backbone_record(cfg: TrainConfig, backbone: torch.nn.Module) -> dict[str, Any]:
+    """Where the backbone's weights came from, their licence and load report, and the head input and
+    preprocessing this run resolved for it."""
+    pre = preprocessing(cfg.data, backbone)
+    return {
+        **backbone_info(backbone).as_dict(),
+        "head_input": head_input(cfg.model, backbone),
+        "preprocessing": json.loads(json.dumps(pre)),
+    }
+
+
+def environment(cfg: TrainConfig, ctx: Context, splits: Splits, backbone: dict[str, Any]) -> dict[str, Any]:
     return {
         **run_environment(ctx),
+        "backbone": backbone,
         "seeds": cfg.seeds,
         "data_fingerprints": splits.fingerprints(),
         "classes": splits.classes,
@@ -127,7 +140,16 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_summary(cfg: TrainConfig, summary: dict[str, Any]) -> str:
-    lines = [f"{cfg.model.method} on {cfg.data.root} ({cfg.model.backbone}), seeds {cfg.seeds}"]
+    backbone = summary.get("backbone", {})
+    name = backbone.get("name", cfg.model.backbone)
+    lines = [f"{cfg.model.method} on {cfg.data.root} ({name}), seeds {cfg.seeds}"]
+    if backbone:
+        where = backbone["format"]
+        if backbone["checkpoint"]:
+            where = f"{backbone['checkpoint']} ({where})"
+        lines.append(f"  backbone weights: {where}, licence {backbone['license']}")
+        if backbone["license"].startswith("cc-by-nc"):
+            lines.append("  NOTE: these weights are licensed for non-commercial use only.")
     for stage in ("tune", "final"):
         if stage not in summary:
             continue
@@ -166,10 +188,12 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         if method is not None:
             get_initializer(method)
         pristine = create_backbone(cfg.model)
+        backbone = backbone_record(cfg, pristine)
+        say(backbone_info(pristine).describe())
         splits = build_splits(cfg.data, pristine)
         out = prepare_run_dir(cfg, ctx)
         if ctx.is_main:
-            text = json.dumps(environment(cfg, ctx, splits), indent=2) + "\n"
+            text = json.dumps(environment(cfg, ctx, splits, backbone), indent=2) + "\n"
             atomic_write(out / "env.json", lambda p: p.write_text(text))
         results = []
         for seed in cfg.seeds:
@@ -204,7 +228,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                         say,
                     )
                 )
-        summary = summarize(results) if ctx.is_main else {}
+        summary = {**summarize(results), "backbone": backbone} if ctx.is_main else {}
         if ctx.is_main:
             text = json.dumps({"summary": summary, "results": results}, indent=2) + "\n"
             atomic_write(out / "summary.json", lambda p: p.write_text(text))
