@@ -1,5 +1,6 @@
 """The training engine: methods learn, frozen stays frozen, reproducible, resumable, DDP = one process."""
 
+import copy
 import itertools
 import json
 import os
@@ -9,10 +10,11 @@ import sys
 import time
 
 from selfprompt.build import build_splits, create_backbone
-from selfprompt.config import METHODS
+from selfprompt.config import METHODS, TrainConfig
 from selfprompt.engine import Stage, run, train_stage
 from selfprompt.engine.distributed import Context
 from selfprompt.engine.optim import param_groups, warmup_cosine
+from selfprompt.engine.run import changed_fields, config_dict
 from selfprompt.model import PromptedViT, ViTClassifier
 
 import pytest
@@ -179,3 +181,13 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     assert one[-1]["test_acc"] == two[-1]["test_acc"]
     assert one[-1]["test_loss"] == pytest.approx(two[-1]["test_loss"], rel=1e-4)
     assert json.loads((tmp_path / "two" / "env.json").read_text())["world_size"] == 2
+
+
+def test_a_run_saved_before_newer_config_fields_still_resumes():
+    defaults = config_dict(TrainConfig())
+    saved = copy.deepcopy(defaults)
+    del saved["data"]["task"], saved["data"]["normalization"]  # fields an older selfprompt did not write
+    assert changed_fields(saved, defaults, defaults) == []
+    current = copy.deepcopy(defaults)
+    current["data"]["task"] = "dtd"
+    assert changed_fields(saved, current, defaults) == ["data.task"]

@@ -37,8 +37,11 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    old, new = flatten(saved), flatten(current)
+def changed_fields(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """Fields whose value differs between a saved run and now; a field the saved config predates counts as
+    unchanged while it keeps its default (runs made by an older selfprompt still resume)."""
+    old, new, default = flatten(saved), flatten(current), flatten(defaults)
+    old |= {k: default[k] for k in new.keys() - old.keys() if k in default}
     return sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
     )
@@ -53,7 +56,9 @@ def prepare_run_dir(cfg: Any, ctx: Context) -> Path:
             raise FileExistsError(
                 f"{out} already holds a run. Continue it with --resume true, or pick a new --output_dir."
             )
-        changed = changed_fields(yaml.safe_load(saved_path.read_text()), config_dict(cfg))
+        changed = changed_fields(
+            yaml.safe_load(saved_path.read_text()), config_dict(cfg), config_dict(type(cfg)())
+        )
         if changed:
             raise ValueError(
                 f"Cannot resume {out}: the config changed in {', '.join(changed)}. Restore those values, or "
