@@ -1,5 +1,5 @@
-"""The ``selfprompt`` command: train, eval, predict, init-prompts, pretrain, zoo, backbone, bench, demo,
-data."""
+"""The ``selfprompt`` command: train, eval, predict, analyze, init-prompts, pretrain, zoo, backbone, bench,
+demo, data."""
 
 from __future__ import annotations
 
@@ -67,6 +67,22 @@ def build_parser() -> ArgumentParser:
     )
     predict.add_argument("--topk", type=int, default=1, help="Classes reported per image.")
     commands.add_subcommand("predict", predict, help="Classify images: class and probability per image.")
+    analyze = ArgumentParser(
+        prog="selfprompt analyze", description="Plot the prompt/patch-token statistics a run tracked."
+    )
+    analyze.add_argument(
+        "run_dirs", nargs="+", type=str, help="Run directories trained with --track.every N (two: overlaid)."
+    )
+    analyze.add_argument(
+        "--output", type=str | None, default=None, help="Where the PNGs go (default: RUN_DIR/analysis)."
+    )
+    analyze.add_argument("--seed", type=int | None, default=None, help="Which seed (default: the first).")
+    analyze.add_argument(
+        "--stage", type=str | None, default=None, help="final or tune (default: final, else tune)."
+    )
+    commands.add_subcommand(
+        "analyze", analyze, help="Plots of NMI, inertia, similarity and norms per layer over training."
+    )
     init = _train_parser("selfprompt init-prompts", "Compute a recipe's initial prompts, save and show them.")
     init.add_argument("--output", type=str, default="prompts.safetensors", help="Where to write the prompts.")
     init.add_argument("--seed", type=int, default=0, help="Seed of the initialisation.")
@@ -241,6 +257,11 @@ def _dispatch(command: str, args: Namespace) -> None:
             raise ValueError(f"--output must end in .csv or .json, got {args.output}")
         rows = predict_run(args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk)
         _write_predictions(rows, args.output)
+    elif command == "analyze":
+        from selfprompt.analysis.plots import analyze
+
+        for path in analyze(args.run_dirs, args.output, args.seed, args.stage):
+            print(f"Wrote {path}")
     elif command == "init-prompts":
         from selfprompt.predict import init_prompts_command
 

@@ -137,6 +137,26 @@ class OptimConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Prompt/patch-token statistics tracked during training (``selfprompt.analysis``), for prompted methods.
+
+    Attributes:
+        every: Record them at initialisation (epoch 0), every this many epochs and after the last epoch, into
+            ``analysis.jsonl``/``analysis.csv`` beside each stage's metrics; 0 tracks nothing.
+        probe_images: Size of the fixed probe batch: training images with eval transforms, drawn once with
+            the run's seed.
+        bins: Quantile bins of the NMI estimator; None picks floor(sqrt(D / 5)).
+        projection_tokens: Patch tokens per layer saved (with the prompts) at the start and the end, for
+            the 2-D projection of ``selfprompt analyze``.
+    """
+
+    every: int = 0
+    probe_images: int = 16
+    bins: int | None = None
+    projection_tokens: int = 256
+
+
+@dataclass
 class RunOptions:
     """How a run executes, shared by training and pretraining.
 
@@ -174,6 +194,7 @@ class TrainConfig(RunOptions):
         model: Backbone and method.
         data: Dataset and preprocessing.
         optim: Optimizer and schedule.
+        track: Prompt/patch-token statistics recorded during training.
         output_dir: Run directory (config, metrics, checkpoints, adapters, results).
         stage: tune (train on train, select on val), final (train on train+val, evaluate test once) or both.
         seeds: One run per seed; results report their mean and standard deviation.
@@ -185,6 +206,7 @@ class TrainConfig(RunOptions):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     output_dir: str = "runs/default"
     stage: Literal["tune", "final", "both"] = "both"
     seeds: list[int] = field(default_factory=lambda: [0])

@@ -18,6 +18,7 @@ from selfprompt.engine.distributed import Context, ShardSampler, all_reduce_sum,
 from selfprompt.engine.ema import ParameterEMA
 from selfprompt.engine.metrics import MetricsLog
 from selfprompt.engine.optim import build_optimizer, warmup_cosine
+from selfprompt.engine.tracking import PromptTracker, probe_batch
 from selfprompt.init import init_prompts
 from selfprompt.model import PromptedViT, ViTClassifier
 
@@ -239,6 +240,10 @@ def train_stage(
     )
     ema = ParameterEMA(model.adapter_parameters(), opt.ema_decay) if opt.ema_decay else None
     metrics = MetricsLog(stage.directory, cfg.tensorboard) if ctx.is_main else None
+    tracker = None
+    if cfg.track.every and ctx.is_main and isinstance(model, PromptedViT):  # the main process only
+        probe = probe_batch(stage.init, cfg.track.probe_images, seed).to(ctx.device)
+        tracker = PromptTracker(model, probe, cfg.track, opt.epochs, stage.directory, seed)
     state_path = stage.directory / STATE_NAME
     start_epoch, best = 1, {}
     if cfg.resume and state_path.is_file():
@@ -248,11 +253,16 @@ def train_stage(
         start_epoch, best = state["epoch"] + 1, state["best"]
         if metrics is not None:
             metrics.restore(state["history"])
+        if tracker is not None:
+            tracker.log.restore(state["analysis"])
         log(f"[{stage.name} seed {seed}] resuming after epoch {state['epoch']}")
     else:
         _initialise_prompts(cfg, ctx, model, stage, seed)
         if metrics is not None:
             metrics.restore([])
+        if tracker is not None:
+            tracker.log.restore([])
+            tracker.record(0)
         torch.manual_seed(seed * 1000 + ctx.rank)  # each rank its own dropout stream
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
     trainable = model.num_adapter_parameters()
@@ -311,6 +321,8 @@ def train_stage(
             shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
             eta = (opt.epochs - epoch) * sum(epoch_times) / len(epoch_times)
             log(f"[{stage.name} seed {seed}] epoch {epoch}/{opt.epochs}: {shown}, stage eta {eta:.0f}s")
+        if tracker is not None and tracker.due(epoch):
+            tracker.record(epoch)
         save_state(
             state_path,
             ctx,
@@ -321,6 +333,7 @@ def train_stage(
             ema=ema.state_dict() if ema is not None else None,
             best=best,
             history=metrics.rows if metrics is not None else None,
+            analysis=tracker.log.rows if tracker is not None else None,
         )
 
     result: dict[str, Any] = {

@@ -12,9 +12,11 @@ from selfprompt.checkpoint import atomic_write
 
 
 class MetricsLog:
-    def __init__(self, directory: Path, tensorboard: bool = False) -> None:
-        self.jsonl = directory / "metrics.jsonl"
-        self.csv = directory / "metrics.csv"
+    """Rows of per-epoch values in ``<name>.jsonl`` and ``<name>.csv`` under ``directory``."""
+
+    def __init__(self, directory: Path, tensorboard: bool = False, name: str = "metrics") -> None:
+        self.jsonl = directory / f"{name}.jsonl"
+        self.csv = directory / f"{name}.csv"
         self.rows: list[dict[str, Any]] = []
         self.writer = None
         if tensorboard:  # the run checked up front that the package is installed

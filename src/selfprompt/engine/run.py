@@ -20,6 +20,7 @@ from selfprompt.checkpoint import atomic_write
 from selfprompt.config import RESUMABLE_CHANGES, TrainConfig, flatten
 from selfprompt.engine.distributed import Context, barrier, setup, teardown
 from selfprompt.engine.loop import Stage, train_stage
+from selfprompt.engine.tracking import check_track
 from selfprompt.init.registry import get_initializer
 from selfprompt.version import __version__
 
@@ -38,10 +39,8 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def changed_fields(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
-    """Fields whose value differs between a saved run and now; a field the saved config predates counts as
-    unchanged while it keeps its default (runs made by an older selfprompt still resume)."""
-    old, new, default = flatten(saved), flatten(current), flatten(defaults)
-    old |= {k: default[k] for k in new.keys() - old.keys() if k in default}
+    """Fields whose value differs; a field the saved config lacks (added since) counts as its default."""
+    old, new = flatten(defaults) | flatten(saved), flatten(current)
     return sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
     )
@@ -56,9 +55,8 @@ def prepare_run_dir(cfg: Any, ctx: Context) -> Path:
             raise FileExistsError(
                 f"{out} already holds a run. Continue it with --resume true, or pick a new --output_dir."
             )
-        changed = changed_fields(
-            yaml.safe_load(saved_path.read_text()), config_dict(cfg), config_dict(type(cfg)())
-        )
+        saved = yaml.safe_load(saved_path.read_text())
+        changed = changed_fields(saved, config_dict(cfg), config_dict(type(cfg)()))
         if changed:
             raise ValueError(
                 f"Cannot resume {out}: the config changed in {', '.join(changed)}. Restore those values, or "
@@ -189,6 +187,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             raise ValueError(
                 "tensorboard true needs the tensorboard package: pip install 'selfprompt[tensorboard]'"
             )
+        check_track(cfg.track, cfg.model.method)
         method = init_method(cfg.model)
         if method is not None:
             get_initializer(method)
