@@ -20,7 +20,7 @@ from selfprompt.data import (
     split_off,
     vtab_mini,
 )
-from selfprompt.model import PromptedViT, ViTClassifier
+from selfprompt.model import PromptedViT, ViTClassifier, backbone_pool
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
@@ -45,10 +45,7 @@ def backbone_name(backbone: nn.Module) -> str | None:
 
 def head_input(cfg: ModelConfig, backbone: nn.Module) -> str:
     """``model.pool``, else the weights family's (``mae`` for MAE), else the backbone's own pooling."""
-    pool = cfg.pool or backbone_info(backbone).pool
-    if pool is None:
-        pool = "token" if getattr(backbone, "global_pool", None) == "token" else "avg"
-    return pool
+    return cfg.pool or backbone_info(backbone).pool or backbone_pool(backbone)
 
 
 def init_method(cfg: ModelConfig) -> str | None:

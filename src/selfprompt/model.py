@@ -71,6 +71,11 @@ def backbone_signature(backbone: VisionTransformer, name: str | None) -> dict[st
     }
 
 
+def backbone_pool(backbone: nn.Module) -> PoolType:
+    """The head input a backbone pools itself: ``token`` for a class-token backbone, else ``avg``."""
+    return "token" if getattr(backbone, "global_pool", None) == "token" else "avg"
+
+
 def check_backbone(backbone: nn.Module) -> None:
     if not isinstance(backbone, VisionTransformer):
         raise TypeError(
@@ -113,7 +118,7 @@ class ViTClassifier(nn.Module):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
         if pool is None:
-            pool = "token" if backbone.global_pool == "token" else "avg"
+            pool = backbone_pool(backbone)
         if pool not in POOL_TYPES:
             raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}.")
         if pool == "token" and not backbone.has_class_token:
