@@ -15,13 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfprompt.data.datasets import _READ_ERRORS, IMAGE_EXTENSIONS
-from selfprompt.data.manifest import split_hash
+from selfprompt.data.datasets import _READ_ERRORS, IMAGE_EXTENSIONS, parse_list
+from selfprompt.data.manifest import MANIFEST_NAME, split_hash
 from selfprompt.data.registry import TaskInfo, tasks
 
 from PIL import Image
 
-MANIFEST_NAME = "manifest.json"
 _SHOWN = 3  # files named per problem
 
 
@@ -42,16 +41,8 @@ def _named(paths: list[str]) -> str:
 
 def _read_list(path: Path) -> tuple[list[tuple[str, int]], list[int]]:
     """``(relative path, label)`` entries and the numbers of lines that do not parse."""
-    entries, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            bad.append(number)
-            continue
-        entries.append((parts[0].strip(), int(parts[1])))
-    return entries, bad
+    entries, bad = parse_list(path)
+    return [(p, label) for _, p, label in entries], [number for number, _ in bad]
 
 
 def _decodes(path: Path) -> bool:
@@ -113,11 +104,12 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
         )
     files = sorted({path for entries in listed.values() for path, _ in entries})
     missing = [p for p in files if not (folder / p).is_file()]
+    absent_files = set(missing)
     if missing:
         problems.append(
             Problem("missing", f"{len(missing)} listed images do not exist: {_named(missing)}", rebuild)
         )
-    corrupt = [p for p in files if p not in set(missing) and not _decodes(folder / p)]
+    corrupt = [p for p in files if p not in absent_files and not _decodes(folder / p)]
     if corrupt:
         problems.append(
             Problem(

@@ -163,19 +163,14 @@ def _list_samples(root: Path, split: str, classes: list[str] | None) -> tuple[li
             f"Split list {list_file} does not exist; split lists in {root}: {', '.join(found) or 'none'}. "
             "Pass one of them, or write one '<relative/image/path> <label>' line per image."
         )
-    entries: list[tuple[int, Path, int]] = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.rsplit(maxsplit=1)
-        try:
-            path, label = parts[0].strip(), int(parts[1])
-        except (IndexError, ValueError):
-            raise ValueError(
-                f"{list_file}:{number}: cannot parse {line!r}; each line must be "
-                "'<relative/image/path> <integer label>'. Fix or remove the line."
-            ) from None
-        entries.append((number, root / path, label))
+    parsed, bad = parse_list(list_file)
+    if bad:
+        number, line = bad[0]
+        raise ValueError(
+            f"{list_file}:{number}: cannot parse {line!r}; each line must be "
+            "'<relative/image/path> <integer label>'. Fix or remove the line."
+        )
+    entries = [(number, root / path, label) for number, path, label in parsed]
     if not entries:
         raise ValueError(
             f"Split list {list_file} is empty; add one '<relative/image/path> <label>' line per image."
@@ -204,6 +199,21 @@ def _list_samples(root: Path, split: str, classes: list[str] | None) -> tuple[li
             f"paths are relative to {root}. Restore the files or fix the list."
         )
     return [(path, label) for _, path, label in entries], names
+
+
+def parse_list(list_file: Path) -> tuple[list[tuple[int, str, int]], list[tuple[int, str]]]:
+    """A list file's ``(line number, relative path, label)`` entries, and the ``(line number, line)`` of each
+    line that is not ``relative/path label`` (blank lines are skipped)."""
+    entries, bad = [], []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        try:
+            entries.append((number, parts[0].strip(), int(parts[1])))
+        except (IndexError, ValueError):
+            bad.append((number, line))
+    return entries, bad
 
 
 def _check_headers(samples: list[Sample]) -> None:

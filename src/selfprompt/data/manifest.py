@@ -1,9 +1,16 @@
-"""Hashes that prepared benchmark folders record in their manifests and checks recompute."""
+"""Manifests of prepared benchmark folders: what they record, and the hashes checks recompute."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
 
 
 def split_hash(folder: Path, list_text: str) -> str:
@@ -12,3 +19,28 @@ def split_hash(folder: Path, list_text: str) -> str:
     for line in list_text.splitlines():
         digest.update((folder / line.rsplit(" ", 1)[0]).read_bytes())
     return digest.hexdigest()
+
+
+def publish_task(
+    staging: Path,
+    final: Path,
+    lists: dict[str, list[tuple[str, int]]],
+    num_classes: int,
+    manifest: dict[str, Any],
+) -> dict[str, Any]:
+    """Write each split's list file into ``staging``, record its count, class counts and :func:`split_hash`
+    in ``manifest`` (under ``counts``, ``class_counts``, ``sha256``), write the manifest, then rename
+    ``staging`` to ``final``, replacing it: a task folder is complete or absent. Returns the manifest."""
+    for key in ("counts", "class_counts", "sha256"):
+        manifest.setdefault(key, {})
+    for split, entries in lists.items():
+        text = "".join(f"{path} {label}\n" for path, label in entries)
+        (staging / f"{split}.txt").write_text(text)
+        labels = [label for _, label in entries]
+        manifest["counts"][split] = len(entries)
+        manifest["class_counts"][split] = np.bincount(labels, minlength=num_classes).tolist()
+        manifest["sha256"][split] = split_hash(staging, text)
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    return manifest

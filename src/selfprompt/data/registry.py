@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 
 from selfprompt.data import vtab, vtab_mini
@@ -39,6 +40,7 @@ class TaskInfo:
     source: str = ""
 
 
+@functools.cache
 def _tasks() -> dict[str, dict[str, TaskInfo]]:
     from selfprompt.data import fgvc
 

@@ -23,21 +23,19 @@ or the part of ``train`` VTAB holds out by percentage), ``test`` VTAB's test spl
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from selfprompt.data.manifest import split_hash
+from selfprompt.data.manifest import publish_task
 
 import numpy as np
 from PIL import Image
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 GROUPS = ("natural", "specialized", "structured")
-MANIFEST_NAME = "manifest.json"
 TRAIN, VAL = 800, 200
 
 Example = dict[str, Any]
@@ -123,6 +121,9 @@ def _attribute(attribute: str) -> Callable[[Example], int]:
 
 _CARVE_90 = SplitRule(val_split="train", val_at_percent=90)
 _CARVE_80 = SplitRule(val_split="train", val_at_percent=80)
+_CLEVR = SplitRule(val_split="train", val_at_percent=90, test_split="validation")
+_DSPRITES = SplitRule(val_split="train", val_at_percent=80, test_split="train", val_percent=10)
+_SMALLNORB = SplitRule(val_split="test", test_from_percent=50)
 _SIX_TWO_TWO = SplitRule(val_split="train", val_at_percent=60, test_split="train", val_percent=20)
 _OFFICIAL = SplitRule()
 
@@ -151,27 +152,21 @@ TASKS: dict[str, VTABTask] = {
         VTABTask("diabetic_retinopathy", "diabetic_retinopathy", "specialized", 5, "retinopathy grade 0-4",
                  "diabetic_retinopathy_detection/btgraham-300:3.*.*", _OFFICIAL, 42670, _label, _rgb),
         VTABTask("clevr_count", "clevr_count", "structured", 8, "number of objects - 3", "clevr:3.*.*",
-                 SplitRule(val_split="train", val_at_percent=90, test_split="validation"), 15000,
-                 _clevr_count, _rgb),
+                 _CLEVR, 15000, _clevr_count, _rgb),
         VTABTask("clevr_dist", "clevr_dist", "structured", 6, "depth of the closest object, 6 bins",
-                 "clevr:3.*.*", SplitRule(val_split="train", val_at_percent=90, test_split="validation"),
-                 15000, _clevr_distance, _rgb),
+                 "clevr:3.*.*", _CLEVR, 15000, _clevr_distance, _rgb),
         VTABTask("dmlab", "dmlab", "structured", 6, "distance and reward of the object, 6 classes",
                  "dmlab:2.0.1", _OFFICIAL, 22735, _label, _rgb),
         VTABTask("kitti", "kitti", "structured", 4, "depth of the closest vehicle, 4 bins", "kitti:3.1.0",
                  _OFFICIAL, 711, _kitti_vehicle_distance, _rgb),
         VTABTask("dsprites_loc", "dsprites_loc", "structured", 16, "x position, 16 bins", "dsprites:2.*.*",
-                 SplitRule(val_split="train", val_at_percent=80, test_split="train", val_percent=10),
-                 73728, _dsprites("label_x_position", 32), _mask),
+                 _DSPRITES, 73728, _dsprites("label_x_position", 32), _mask),
         VTABTask("dsprites_ori", "dsprites_ori", "structured", 16, "orientation, 16 bins", "dsprites:2.*.*",
-                 SplitRule(val_split="train", val_at_percent=80, test_split="train", val_percent=10),
-                 73728, _dsprites("label_orientation", 40), _mask),
+                 _DSPRITES, 73728, _dsprites("label_orientation", 40), _mask),
         VTABTask("smallnorb_azi", "smallnorb_azi", "structured", 18, "camera azimuth, 18 values",
-                 "smallnorb:2.*.*", SplitRule(val_split="test", test_from_percent=50), 12150,
-                 _attribute("label_azimuth"), _rgb),
+                 "smallnorb:2.*.*", _SMALLNORB, 12150, _attribute("label_azimuth"), _rgb),
         VTABTask("smallnorb_ele", "smallnorb_ele", "structured", 9, "camera elevation, 9 values",
-                 "smallnorb:2.*.*", SplitRule(val_split="test", test_from_percent=50), 12150,
-                 _attribute("label_elevation"), _rgb),
+                 "smallnorb:2.*.*", _SMALLNORB, 12150, _attribute("label_elevation"), _rgb),
     )
 }  # fmt: skip
 
@@ -260,10 +255,10 @@ def write_task(task: VTABTask, source: Source, root: str | Path, log: Callable[[
     final = Path(root) / task.folder
     staging = Path(root) / f".{task.folder}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    lines: dict[str, list[str]] = {}
+    lists: dict[str, list[tuple[str, int]]] = {}
     for split in ("train800", "val200", "test"):
         (staging / "images" / split).mkdir(parents=True)
-        lines[split] = []
+        lists[split] = []
         for source_split, start, stop in slices[split]:
             for offset, example in enumerate(source.examples(source_split, start, stop)):
                 label = task.label(example)
@@ -272,31 +267,15 @@ def write_task(task: VTABTask, source: Source, root: str | Path, log: Callable[[
                         f"{task.name}: {source_split}[{start + offset}] has label {label}, outside "
                         f"0..{task.num_classes - 1}; is this the TFDS builder VTAB uses ({task.tfds})?"
                     )
-                relative = f"images/{split}/{len(lines[split]):06d}.png"
+                relative = f"images/{split}/{len(lists[split]):06d}.png"
                 Image.fromarray(task.image(example)).save(staging / relative, optimize=False)
-                lines[split].append(f"{relative} {label}")
-        log(f"{task.name}: {split} {len(lines[split])} images")
-    lines["train800val200"] = lines["train800"] + lines["val200"]
-    manifest: dict[str, Any] = {
-        "benchmark": "vtab-1k",
-        "task": task.name,
-        "source": source.version(),
-        "slices": slices,
-        "counts": {},
-        "class_counts": {},
-        "sha256": {},
-    }
-    for split in SPLITS:
-        text = "".join(line + "\n" for line in lines[split])
-        (staging / f"{split}.txt").write_text(text)
-        labels = [int(line.rsplit(" ", 1)[1]) for line in lines[split]]
-        manifest["counts"][split] = len(labels)
-        manifest["class_counts"][split] = np.bincount(labels, minlength=task.num_classes).tolist()
-        manifest["sha256"][split] = split_hash(staging, text)
+                lists[split].append((relative, label))
+        log(f"{task.name}: {split} {len(lists[split])} images")
+    lists["train800val200"] = lists["train800"] + lists["val200"]
     (staging / "classes.txt").write_text("".join(f"{k}\n" for k in range(task.num_classes)))
-    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)  # a task folder is complete or absent
+    manifest = {"benchmark": "vtab-1k", "task": task.name, "source": source.version(), "slices": slices}
+    ordered = {split: lists[split] for split in SPLITS}
+    publish_task(staging, final, ordered, task.num_classes, manifest)
     return final
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfprompt.data.manifest import split_hash
+from selfprompt.data.manifest import MANIFEST_NAME, publish_task
 from selfprompt.data.procedural import TASKS as PROCEDURAL
 
 import numpy as np
@@ -30,7 +30,6 @@ from PIL import Image
 IMAGE_SIZE = 32
 TRAIN, VAL, MAX_TEST, MIN_TEST = 800, 200, 2000, 1000
 SPLITS = ("train800", "val200", "train800val200", "test")
-MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 Loader = Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]
@@ -138,20 +137,11 @@ def prepare_task(root: str | Path, name: str) -> dict[str, Any]:
         "source": task.source,
         "seed": _seed(name),
         "classes": classes,
-        "counts": {},
-        "class_counts": {},
-        "sha256": {},
     }
-    for split, indices in splits.items():
-        text = "".join(f"images/{i:05d}.png {labels[i]}\n" for i in indices)
-        (staging / f"{split}.txt").write_text(text)
-        manifest["counts"][split] = len(indices)
-        manifest["class_counts"][split] = np.bincount(labels[indices], minlength=len(classes)).tolist()
-        manifest["sha256"][split] = split_hash(staging, text)
-    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)  # a task folder is complete or absent
-    return manifest
+    lists = {
+        split: [(f"images/{i:05d}.png", int(labels[i])) for i in indices] for split, indices in splits.items()
+    }
+    return publish_task(staging, final, lists, len(classes), manifest)
 
 
 def prepare(root: str | Path, tasks: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
