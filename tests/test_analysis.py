@@ -10,9 +10,7 @@ import sys
 from selfprompt.analysis import block_inputs, default_bins, layer_statistics, pairwise_nmi, quantile_bins
 from selfprompt.analysis.statistics import STATISTICS, BlockInput
 from selfprompt.cli import main
-from selfprompt.config import TrainConfig
 from selfprompt.engine import run
-from selfprompt.engine.run import changed_fields, config_dict
 from selfprompt.init.kmeans import kmeans
 from selfprompt.model import PromptedViT
 
@@ -180,13 +178,3 @@ def test_bad_tracking_settings_and_untracked_runs_are_refused(data, tmp_path, ca
     run(tiny_config(data, tmp_path / "untracked", **{"stage": "tune", "optim.epochs": 1}), log=lambda _: None)
     assert main(["analyze", str(tmp_path / "untracked")]) == 1
     assert "--track.every" in capsys.readouterr().err
-
-
-def test_a_config_saved_before_a_field_existed_resumes_with_its_default():
-    defaults = config_dict(TrainConfig())
-    saved = config_dict(TrainConfig())
-    del saved["track"]
-    assert changed_fields(saved, config_dict(TrainConfig()), defaults) == []
-    tracked = TrainConfig()
-    tracked.track.every = 2
-    assert changed_fields(saved, config_dict(tracked), defaults) == ["track.every"]

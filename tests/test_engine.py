@@ -191,3 +191,8 @@ def test_a_run_saved_before_newer_config_fields_still_resumes():
     current = copy.deepcopy(defaults)
     current["data"]["task"] = "dtd"
     assert changed_fields(saved, current, defaults) == ["data.task"]
+    del saved["track"]  # a whole section an older selfprompt did not write
+    assert changed_fields(saved, defaults, defaults) == []
+    tracked = TrainConfig()
+    tracked.track.every = 2
+    assert changed_fields(saved, config_dict(tracked), defaults) == ["track.every"]
