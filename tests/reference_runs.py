@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from selfprompt.bench import RECIPES
+from selfprompt.apps.bench import RECIPES
 
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "spt-shallow", "spt-deep")
 TASK = "dsprites_location"

@@ -1,4 +1,9 @@
-"""Typed run configuration: what a recipe (YAML) holds and the command line overrides field by field."""
+"""Typed run configuration: what a recipe (YAML) holds and the command line overrides field by field.
+
+``TrainConfig`` is composed here: the run's own fields, ``model``, ``data``, ``optim``, ``track``, and one
+section per settings section the method registry holds (e.g. ``prompt``), so a method's settings are
+declared once, in its module.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Method = Literal["linear", "full", "vpt-shallow", "vpt-deep", "spt-shallow", "spt-deep"]
-METHODS: tuple[str, ...] = ("linear", "full", "vpt-shallow", "vpt-deep", "spt-shallow", "spt-deep")
+from selfprompt.data.config import DataConfig
+from selfprompt.methods import method_names, settings_sections
+
+MethodName = Literal[tuple(method_names())]  # type: ignore[valid-type]  (the registry's names)
 
 
 @dataclass
 class ModelConfig:
-    """Backbone and method.
+    """Backbone, method and head.
 
     Attributes:
         backbone: timm model name with its pretrained tag, e.g. vit_base_patch16_224.mae; with a checkpoint
@@ -22,88 +29,24 @@ class ModelConfig:
             None uses timm's own pretrained weights (cache, zoo or hub) when pretrained is true.
         pretrained: Load timm's pretrained weights for backbone (a checkpoint is always loaded).
         backbone_kwargs: Extra keyword arguments for timm.create_model (e.g. img_size, patch_size, depth).
-        method: linear, full, vpt-shallow, vpt-deep, spt-shallow or spt-deep.
-        num_prompts: Prompt tokens per layer (M); None is 20 for deep and 100 for shallow (official README).
-        deep_layers: Deep prompts on the first k blocks only; None prompts all blocks.
+        method: The PETL method: {methods}.
         pool: token, avg or mae (the official SPT MAE head); None: mae for MAE weights, else the
             backbone's own pooling (the class token for supervised, MoCo v3 and DINO ViTs).
-        prompt_dropout: Dropout on prompt tokens while training (VPT: 0.1).
         head_init_std: Std of the head's truncated-normal init (SPT: 0.02; 0.01 for MoCo v3).
         drop_path: Backbone stochastic depth; acts only when the backbone trains (full).
-        init: Prompt initializer; None is xavier for vpt-* and sample for spt-* (the official default).
-        init_fraction: Share of training images that SPT prototypes are built from; None uses all.
-        init_max_images: Cap on the number of images SPT prototypes are built from.
-        prompts_file: Start from prompts saved by `selfprompt init-prompts` instead of initialising.
     """
 
     backbone: str | None = "vit_base_patch16_224.mae"
     checkpoint: str | None = None
     pretrained: bool = True
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    method: Method = "spt-deep"
-    num_prompts: int | None = None
-    deep_layers: int | None = None
+    method: MethodName = "spt-deep"
     pool: Literal["token", "avg", "mae"] | None = None
-    prompt_dropout: float = 0.0
     head_init_std: float = 0.02
     drop_path: float = 0.0
-    init: str | None = None
-    init_fraction: float | None = None
-    init_max_images: int | None = None
-    prompts_file: str | None = None
 
 
-@dataclass
-class DataConfig:
-    """Dataset, splits, loading and preprocessing.
-
-    Attributes:
-        root: Dataset root directory: a task's folder, or with ``task`` the benchmark folder holding it.
-        benchmark: vtab-1k, fgvc or vtab-mini: the registry ``task`` belongs to (``selfprompt data list``).
-        task: A registry task: its folder under root is used (or root itself when it holds the split lists),
-            its class count sizes the head (VTAB-1k's train800 can miss classes), and a mismatch is an error.
-        layout: list (VTAB-1k style "path label" files named <split>.txt under root) or folder
-            (root/<split>/<class>/<image>).
-        train_split: Split trained on while tuning.
-        val_split: Split that selects; None carves a seeded val_fraction out of train_split.
-        trainval_split: Split the final model trains on; None merges train_split and val_split.
-        test_split: Split evaluated once, by the final model.
-        val_fraction: Share of train_split held out (stratified, seeded) when val_split is None.
-        batch_size: Global batch size: across all processes and accumulation steps.
-        eval_batch_size: Global batch size for evaluation.
-        num_workers: Data-loading worker processes per training process.
-        augment: none (the VTAB protocol) or crop-flip (random resized crop + flip, the FGVC protocol).
-        img_size: Input size; None takes the backbone's pretrained config.
-        normalization: backbone (the weights' own mean/std: timm's pretrained config, ImageNet's for MAE,
-            MoCo v3 and DINO files) or imagenet (what the SPT code used for every backbone); explicit mean
-            and std win over both.
-        mean: Normalisation mean; None takes the backbone's pretrained config.
-        std: Normalisation std; None takes the backbone's pretrained config.
-        interpolation: Resize interpolation; None takes the backbone's pretrained config.
-        crop_pct: Centre-crop fraction for evaluation; None takes the backbone's pretrained config.
-        check_images: Open every image header before training, so a broken file stops the run at once.
-    """
-
-    root: str | None = None
-    benchmark: Literal["vtab-1k", "fgvc", "vtab-mini"] | None = None
-    task: str | None = None
-    layout: Literal["list", "folder"] = "list"
-    train_split: str = "train800"
-    val_split: str | None = "val200"
-    trainval_split: str | None = "train800val200"
-    test_split: str = "test"
-    val_fraction: float = 0.1
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    num_workers: int = 2
-    augment: Literal["none", "crop-flip"] = "none"
-    img_size: int | None = None
-    normalization: Literal["backbone", "imagenet"] = "backbone"
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    interpolation: str | None = None
-    crop_pct: float | None = None
-    check_images: bool = True
+ModelConfig.__doc__ = ModelConfig.__doc__.format(methods=", ".join(method_names()))
 
 
 @dataclass
@@ -178,7 +121,7 @@ class RunOptions:
     def from_dict(cls, d: dict[str, Any]) -> Any:
         """From nested plain data (a parsed recipe or a run's saved config.yaml): sections (fields whose
         default is a dataclass) are built from their dicts; missing fields keep their defaults."""
-        kwargs = dict(d)
+        kwargs = migrate(d)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             if dataclasses.is_dataclass(default) and isinstance(kwargs.get(f.name), dict):
@@ -187,21 +130,21 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig(RunOptions):
+class _RunConfig(RunOptions):
     """A training run under the evaluation protocol: tune on val, then train on train+val, test once.
 
-    Attributes:
-        model: Backbone and method.
-        data: Dataset and preprocessing.
-        optim: Optimizer and schedule.
-        track: Prompt/patch-token statistics recorded during training.
-        output_dir: Run directory (config, metrics, checkpoints, adapters, results).
-        stage: tune (train on train, select on val), final (train on train+val, evaluate test once) or both.
-        seeds: One run per seed; results report their mean and standard deviation.
-        eval_every: Evaluate on val every this many epochs while tuning (and always after the last).
-        unsafe_select_on_test: UNSAFE, for reproducing the official code only: the final stage evaluates
-            test every epoch and reports the best epoch. Results are marked as selected on test.
-    """
+        Attributes:
+            model: Backbone and method.
+            data: Dataset and preprocessing.
+            optim: Optimizer and schedule.
+            track: Prompt/patch-token statistics recorded during training.
+            output_dir: Run directory (config, metrics, checkpoints, adapters, results).
+            stage: tune (train on train, select on val), final (train on train+val, evaluate test once) or both.
+            seeds: One run per seed; results report their mean and standard deviation.
+            eval_every: Evaluate on val every this many epochs while tuning (and always after the last).
+            unsafe_select_on_test: UNSAFE, for reproducing the official code only: the final stage evaluates
+                test every epoch and reports the best epoch. Results are marked as selected on test.
+    {sections}"""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -212,6 +155,19 @@ class TrainConfig(RunOptions):
     seeds: list[int] = field(default_factory=lambda: [0])
     eval_every: int = 1
     unsafe_select_on_test: bool = False
+
+
+def _with_settings(base: type) -> type:
+    """``base`` plus a field per registered settings section (``prompt``, ...), documented for ``--help``."""
+    sections = settings_sections().values()
+    fields = [(s.name, s.cls, field(default_factory=s.cls)) for s in sections]
+    cls = dataclasses.make_dataclass("TrainConfig", fields, bases=(base,))
+    cls.__module__ = __name__
+    cls.__doc__ = base.__doc__.format(sections="".join(f"        {s.name}: {s.help}\n" for s in sections))
+    return cls
+
+
+TrainConfig = _with_settings(_RunConfig)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -225,3 +181,22 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"resume", "progress", "data.num_workers", "tensorboard"}
+
+
+def legacy_fields() -> dict[str, str]:
+    """Fields that moved, old dotted name -> new dotted name (e.g. model.num_prompts -> prompt.num_prompts)."""
+    return {old: f"{s.name}.{new}" for s in settings_sections().values() for old, new in s.legacy.items()}
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Nested config data of an older layout (a recipe, a run's saved config.yaml) in the current one."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in legacy_fields().items():
+        old_section, old_name = old.split(".")
+        section = data.get(old_section)
+        if isinstance(section, dict) and old_name in section:
+            new_section, new_name = new.split(".")
+            data.setdefault(new_section, {})
+            if isinstance(data[new_section], dict):
+                data[new_section].setdefault(new_name, section.pop(old_name))
+    return data

@@ -1,14 +1,17 @@
-"""ViTClassifier (linear probe, full fine-tuning) and PromptedViT (VPT, SPT) around a timm ViT."""
+"""The shared classifier around a frozen timm ``VisionTransformer``: timm's own seams plus the per-block ones
+that PETL methods (``selfprompt.methods``) override."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from selfprompt.adapter import check_signature, load_tensors, read_config, save_adapter, timm_name
+
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 PoolType = Literal["token", "avg", "mae"]
@@ -34,43 +37,6 @@ class ClassifierConfig:
     train_backbone: bool = False
 
 
-@dataclass
-class PromptedViTConfig(ClassifierConfig):
-    """A ClassifierConfig plus the prompts.
-
-    Attributes:
-        num_prompts: Prompt tokens per prompted layer (M).
-        deep: Prompts before every block (VPT-deep) instead of once before block 0 (shallow).
-        deep_layers: With ``deep``, prompt only the first k blocks (None: all of them).
-        prompt_dropout: Dropout on the prompt tokens while training (VPT uses 0.1 for deep).
-    """
-
-    num_prompts: int = 10
-    deep: bool = False
-    deep_layers: int | None = None
-    prompt_dropout: float = 0.0
-
-
-def timm_name(backbone: nn.Module) -> str | None:
-    """timm's ``architecture.tag`` name of a backbone, or None for a hand-built one."""
-    cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    arch = cfg.get("architecture")
-    if not arch:
-        return None
-    return f"{arch}.{cfg['tag']}" if cfg.get("tag") else arch
-
-
-def backbone_signature(backbone: VisionTransformer, name: str | None) -> dict[str, Any]:
-    """The backbone properties an adapter depends on; saved with it and checked on load."""
-    return {
-        "name": name,
-        "embed_dim": backbone.embed_dim,
-        "depth": len(backbone.blocks),
-        "patch_size": list(backbone.patch_embed.patch_size),
-        "num_prefix_tokens": backbone.num_prefix_tokens,
-    }
-
-
 def backbone_pool(backbone: nn.Module) -> PoolType:
     """The head input a backbone pools itself: ``token`` for a class-token backbone, else ``avg``."""
     return "token" if getattr(backbone, "global_pool", None) == "token" else "avg"
@@ -87,10 +53,14 @@ def check_backbone(backbone: nn.Module) -> None:
 
 class ViTClassifier(nn.Module):
     """A timm ``VisionTransformer`` with a new linear head: linear probing (frozen backbone, the default) or
-    full fine-tuning (``train_backbone=True``).
+    full fine-tuning (``train_backbone=True``), and the base class of every PETL method's model.
 
     A frozen backbone stays in eval mode whatever ``train()`` is called with. Forward matches timm's own
-    (``norm``, pooling, ``fc_norm``) with this class's ``pool`` and head.
+    (``norm``, pooling, ``fc_norm``) with this class's ``pool`` and head. Methods change it only through its
+    seams: :meth:`insert_tokens` (the sequence after the position embedding), :meth:`forward_block` (around
+    each block; see :func:`residual_branches` for the attention and MLP branches inside one),
+    ``num_extra_tokens`` (tokens a method inserts between the prefix and the patches, which ``avg`` pooling
+    leaves out) and :meth:`adapter_parameters` (what trains and what an adapter stores).
 
     Args:
         backbone: A timm ``VisionTransformer`` (any width/depth, class token or not, register tokens,
@@ -100,8 +70,7 @@ class ViTClassifier(nn.Module):
     """
 
     config_class: ClassVar[type[ClassifierConfig]] = ClassifierConfig
-    num_prompts: int = 0
-    num_prompt_layers: int = 0
+    num_extra_tokens: int = 0
 
     def __init__(
         self,
@@ -111,7 +80,7 @@ class ViTClassifier(nn.Module):
         head_init_std: float = 0.02,
         train_backbone: bool = False,
         backbone_name: str | None = None,
-        **prompt_settings: Any,
+        **settings: Any,
     ) -> None:
         super().__init__()
         check_backbone(backbone)
@@ -128,7 +97,7 @@ class ViTClassifier(nn.Module):
             pool=pool,
             head_init_std=head_init_std,
             train_backbone=train_backbone,
-            **prompt_settings,
+            **settings,
         )
         self.backbone_name = backbone_name if backbone_name is not None else timm_name(backbone)
         self.backbone = backbone.requires_grad_(train_backbone).train(train_backbone and self.training)
@@ -148,18 +117,21 @@ class ViTClassifier(nn.Module):
             self.backbone.eval()
         return self
 
+    def insert_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Seam: the token sequence after the position embedding, before ``norm_pre`` and block 0."""
+        return x
+
+    def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Seam: run block ``index`` of the backbone on ``x``."""
+        return block(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Token sequence ``[prefix ; prompts ; patches]`` after the last block (before the final norm)."""
+        """Token sequence ``[prefix ; extra tokens ; patches]`` after the last block (before the final norm)."""
         bb = self.backbone
-        p, m = self.num_prefix_tokens, self.num_prompts
         x = bb.patch_drop(bb._pos_embed(bb.patch_embed(x)))
-        if m:
-            x = torch.cat([x[:, :p], self._layer_prompts(0, x.shape[0]), x[:, p:]], dim=1)
-        x = bb.norm_pre(x)
-        for i, block in enumerate(bb.blocks):
-            if 0 < i < self.num_prompt_layers:
-                x = torch.cat([x[:, :p], self._layer_prompts(i, x.shape[0]), x[:, p + m :]], dim=1)
-            x = block(x)
+        x = bb.norm_pre(self.insert_tokens(x))
+        for index, block in enumerate(bb.blocks):
+            x = self.forward_block(index, block, x)
         return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +141,7 @@ class ViTClassifier(nn.Module):
         if self.config.pool == "mae":
             return bb.fc_norm(bb.norm(x[:, p:].mean(dim=1)))
         x = bb.norm(x)
-        x = x[:, 0] if self.config.pool == "token" else x[:, p + self.num_prompts :].mean(dim=1)
+        x = x[:, 0] if self.config.pool == "token" else x[:, p + self.num_extra_tokens :].mean(dim=1)
         return bb.fc_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -191,98 +163,47 @@ class ViTClassifier(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the adapter (safetensors) and its JSON config into ``directory``."""
-        from selfprompt.checkpoint import save_adapter
-
-        return save_adapter(self, directory)
+        tensors = self.adapter_parameters()
+        return save_adapter(
+            directory, type(self).__name__, self.config, self.backbone, self.backbone_name, tensors
+        )
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, backbone: nn.Module, backbone_name: str | None = None
     ) -> ViTClassifier:
-        """Rebuild a saved adapter on ``backbone``; refuses a backbone that does not match the saved one."""
-        from selfprompt.checkpoint import load_adapter
-
-        return load_adapter(directory, backbone, backbone_name, expected=cls)
-
-
-class PromptedViT(ViTClassifier):
-    """A frozen timm ``VisionTransformer`` with learnable prompt tokens and a new linear head.
-
-    Token layout entering block 0: ``[prefix tokens (cls, registers) ; prompts ; patch tokens]``. Prompts are
-    inserted after the position embedding and never receive one. Shallow prompts travel through all blocks;
-    deep prompts replace the previous block's prompt outputs before each of the first ``deep_layers`` blocks.
-    Only ``prompts`` and ``head`` are trainable; the backbone is frozen and stays in eval mode.
-
-    Args:
-        backbone: A timm ``VisionTransformer``; see :class:`ViTClassifier`.
-        num_classes, num_prompts, deep, deep_layers, pool, prompt_dropout, head_init_std, train_backbone:
-            See :class:`PromptedViTConfig`.
-        backbone_name: Name recorded in saved adapters; defaults to timm's ``architecture.tag``.
-    """
-
-    config_class = PromptedViTConfig
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_classes: int,
-        num_prompts: int = 10,
-        deep: bool = False,
-        deep_layers: int | None = None,
-        pool: PoolType | None = None,
-        prompt_dropout: float = 0.0,
-        head_init_std: float = 0.02,
-        train_backbone: bool = False,
-        backbone_name: str | None = None,
-    ) -> None:
-        check_backbone(backbone)
-        depth = len(backbone.blocks)
-        if not isinstance(num_prompts, int) or num_prompts < 1:
-            raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}.")
-        if deep_layers is not None and not deep:
-            raise ValueError("deep_layers applies only to deep prompts; pass deep=True or drop deep_layers.")
-        if deep_layers is not None and not 1 <= deep_layers <= depth:
+        """Rebuild a saved adapter on ``backbone``; refuses a backbone that does not match the saved one, and
+        a folder that holds another class (``selfprompt.load_pretrained`` picks the class itself)."""
+        directory = Path(directory)
+        config = read_config(directory)
+        if config["class"] != cls.__name__:
             raise ValueError(
-                f"deep_layers must be in [1, {depth}] (the backbone's depth), got {deep_layers}."
+                f"{directory} holds a {config['class']}, not a {cls.__name__}: load it with "
+                f"selfprompt.{config['class']}.from_pretrained or selfprompt.load_pretrained."
             )
-        if not 0.0 <= prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}.")
-        super().__init__(
-            backbone,
-            num_classes,
-            pool=pool,
-            head_init_std=head_init_std,
-            train_backbone=train_backbone,
-            backbone_name=backbone_name,
-            num_prompts=num_prompts,
-            deep=deep,
-            deep_layers=deep_layers,
-            prompt_dropout=prompt_dropout,
+        check_signature(config["backbone"], backbone, backbone_name, directory)
+        model = cls(backbone, backbone_name=backbone_name, **config["model"])
+        load_tensors(directory, model.adapter_parameters())
+        return model
+
+
+def residual_branches(
+    block: nn.Module,
+    x: torch.Tensor,
+    attn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    after_attn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mlp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A timm pre-norm ``Block``'s forward with its branches replaceable, for methods that act inside one:
+    ``x1 = x + drop_path(ls(attn(norm1(x))))``, ``x1 = after_attn(x1)``, then
+    ``x1 + drop_path(ls(mlp(norm2(x1))))`` where ``mlp(h)`` defaults to ``block.mlp(h)``. With no replacement
+    it computes exactly ``block(x)``."""
+    if not isinstance(block, Block):
+        raise TypeError(
+            f"this method acts inside timm's pre-norm Block, and this backbone's blocks are "
+            f"{type(block).__name__}; use a prompt method that wraps whole blocks (vpt-*, spt-*)."
         )
-        self.num_prompts = num_prompts
-        self.num_prompt_layers = (deep_layers or depth) if deep else 1
-        device = next(backbone.parameters()).device
-        self.prompts = nn.Parameter(
-            torch.empty(self.num_prompt_layers, num_prompts, self.embed_dim, device=device)
-        )
-        self.prompt_dropout = nn.Dropout(prompt_dropout)
-        self.reset_prompts()
-
-    def xavier_bound(self) -> float:
-        """VPT's uniform prompt-init bound: sqrt(6 / (in_chans * patch_area + D))."""
-        ph, pw = self.backbone.patch_embed.patch_size
-        return math.sqrt(6.0 / (self.backbone.in_chans * ph * pw + self.embed_dim))
-
-    @torch.no_grad()
-    def reset_prompts(self, generator: torch.Generator | None = None) -> None:
-        """VPT's random init: uniform in +-``xavier_bound()`` (drawn on CPU so a seed gives one result)."""
-        bound = self.xavier_bound()
-        values = torch.rand(self.prompts.shape, generator=generator) * (2 * bound) - bound
-        self.prompts.copy_(values)
-
-    def _layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
-        return self.prompt_dropout(self.prompts[layer].expand(batch, -1, -1))
-
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """The adapter: prompts and head (plus the backbone if it trains)."""
-        return {"prompts": self.prompts, **super().adapter_parameters()}
+    x = x + block.drop_path1(block.ls1((attn or block.attn)(block.norm1(x))))
+    if after_attn is not None:
+        x = after_attn(x)
+    return x + block.drop_path2(block.ls2((mlp or block.mlp)(block.norm2(x))))

@@ -1,5 +1,5 @@
 """How prompts relate to patch tokens: NMI, k-means inertia, cosine similarity and norms per layer, the
-statistics SPT's motivating analysis measured (our reconstruction), and their plots."""
+statistics SPT's motivating analysis measured (our reconstruction); ``selfprompt.apps.analyze`` plots them."""
 
 from selfprompt.analysis.estimators import default_bins, pairwise_nmi, quantile_bins
 from selfprompt.analysis.statistics import (

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from selfprompt.analysis.estimators import pairwise_nmi
 from selfprompt.init.kmeans import kmeans
-from selfprompt.model import PromptedViT
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 STATISTICS: tuple[str, ...] = (
     "nmi_max",
@@ -34,14 +34,14 @@ class BlockInput:
 
 
 @torch.no_grad()
-def block_inputs(model: PromptedViT, images: torch.Tensor) -> list[BlockInput]:
+def block_inputs(model: nn.Module, images: torch.Tensor) -> list[BlockInput]:
     """The prompt and patch tokens at the input of every block, in eval mode (no prompt dropout).
 
     Token layout entering a block: ``[prefix ; prompts ; patches]``; prefix tokens (class, registers) are
     left out. The model's train/eval mode is restored afterwards.
     """
-    if not isinstance(model, PromptedViT):
-        raise TypeError(f"block_inputs needs a PromptedViT, got {type(model).__name__} (it has no prompts).")
+    if not getattr(model, "num_prompts", 0):
+        raise TypeError(f"block_inputs needs a model with prompts, got {type(model).__name__}.")
     p, m = model.num_prefix_tokens, model.num_prompts
     captured: list[BlockInput] = []
 
@@ -109,7 +109,7 @@ def layer_statistics(
 
 
 def prompt_patch_statistics(
-    model: PromptedViT, images: torch.Tensor, *, bins: int | None = None, seed: int = 0
+    model: nn.Module, images: torch.Tensor, *, bins: int | None = None, seed: int = 0
 ) -> list[dict[str, float]]:
     """:func:`layer_statistics` of every block's input for the probe ``images``; one dict per block.
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from selfprompt.data.datasets import _READ_ERRORS, IMAGE_EXTENSIONS, parse_list
 from selfprompt.data.manifest import MANIFEST_NAME, split_hash
@@ -192,3 +193,20 @@ def check_root(
         for problem in report[name]:
             log(f"  {problem}")
     return report
+
+
+def verify_prepared(task_dir: str | Path) -> dict[str, Any]:
+    """Check a prepared VTAB-mini task folder against its manifest (:func:`check_task`); raise naming every
+    problem and the command that rebuilds the task."""
+    task_dir = Path(task_dir)
+    path = task_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{task_dir} is not a prepared VTAB-mini task (no {MANIFEST_NAME}); rebuild it: selfprompt data "
+            f"prepare vtab-mini --root {task_dir.parent} --tasks {task_dir.name}."
+        )
+    manifest = json.loads(path.read_text())
+    problems = check_task(task_dir, tasks("vtab-mini")[manifest["task"]])
+    if problems:
+        raise ValueError(f"VTAB-mini task {task_dir} failed its check: {'; '.join(map(str, problems))}")
+    return manifest

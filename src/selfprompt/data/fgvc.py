@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from selfprompt.checkpoint import atomic_write
+from selfprompt.atomic import atomic_write
 from selfprompt.data.datasets import stratified_split
 
 import numpy as np

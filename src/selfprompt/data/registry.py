@@ -6,7 +6,7 @@ import difflib
 import functools
 from dataclasses import dataclass, field
 
-from selfprompt.data import vtab, vtab_mini
+from selfprompt.data import fgvc, vtab, vtab_mini
 
 BENCHMARKS = ("vtab-1k", "fgvc", "vtab-mini")
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
@@ -42,8 +42,6 @@ class TaskInfo:
 
 @functools.cache
 def _tasks() -> dict[str, dict[str, TaskInfo]]:
-    from selfprompt.data import fgvc
-
     return {
         "vtab-1k": {
             t.name: TaskInfo(t.name, "vtab-1k", t.group, t.num_classes, t.labels, t.folder,

@@ -5,7 +5,7 @@ generators with VTAB's structured labels.
 ``prepare(root)`` writes each task as ``root/<task>/`` with ``images/*.png`` and VTAB-1k's list files
 (``train800.txt``, ``val200.txt``, ``train800val200.txt``, ``test.txt``; ``selfprompt train`` reads them with
 ``data.layout list``) plus a ``manifest.json`` of counts, class counts and hashes, which
-:func:`verify` (and every run on the folder) checks.
+:func:`selfprompt.data.check.verify_prepared` (and every run on the folder) checks.
 """
 
 from __future__ import annotations
@@ -162,23 +162,3 @@ def prepare(root: str | Path, tasks: list[str] | None = None, log: Callable[[str
     }
     (root / MANIFEST_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return root / MANIFEST_NAME
-
-
-def verify(task_dir: str | Path) -> dict[str, Any]:
-    """Check a task folder against its manifest (:func:`selfprompt.data.check.check_task`); raise naming every
-    problem and the command that rebuilds the task."""
-    from selfprompt.data.check import check_task
-    from selfprompt.data.registry import task
-
-    task_dir = Path(task_dir)
-    path = task_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{task_dir} is not a prepared VTAB-mini task (no {MANIFEST_NAME}); rebuild it: selfprompt data "
-            f"prepare vtab-mini --root {task_dir.parent} --tasks {task_dir.name}."
-        )
-    manifest = json.loads(path.read_text())
-    problems = check_task(task_dir, task("vtab-mini", manifest["task"]))
-    if problems:
-        raise ValueError(f"VTAB-mini task {task_dir} failed its check: {'; '.join(map(str, problems))}")
-    return manifest

@@ -1,50 +1,25 @@
-"""One training stage: build, initialise, train epoch by epoch, evaluate, checkpoint, resume."""
+"""The one epoch loop of training and pretraining, its steps, evaluation and the training loader."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from selfprompt.build import build_model, init_method
-from selfprompt.checkpoint import atomic_write
-from selfprompt.config import TrainConfig
-from selfprompt.engine.distributed import Context, ShardSampler, all_reduce_sum, broadcast_
+from selfprompt.engine.distributed import Context, ShardSampler, all_reduce_sum
 from selfprompt.engine.ema import ParameterEMA
 from selfprompt.engine.metrics import MetricsLog
-from selfprompt.engine.optim import build_optimizer, warmup_cosine
-from selfprompt.engine.tracking import PromptTracker, probe_batch
-from selfprompt.init import init_prompts
-from selfprompt.model import PromptedViT, ViTClassifier
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
-
-STATE_NAME = "state.pt"
-RESULT_NAME = "result.json"
-
-
-@dataclass
-class Stage:
-    """What one stage trains on and evaluates: tune (train -> val) or final (train+val -> test)."""
-
-    name: str
-    train: Dataset
-    init: Dataset  # the training images with eval transforms, for SPT prototypes
-    eval_name: str
-    eval_set: Dataset
-    eval_every_epoch: bool
-    directory: Path
 
 
 def autocast(ctx: Context, precision: str):
@@ -175,253 +150,80 @@ def checked_loss(total: torch.Tensor, steps: int, ctx: Context, where: str, epoc
     return loss
 
 
-def _initialise_prompts(
-    cfg: TrainConfig, ctx: Context, model: ViTClassifier, stage: Stage, seed: int
-) -> None:
-    if not isinstance(model, PromptedViT):
-        return
-    if cfg.model.prompts_file is not None:
-        prompts = load_file(cfg.model.prompts_file)["prompts"]
-        if prompts.shape != model.prompts.shape:
-            raise ValueError(
-                f"{cfg.model.prompts_file} holds prompts of shape {tuple(prompts.shape)}, the model needs "
-                f"{tuple(model.prompts.shape)}."
-            )
-        with torch.no_grad():
-            model.prompts.copy_(prompts)
-        return
-    if ctx.is_main:  # computed once, then broadcast
-        loader = DataLoader(stage.init, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
-        init_prompts(
-            model,
-            loader,
-            init_method(cfg.model),
-            fraction=cfg.model.init_fraction,
-            max_images=cfg.model.init_max_images,
-            seed=seed,
-        )
-    broadcast_(model.prompts.data)
-
-
-def _peak_memory_mb(ctx: Context) -> float:
+def peak_memory_mb(ctx: Context) -> float:
     if ctx.device.type == "cuda":
         return torch.cuda.max_memory_allocated(ctx.device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def train_stage(
-    cfg: TrainConfig,
-    ctx: Context,
-    stage: Stage,
-    make_backbone: Callable[[], nn.Module],
-    num_classes: int,
-    classes: list[str],
-    seed: int,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    """Train one stage to its end (or resume it) and return its result; writes into ``stage.directory``."""
-    result_path = stage.directory / RESULT_NAME
-    if cfg.resume and result_path.is_file():
-        log(f"[{stage.name} seed {seed}] already finished: {result_path}")
-        return json.loads(result_path.read_text())
-    opt = cfg.optim
-    sampler, loader, steps_per_epoch = training_loader(
-        stage.train, cfg.data.batch_size, opt.accumulate, cfg.data.num_workers, ctx, seed,
-        f"The {stage.name} training split",
-    )  # fmt: skip
+@dataclass
+class EpochLoop:
+    """One training run's loop: the same for every stage of ``selfprompt train`` and for ``pretrain``.
 
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, make_backbone(), num_classes).to(ctx.device)
-    optimizer = build_optimizer(model, opt)
-    scheduler = warmup_cosine(
-        optimizer, opt.warmup_epochs * steps_per_epoch, opt.epochs * steps_per_epoch, opt.lr, opt.min_lr
-    )
-    ema = ParameterEMA(model.adapter_parameters(), opt.ema_decay) if opt.ema_decay else None
-    metrics = MetricsLog(stage.directory, cfg.tensorboard) if ctx.is_main else None
-    tracker = None
-    if cfg.track.every and ctx.is_main and isinstance(model, PromptedViT):  # the main process only
-        probe = probe_batch(stage.init, cfg.track.probe_images, seed).to(ctx.device)
-        tracker = PromptTracker(model, probe, cfg.track, opt.epochs, stage.directory, seed)
-    state_path = stage.directory / STATE_NAME
-    start_epoch, best = 1, {}
-    if cfg.resume and state_path.is_file():
-        state = load_state(state_path, ctx, model.adapter_parameters(), optimizer, scheduler)
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        if metrics is not None:
-            metrics.restore(state["history"])
-        if tracker is not None:
-            tracker.log.restore(state["analysis"])
-        log(f"[{stage.name} seed {seed}] resuming after epoch {state['epoch']}")
-    else:
-        _initialise_prompts(cfg, ctx, model, stage, seed)
-        if metrics is not None:
-            metrics.restore([])
-        if tracker is not None:
-            tracker.log.restore([])
-            tracker.record(0)
-        torch.manual_seed(seed * 1000 + ctx.rank)  # each rank its own dropout stream
-    net = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    trainable = model.num_adapter_parameters()
-    total = sum(p.numel() for p in model.parameters())
+    ``net`` is ``model`` or its DDP wrapper; ``label`` prefixes the log lines and the progress bar.
+    """
 
-    epoch_times = []
-    for epoch in range(start_epoch, opt.epochs + 1):
-        sampler.set_epoch(epoch)
-        model.train()
-        started = time.perf_counter()
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"{stage.name} seed {seed} epoch {epoch}/{opt.epochs}",
-            disable=not (cfg.progress and ctx.is_main),
-            leave=False,
-        )
-        loss_sum, data_time = train_epoch(
-            net,
-            iter(loader),
-            steps_per_epoch,
-            classification_loss,
-            optimizer,
-            scheduler,
-            ctx,
-            cfg.precision,
-            accumulate=opt.accumulate,
-            grad_clip=opt.grad_clip,
-            ema=ema,
-            bar=bar,
-        )
-        bar.close()
-        train_loss = checked_loss(loss_sum, steps_per_epoch, ctx, f"{stage.name} seed {seed}", epoch)
-        epoch_time = time.perf_counter() - started
-        epoch_times.append(epoch_time)
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": epoch * steps_per_epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_loss,
-            "epoch_time": epoch_time,
-            "data_time": data_time,
-        }
-        is_last = epoch == opt.epochs
-        if is_last or (stage.eval_every_epoch and epoch % cfg.eval_every == 0):
-            eval_batch = max(1, cfg.data.eval_batch_size // ctx.world_size)
-            eval_args = (stage.eval_set, ctx, eval_batch, cfg.precision, cfg.data.num_workers)
-            scores = evaluate(model, *eval_args)
-            row |= {f"{stage.eval_name}_{k}": v for k, v in scores.items()}
-            if ema is not None:
-                with ema.applied():
-                    row |= {f"ema_{stage.eval_name}_{k}": v for k, v in evaluate(model, *eval_args).items()}
-            if scores["acc"] > best.get("acc", -1.0):
-                best = {"acc": scores["acc"], "epoch": epoch}
-        if ctx.is_main:
-            metrics.log(row)
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
-            eta = (opt.epochs - epoch) * sum(epoch_times) / len(epoch_times)
-            log(f"[{stage.name} seed {seed}] epoch {epoch}/{opt.epochs}: {shown}, stage eta {eta:.0f}s")
-        if tracker is not None and tracker.due(epoch):
-            tracker.record(epoch)
-        save_state(
-            state_path,
-            ctx,
-            epoch,
-            model.adapter_parameters(),
-            optimizer,
-            scheduler,
-            ema=ema.state_dict() if ema is not None else None,
-            best=best,
-            history=metrics.rows if metrics is not None else None,
-            analysis=tracker.log.rows if tracker is not None else None,
-        )
+    net: nn.Module
+    model: nn.Module
+    loader: DataLoader
+    sampler: DistributedSampler
+    steps: int
+    compute_loss: LossFn
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ctx: Context
+    precision: str
+    label: str
+    log: Callable[[str], None]
+    metrics: MetricsLog | None = None
+    accumulate: int = 1
+    grad_clip: float | None = None
+    ema: ParameterEMA | None = None
+    progress: bool = True
 
-    result: dict[str, Any] = {
-        "stage": stage.name,
-        "seed": seed,
-        "epochs": opt.epochs,
-        f"last_{stage.eval_name}_acc": metrics.rows[-1][f"{stage.eval_name}_acc"] if metrics else None,
-        f"best_{stage.eval_name}_acc": best.get("acc"),
-        "best_epoch": best.get("epoch"),
-        "trainable_parameters": trainable,
-        "trainable_share": trainable / total,
-        "seconds_per_epoch": sum(epoch_times) / len(epoch_times) if epoch_times else None,
-        "peak_memory_mb": _peak_memory_mb(ctx),
-        "selected_on_test": stage.eval_name == "test" and stage.eval_every_epoch,
-    }
-    if ema is not None and metrics:
-        result[f"last_ema_{stage.eval_name}_acc"] = metrics.rows[-1][f"ema_{stage.eval_name}_acc"]
-    if ctx.is_main:
-        model.save_pretrained(stage.directory / "adapter")
-        if ema is not None:
-            with ema.applied():
-                model.save_pretrained(stage.directory / "adapter_ema")
-        atomic_write(stage.directory / "classes.json", lambda p: p.write_text(json.dumps(classes)))
-        atomic_write(result_path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-        metrics.close()
-    return result
-
-
-def save_state(
-    path: Path,
-    ctx: Context,
-    epoch: int,
-    params: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    **extra: Any,
-) -> None:
-    """Checkpoint the end of ``epoch`` atomically (every rank calls it: each rank's RNG state is kept)."""
-    rng = _gather_rng_states(ctx)
-    if not ctx.is_main:
-        return
-    state = {
-        "epoch": epoch,
-        "adapter": {k: p.detach().cpu() for k, p in params.items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng,
-        **extra,
-    }
-    atomic_write(path, lambda p: torch.save(state, p))
-
-
-def load_state(
-    path: Path,
-    ctx: Context,
-    params: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> dict[str, Any]:
-    """Restore what :func:`save_state` wrote into ``params``, the optimizer, the scheduler and this rank's
-    RNG; returns the whole state (its epoch and extras)."""
-    state = torch.load(path, map_location=ctx.device, weights_only=True)
-    if len(state["rng"]) != ctx.world_size:
-        raise ValueError(
-            f"{path} was written by {len(state['rng'])} process(es); resume with as many "
-            f"(now {ctx.world_size}), so that the data order and the result stay the same."
-        )
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state["adapter"][k])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][ctx.rank]
-    torch.set_rng_state(rng["cpu"].cpu())
-    if rng.get("cuda") is not None and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), ctx.device)
-    return state
-
-
-def _gather_rng_states(ctx: Context) -> list[dict[str, torch.Tensor]]:
-    """Every rank's RNG states (each rank's dropout stream), collected on all ranks."""
-    state = {"cpu": torch.get_rng_state()}
-    if ctx.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
-    if ctx.world_size == 1:
-        return [state]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, state)
-    return gathered
+    def run(
+        self,
+        start_epoch: int,
+        epochs: int,
+        evaluate_epoch: Callable[[int], dict[str, Any]],
+        end_epoch: Callable[[int], None],
+    ) -> list[float]:
+        """Train epochs ``start_epoch..epochs``; after each, ``evaluate_epoch(epoch)`` adds its scores to the
+        metrics row, which is logged, then ``end_epoch(epoch)`` runs (tracking, the state checkpoint).
+        Returns the epochs' wall times."""
+        epoch_times: list[float] = []
+        for epoch in range(start_epoch, epochs + 1):
+            self.sampler.set_epoch(epoch)
+            self.model.train()
+            started = time.perf_counter()
+            bar = tqdm(
+                total=self.steps,
+                desc=f"{self.label} epoch {epoch}/{epochs}",
+                disable=not (self.progress and self.ctx.is_main),
+                leave=False,
+            )
+            loss_sum, data_time = train_epoch(
+                self.net, iter(self.loader), self.steps, self.compute_loss, self.optimizer, self.scheduler,
+                self.ctx, self.precision, accumulate=self.accumulate, grad_clip=self.grad_clip, ema=self.ema,
+                bar=bar,
+            )  # fmt: skip
+            bar.close()
+            train_loss = checked_loss(loss_sum, self.steps, self.ctx, self.label, epoch)
+            epoch_time = time.perf_counter() - started
+            epoch_times.append(epoch_time)
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "step": epoch * self.steps,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": train_loss,
+                "epoch_time": epoch_time,
+                "data_time": data_time,
+            }
+            row |= evaluate_epoch(epoch)
+            if self.metrics is not None:
+                self.metrics.log(row)
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
+                eta = (epochs - epoch) * sum(epoch_times) / len(epoch_times)
+                self.log(f"[{self.label}] epoch {epoch}/{epochs}: {shown}, eta {eta:.0f}s")
+            end_epoch(epoch)
+        return epoch_times

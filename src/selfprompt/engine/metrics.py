@@ -5,24 +5,26 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 from typing import Any
 
-from selfprompt.checkpoint import atomic_write
+from selfprompt.atomic import atomic_write
+from selfprompt.engine.rundir import TrainingDir
 
 
 class MetricsLog:
-    """Rows of per-epoch values in ``<name>.jsonl`` and ``<name>.csv`` under ``directory``."""
+    """Rows of per-epoch values in ``<name>.jsonl`` and ``<name>.csv`` of a training folder."""
 
-    def __init__(self, directory: Path, tensorboard: bool = False, name: str = "metrics") -> None:
-        self.jsonl = directory / f"{name}.jsonl"
-        self.csv = directory / f"{name}.csv"
+    def __init__(
+        self, folder: TrainingDir, tensorboard: bool = False, name: str = TrainingDir.METRICS
+    ) -> None:
+        self.jsonl = folder.log_file(name, "jsonl")
+        self.csv = folder.log_file(name, "csv")
         self.rows: list[dict[str, Any]] = []
         self.writer = None
         if tensorboard:  # the run checked up front that the package is installed
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(directory / "tensorboard"))
+            self.writer = SummaryWriter(str(folder.tensorboard))
 
     def restore(self, rows: list[dict[str, Any]]) -> None:
         """Start from ``rows`` (a resumed run's history), dropping lines written after its checkpoint."""

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.backbones import backbone_info
-from selfprompt.build import Splits, build_splits, create_backbone, head_input, init_method, preprocessing
-from selfprompt.checkpoint import atomic_write
-from selfprompt.config import RESUMABLE_CHANGES, TrainConfig, flatten
+from selfprompt.config import RESUMABLE_CHANGES, TrainConfig, flatten, migrate
+from selfprompt.data.splits import Splits, build_splits, preprocessing
+from selfprompt.engine.build import build_model, create_backbone, head_input, method_settings
 from selfprompt.engine.distributed import Context, barrier, setup, teardown
-from selfprompt.engine.loop import Stage, train_stage
+from selfprompt.engine.rundir import RunDir
+from selfprompt.engine.stage import STAGE_NAMES, StageOptions, build_stage, train_stage
 from selfprompt.engine.tracking import check_track
 from selfprompt.init.registry import get_initializer
 from selfprompt.version import __version__
@@ -28,9 +29,6 @@ import numpy
 import timm
 import torch
 import torchvision
-import yaml
-
-CONFIG_NAME = "config.yaml"
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -46,16 +44,16 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any], defaults: dic
     )
 
 
-def prepare_run_dir(cfg: Any, ctx: Context) -> Path:
+def prepare_run_dir(cfg: Any, ctx: Context) -> RunDir:
     """Create the run directory, or check that a resumed run's config is unchanged; never overwrite a run."""
-    out = Path(cfg.output_dir)
-    saved_path = out / CONFIG_NAME
-    if saved_path.is_file():
+    run = RunDir(Path(cfg.output_dir))
+    out = run.path
+    if run.is_run():
         if not cfg.resume:
             raise FileExistsError(
                 f"{out} already holds a run. Continue it with --resume true, or pick a new --output_dir."
             )
-        saved = yaml.safe_load(saved_path.read_text())
+        saved = migrate(run.read_config())
         changed = changed_fields(saved, config_dict(cfg), config_dict(type(cfg)()))
         if changed:
             raise ValueError(
@@ -63,14 +61,13 @@ def prepare_run_dir(cfg: Any, ctx: Context) -> Path:
                 f"start a new run with another --output_dir."
             )
     elif cfg.resume:
-        raise FileNotFoundError(f"Nothing to resume: {saved_path} does not exist.")
+        raise FileNotFoundError(f"Nothing to resume: {run.config} does not exist.")
     barrier()  # every rank has checked before the main one writes
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(config_dict(cfg), sort_keys=False)
-        atomic_write(saved_path, lambda p: p.write_text(text))
+        run.write_config(config_dict(cfg))
     barrier()
-    return out
+    return run
 
 
 def run_environment(ctx: Context) -> dict[str, Any]:
@@ -188,45 +185,38 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                 "tensorboard true needs the tensorboard package: pip install 'selfprompt[tensorboard]'"
             )
         check_track(cfg.track, cfg.model.method)
-        method = init_method(cfg.model)
-        if method is not None:
-            get_initializer(method)
+        method, settings = method_settings(cfg)
+        init = method.initializer(getattr(settings, "init", None)) if method.has_prompts else None
+        if init is not None:
+            get_initializer(init)
         pristine = create_backbone(cfg.model)
         backbone = backbone_record(cfg, pristine)
         say(backbone_info(pristine).describe())
         splits = build_splits(cfg.data, pristine)
-        out = prepare_run_dir(cfg, ctx)
+        run = prepare_run_dir(cfg, ctx)
         if ctx.is_main:
-            text = json.dumps(environment(cfg, ctx, splits, backbone), indent=2) + "\n"
-            atomic_write(out / "env.json", lambda p: p.write_text(text))
+            run.write_env(environment(cfg, ctx, splits, backbone))
+        options = StageOptions.of(cfg.optim, cfg.data, cfg, cfg.track, cfg.eval_every)
+        prepare = None
+        if method.prepare is not None:
+
+            def prepare(model, loader, seed):
+                method.prepare(method, model, settings, loader, seed)
+
         results = []
         for seed in cfg.seeds:
-            stages = {
-                "tune": Stage(
-                    "tune", splits.train, splits.init_train, "val", splits.val, True, out / f"seed{seed}/tune"
-                ),
-                "final": Stage(
-                    "final",
-                    splits.trainval,
-                    splits.init_trainval,
-                    "test",
-                    splits.test,
-                    cfg.unsafe_select_on_test,
-                    out / f"seed{seed}/final",
-                ),
-            }
-            for name in ("tune", "final") if cfg.stage == "both" else (cfg.stage,):
-                stage = stages[name]
+            for name in STAGE_NAMES if cfg.stage == "both" else (cfg.stage,):
+                stage = build_stage(name, splits, run, seed, cfg.unsafe_select_on_test)
                 if ctx.is_main:
-                    stage.directory.mkdir(parents=True, exist_ok=True)
+                    stage.folder.path.mkdir(parents=True, exist_ok=True)
                 barrier()
                 results.append(
                     train_stage(
-                        cfg,
-                        ctx,
                         stage,
-                        lambda: copy.deepcopy(pristine),
-                        len(splits.classes),
+                        options,
+                        ctx,
+                        lambda: build_model(cfg, copy.deepcopy(pristine), len(splits.classes)),
+                        prepare,
                         splits.classes,
                         seed,
                         say,
@@ -234,10 +224,9 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                 )
         summary = {**summarize(results), "backbone": backbone} if ctx.is_main else {}
         if ctx.is_main:
-            text = json.dumps({"summary": summary, "results": results}, indent=2) + "\n"
-            atomic_write(out / "summary.json", lambda p: p.write_text(text))
+            run.write_summary({"summary": summary, "results": results})
             say(format_summary(cfg, summary))
-            say(f"Run directory: {out}")
+            say(f"Run directory: {run.path}")
         return summary
     finally:
         teardown()

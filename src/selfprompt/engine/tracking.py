@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from selfprompt.analysis.statistics import STATISTICS, BlockInput, block_inputs, layer_statistics
-from selfprompt.checkpoint import atomic_write
+from selfprompt.atomic import atomic_write
 from selfprompt.config import TrackConfig
 from selfprompt.engine.metrics import MetricsLog
-from selfprompt.model import PromptedViT
+from selfprompt.engine.rundir import TrainingDir
+from selfprompt.methods import get_method
+from selfprompt.model import ViTClassifier
 
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
-
-ANALYSIS_NAME = "analysis"  # analysis.jsonl and analysis.csv in a stage directory
-PROJECTION_PREFIX = "projection_epoch"  # projection_epoch<E>.safetensors: prompts and patch tokens
 
 
 def check_track(track: TrackConfig, method: str) -> None:
     """Refuse tracking settings that cannot work, before anything runs."""
     if track.every < 0:
         raise ValueError(f"track.every must be >= 0 (0 tracks nothing), got {track.every}.")
-    if track.every and method in ("linear", "full"):
+    if track.every and not get_method(method).has_prompts:
         raise ValueError(f"track.every needs prompts and method {method!r} has none; set track.every 0.")
     if track.probe_images < 1 or track.projection_tokens < 1:
         raise ValueError(
@@ -50,7 +48,7 @@ def flat_row(epoch: int, statistics: list[dict[str, float]]) -> dict[str, Any]:
 class PromptTracker:
     """Records :func:`~selfprompt.analysis.statistics.layer_statistics` of every block on a fixed probe batch.
 
-    Rows go to ``analysis.jsonl`` and ``analysis.csv`` in ``directory`` (``log.rows`` is what a checkpoint
+    Rows go to ``analysis.jsonl`` and ``analysis.csv`` in ``folder`` (``log.rows`` is what a checkpoint
     keeps, so that resuming restores them). At epoch 0 and the last epoch it also saves, for the 2-D
     projection, the prompts entering each block (those of the first probe image: deep prompts are the same
     for every image) and a fixed sample of the probe's patch tokens, in ``projection_epoch<E>.safetensors``.
@@ -59,16 +57,16 @@ class PromptTracker:
 
     def __init__(
         self,
-        model: PromptedViT,
+        model: ViTClassifier,
         probe: torch.Tensor,
         track: TrackConfig,
         epochs: int,
-        directory: Path,
+        folder: TrainingDir,
         seed: int,
     ) -> None:
         self.model, self.probe, self.track = model, probe, track
-        self.epochs, self.directory, self.seed = epochs, directory, seed
-        self.log = MetricsLog(directory, name=ANALYSIS_NAME)
+        self.epochs, self.folder, self.seed = epochs, folder, seed
+        self.log = MetricsLog(folder, name=TrainingDir.ANALYSIS)
 
     def due(self, epoch: int) -> bool:
         return epoch == 0 or epoch % self.track.every == 0 or epoch == self.epochs
@@ -94,5 +92,7 @@ class PromptTracker:
             "prompts": torch.stack([layer.prompts[0] for layer in layers]).cpu().contiguous(),
             "patches": patches[:, chosen.sort().values.to(patches.device)].cpu().contiguous(),
         }
-        path = self.directory / f"{PROJECTION_PREFIX}{epoch}.safetensors"
-        atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"epoch": str(epoch)}))
+        atomic_write(
+            self.folder.projection(epoch),
+            lambda p: save_file(tensors, str(p), metadata={"epoch": str(epoch)}),
+        )

@@ -12,16 +12,16 @@ from selfprompt.init.registry import (
     get_initializer,
     register_initializer,
 )
-from selfprompt.model import PromptedViT
 
 import torch
+from torch import nn
 
 __all__ = ["PromptInitializer", "available_initializers", "init_prompts", "register_initializer"]
 
 
 @torch.no_grad()
 def init_prompts(
-    model: PromptedViT,
+    model: nn.Module,
     loader: Iterable | None = None,
     method: str = "sample",
     *,
@@ -38,7 +38,8 @@ def init_prompts(
     Memory stays bounded: at most ``max_tokens`` tokens per layer are kept (k-means), M for the others.
 
     Args:
-        model: The PromptedViT whose prompts are set.
+        model: A model with prompts (``prompts`` of shape (layers, M, D), ``num_prompts``,
+            ``num_prompt_layers``, ``backbone``), e.g. a PromptedViT, whose prompts are set.
         loader: Batches of the task's training images (use eval transforms); a tensor, an
             ``(images, labels)`` pair or a dict with an ``image``/``pixel_values`` entry per batch.
         method: A registered initializer: see :func:`available_initializers`.
@@ -47,8 +48,8 @@ def init_prompts(
         seed: Seeds the subset, the sampling and k-means; the same seed gives the same prompts.
         max_tokens: Tokens kept per layer for k-means.
     """
-    if not isinstance(model, PromptedViT):
-        raise TypeError(f"init_prompts needs a PromptedViT, got {type(model).__name__} (it has no prompts).")
+    if not isinstance(getattr(model, "prompts", None), nn.Parameter):
+        raise TypeError(f"init_prompts needs a model with prompts, got {type(model).__name__} (it has none).")
     initializer = get_initializer(method)
     if fraction is not None and not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}.")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
-
-if TYPE_CHECKING:
-    from selfprompt.model import PromptedViT
+from torch import nn
 
 
 class PromptInitializer:
@@ -18,7 +16,7 @@ class PromptInitializer:
 
     needs_tokens: ClassVar[bool] = True
 
-    def __init__(self, model: PromptedViT, *, generator: torch.Generator, max_tokens: int) -> None:
+    def __init__(self, model: nn.Module, *, generator: torch.Generator, max_tokens: int) -> None:
         self.num_prompts = model.num_prompts
         self.generator = generator
         self.max_tokens = max_tokens

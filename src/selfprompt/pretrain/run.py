@@ -8,28 +8,18 @@ epoch, for ``--resume``), and at the end ``encoder.safetensors`` (the backbone w
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from selfprompt.checkpoint import atomic_write
+from selfprompt.atomic import atomic_write
 from selfprompt.data import build_transform, data_config
 from selfprompt.engine.distributed import Context, setup, teardown
-from selfprompt.engine.loop import (
-    STATE_NAME,
-    LossFn,
-    checked_loss,
-    evaluate,
-    load_state,
-    save_state,
-    train_epoch,
-    training_loader,
-)
+from selfprompt.engine.loop import EpochLoop, LossFn, evaluate, training_loader
 from selfprompt.engine.metrics import MetricsLog
 from selfprompt.engine.optim import warmup_cosine
 from selfprompt.engine.run import prepare_run_dir, run_environment
+from selfprompt.engine.rundir import RunDir
+from selfprompt.engine.state import load_state, save_state
 from selfprompt.pretrain.config import PretrainConfig
 from selfprompt.pretrain.data import pretrain_datasets
 from selfprompt.pretrain.mae import MaskedAutoencoder
@@ -40,10 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
-ENCODER_NAME = "encoder.safetensors"
-SUMMARY_NAME = "summary.json"
 _UNDECAYED_TOKENS = ("pos_embed", "cls_token", "reg_token", "mask_token")
 
 
@@ -104,11 +91,12 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[st
             encoder.reset_classifier(len(train.classes))
         else:
             evaluation = None  # MAE reports its reconstruction loss only
-        out = prepare_run_dir(cfg, ctx)
+        run = prepare_run_dir(cfg, ctx)
         if ctx.is_main:
-            env = run_environment(ctx) | {"data_fingerprint": train.fingerprint(), "images": len(train)}
-            atomic_write(out / "env.json", lambda p: p.write_text(json.dumps(env, indent=2) + "\n"))
-        return _train(cfg, ctx, model.to(ctx.device), encoder, compute_loss, train, evaluation, out, say)
+            run.write_env(
+                run_environment(ctx) | {"data_fingerprint": train.fingerprint(), "images": len(train)}
+            )
+        return _train(cfg, ctx, model.to(ctx.device), encoder, compute_loss, train, evaluation, run, say)
     finally:
         teardown()
 
@@ -121,13 +109,12 @@ def _train(
     compute_loss: LossFn,
     train: Any,
     evaluation: Any,
-    out: Path,
+    run: RunDir,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    summary_path = out / SUMMARY_NAME
-    if cfg.resume and summary_path.is_file():
-        say(f"[pretrain] already finished: {summary_path}")
-        return json.loads(summary_path.read_text())
+    if cfg.resume and run.summary.is_file():
+        say(f"[pretrain] already finished: {run.summary}")
+        return run.read_summary()
     opt, data = cfg.optim, cfg.data
     sampler, loader, steps = training_loader(
         train, data.batch_size, opt.accumulate, data.num_workers, ctx, cfg.seed, "The pretraining set"
@@ -135,10 +122,10 @@ def _train(
     optimizer = pretrain_optimizer(model, cfg)
     scheduler = warmup_cosine(optimizer, opt.warmup_epochs * steps, opt.epochs * steps, opt.lr, opt.min_lr)
     params = dict(model.named_parameters())
-    metrics = MetricsLog(out, cfg.tensorboard) if ctx.is_main else None
-    state_path, start_epoch = out / STATE_NAME, 1
-    if cfg.resume and state_path.is_file():
-        state = load_state(state_path, ctx, params, optimizer, scheduler)
+    metrics = MetricsLog(run, cfg.tensorboard) if ctx.is_main else None
+    start_epoch = 1
+    if cfg.resume and run.state.is_file():
+        state = load_state(run.state, ctx, params, optimizer, scheduler)
         start_epoch = state["epoch"] + 1
         if metrics is not None:
             metrics.restore(state["history"])
@@ -146,43 +133,27 @@ def _train(
     elif metrics is not None:
         metrics.restore([])
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    for epoch in range(start_epoch, opt.epochs + 1):
-        sampler.set_epoch(epoch)
-        model.train()
-        bar = tqdm(
-            total=steps,
-            desc=f"pretrain epoch {epoch}/{opt.epochs}",
-            disable=not (cfg.progress and ctx.is_main),
-            leave=False,
-        )
-        begin = time.perf_counter()
-        loss_sum, data_time = train_epoch(
-            net, iter(loader), steps, compute_loss, optimizer, scheduler, ctx, cfg.precision,
-            accumulate=opt.accumulate, grad_clip=opt.grad_clip, bar=bar,
-        )  # fmt: skip
-        bar.close()
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": epoch * steps,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": checked_loss(loss_sum, steps, ctx, "pretrain", epoch),
-            "epoch_time": time.perf_counter() - begin,
-            "data_time": data_time,
-        }
-        if evaluation is not None and (epoch % cfg.eval_every == 0 or epoch == opt.epochs):
-            scores = evaluate(model, evaluation, ctx, data.eval_batch_size, cfg.precision, data.num_workers)
-            row |= {f"eval_{k}": v for k, v in scores.items()}
-        if metrics is not None:
-            metrics.log(row)
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
-            say(f"[pretrain] epoch {epoch}/{opt.epochs}: {shown}")
+
+    def evaluate_epoch(epoch: int) -> dict[str, Any]:
+        if evaluation is None or not (epoch % cfg.eval_every == 0 or epoch == opt.epochs):
+            return {}
+        scores = evaluate(model, evaluation, ctx, data.eval_batch_size, cfg.precision, data.num_workers)
+        return {f"eval_{k}": v for k, v in scores.items()}
+
+    def end_epoch(epoch: int) -> None:
         save_state(
-            state_path, ctx, epoch, params, optimizer, scheduler, history=metrics.rows if metrics else None
+            run.state, ctx, epoch, params, optimizer, scheduler, history=metrics.rows if metrics else None
         )
+
+    loop = EpochLoop(
+        net, model, loader, sampler, steps, compute_loss, optimizer, scheduler, ctx, cfg.precision,
+        "pretrain", say, metrics, accumulate=opt.accumulate, grad_clip=opt.grad_clip, progress=cfg.progress,
+    )  # fmt: skip
+    loop.run(start_epoch, opt.epochs, evaluate_epoch, end_epoch)
     if not ctx.is_main:
         return {}
     weights = {k: v.detach().cpu().contiguous() for k, v in _encoder_state(model).items()}
-    atomic_write(out / ENCODER_NAME, lambda p: save_file(weights, str(p)))
+    atomic_write(run.encoder, lambda p: save_file(weights, str(p)))
     rows = metrics.rows
     summary = {
         "objective": cfg.objective,
@@ -191,15 +162,15 @@ def _train(
         "images": len(train),
         "final_train_loss": rows[-1]["train_loss"],
         "wall_time_s": sum(r["epoch_time"] for r in rows),
-        "encoder_sha256": hashlib.sha256((out / ENCODER_NAME).read_bytes()).hexdigest(),
+        "encoder_sha256": hashlib.sha256(run.encoder.read_bytes()).hexdigest(),
         "encoder_parameters": sum(v.numel() for v in weights.values()),
     }
     if "eval_acc" in rows[-1]:
         summary["final_eval_acc"] = rows[-1]["eval_acc"]
-    atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    run.write_summary(summary)
     metrics.close()
     say(
         f"[pretrain] {cfg.objective} {cfg.backbone}: final loss {summary['final_train_loss']:.4f} after "
-        f"{opt.epochs} epochs, {summary['wall_time_s']:.0f} s; encoder weights {out / ENCODER_NAME}"
+        f"{opt.epochs} epochs, {summary['wall_time_s']:.0f} s; encoder weights {run.encoder}"
     )
     return summary

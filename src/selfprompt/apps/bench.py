@@ -5,7 +5,7 @@ VTAB-mini cells use the package's recipes with the zoo backbones; VTAB-1k and FG
 ``<recipes>/<backbone>/<method>.yaml`` (the repository's ``recipes/vtab`` and ``recipes/fgvc``), where a
 backbone is a recipe folder (``mae``, ``moco``, ``sup_in21k``).
 
-A cell with a ``summary.json`` is never run again; one that stopped part-way resumes from its checkpoint.
+A cell with a ``cell.json`` is never run again; one that stopped part-way resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from selfprompt.checkpoint import atomic_write
-from selfprompt.config import METHODS, Method
+from selfprompt.apps.report import write_report
+from selfprompt.atomic import write_json
+from selfprompt.config import MethodName
 from selfprompt.data import registry
+from selfprompt.engine.rundir import RunDir
+from selfprompt.methods import get_method, method_names
 from selfprompt.zoo.models import ZOO_TAGS
 
 RECIPES = Path(__file__).parent / "recipes" / "vtab_mini"
@@ -49,15 +52,16 @@ class BenchConfig:
         benchmark: vtab-mini, vtab-1k or fgvc.
         output_dir: Where cells, tables and the plot go; rerunning continues what is there.
         tasks: Tasks; None runs every task found in root.
-        methods: Methods, each trained with its recipe.
+        methods: Methods, each trained with its recipe (default: every registered method).
         backbones: vtab-mini: timm names (default: both zoo backbones); vtab-1k, fgvc: recipe folders
             (default: mae, moco, sup_in21k).
         recipes: vtab-1k, fgvc: the folder of <backbone>/<method>.yaml recipes (default: recipes/vtab or
             recipes/fgvc under the current folder).
         overrides: Extra `--section.field value` arguments for every cell, e.g. ["--model.checkpoint", "P"].
         seeds: Seeds of every cell.
-        inits: Sweep SPT's prompt initializer over these (spt-* methods); None keeps the recipe's.
-        num_prompts: Sweep the prompt length over these (prompt methods); None keeps the recipe's.
+        inits: Sweep the prompt initializer over these (methods that take any initializer, e.g. spt-*);
+            None keeps the recipe's.
+        num_prompts: Sweep the prompt length over these (methods with prompts); None keeps the recipe's.
         epochs: Training epochs of every cell; None keeps the recipes' (10).
         stage: final (train on train800val200 with the recipe's fixed settings, test once) or both
             (also the tune stage: train800 -> val200 curves).
@@ -72,7 +76,7 @@ class BenchConfig:
     benchmark: Literal["vtab-mini", "vtab-1k", "fgvc"] = "vtab-mini"
     output_dir: str = "runs/bench"
     tasks: list[str] | None = None
-    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    methods: list[MethodName] = field(default_factory=method_names)
     backbones: list[str] | None = None
     recipes: str | None = None
     overrides: list[str] = field(default_factory=list)
@@ -133,14 +137,15 @@ def grid(cfg: BenchConfig) -> list[Cell]:
             f"{cfg.benchmark} tasks {missing or list(known)} are not prepared in {root}: run selfprompt data "
             f"prepare {cfg.benchmark} (see selfprompt data list for the folder each task needs)."
         )
-    unknown = [m for m in cfg.methods if m not in METHODS]
+    unknown = [m for m in cfg.methods if m not in method_names()]
     if unknown:
-        raise ValueError(f"Unknown methods {unknown}; methods: {list(METHODS)}.")
+        raise ValueError(f"Unknown methods {unknown}; methods: {method_names()}.")
     cells = []
-    for seed, backbone, task, method in itertools.product(cfg.seeds, backbones(cfg), tasks, cfg.methods):
-        inits = cfg.inits if cfg.inits and method.startswith("spt") else [None]
-        lengths = cfg.num_prompts if cfg.num_prompts and method not in ("linear", "full") else [None]
-        cells += [Cell(backbone, task, method, seed, i, m) for i in inits for m in lengths]
+    for seed, backbone, task, name in itertools.product(cfg.seeds, backbones(cfg), tasks, cfg.methods):
+        method = get_method(name)
+        inits = cfg.inits if cfg.inits and method.has_prompts and method.inits is None else [None]
+        lengths = cfg.num_prompts if cfg.num_prompts and method.has_prompts else [None]
+        cells += [Cell(backbone, task, name, seed, i, m) for i in inits for m in lengths]
     absent = sorted({str(recipe(cfg, c)) for c in cells if not recipe(cfg, c).is_file()})
     if absent:
         raise FileNotFoundError(
@@ -171,19 +176,20 @@ def cell_command(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list[
     if cfg.num_workers is not None:
         args += ["--data.num_workers", str(cfg.num_workers)]
     if cell.init is not None:
-        args += ["--model.init", cell.init]
+        args += ["--prompt.init", cell.init]
     if cell.num_prompts is not None:
-        args += ["--model.num_prompts", str(cell.num_prompts)]
+        args += ["--prompt.num_prompts", str(cell.num_prompts)]
     return args + list(cfg.overrides) + (["--resume", "true"] if resume else [])
 
 
 def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str, Any]:
     """Train one cell in its own process (or return its record if it already finished)."""
     directory = cell.directory(out)
+    run = RunDir(directory)
     record_path = directory / CELL_NAME
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    resume = (directory / "config.yaml").is_file()
+    resume = run.is_run()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.perf_counter()
     done = subprocess.run(cell_command(cfg, cell, out, resume), env=env, capture_output=True, text=True)
@@ -192,8 +198,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
         log.write(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"cell {directory} failed (exit {done.returncode}); see {directory / LOG_NAME}")
-    summary = json.loads((directory / "summary.json").read_text())
-    env_info = json.loads((directory / "env.json").read_text())
+    summary, env_info = run.read_summary(), run.read_env()
     final = next(r for r in summary["results"] if r["stage"] == "final")
     tune = next((r for r in summary["results"] if r["stage"] == "tune"), None)
     record = asdict(cell) | {
@@ -208,7 +213,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
         "device": env_info.get("device_name") or env_info["device"],
         "resumed": resume,
     }
-    atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    write_json(record_path, record)
     return record
 
 
@@ -248,8 +253,6 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str
             f"bench: stopped after {cfg.stop_after_minutes} min with {len(rows)}/{len(cells)} cells; "
             "rerun the same command to go on."
         )
-    from selfprompt.bench_report import write_report
-
     for path in write_report(rows, out, cfg, cfg.benchmark):
         log(f"bench: wrote {path}")
     return rows

@@ -7,17 +7,17 @@ train800val200 instead)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from selfprompt.bench import RECIPES, zoo_pool
-from selfprompt.checkpoint import atomic_write
+from selfprompt.apps.bench import RECIPES, zoo_pool
+from selfprompt.apps.predict import evaluate_run
+from selfprompt.atomic import write_json
 from selfprompt.config import TrainConfig
 from selfprompt.data import vtab_mini
 from selfprompt.engine.run import run
-from selfprompt.predict import evaluate_run
+from selfprompt.engine.rundir import RunDir
 
 import yaml
 
@@ -57,16 +57,13 @@ def demo(
         optim = {"epochs": epochs} if epochs is not None else {}
         cfg = method_config(
             method, DEMO_BACKBONE, data_root / task, run_dir, seeds=[seed], device=device, optim=optim,
-            stage="tune", resume=(run_dir / "config.yaml").is_file(),
+            stage="tune", resume=RunDir(run_dir).is_run(),
         )  # fmt: skip
         log(f"Training {method}: {cfg.optim.epochs} epochs on train800, validating on val200 ...")
         started = time.perf_counter()
         summary = run(cfg, log=lambda _: None)
         test = evaluate_run(run_dir, "test", seed, "tune", device)  # the trained model, on test once
-        curve = [
-            json.loads(line)
-            for line in (run_dir / f"seed{seed}" / "tune" / "metrics.jsonl").read_text().splitlines()
-        ]
+        curve = RunDir(run_dir).stage(seed, "tune").read_rows()
         results["methods"][method] = {
             "val_acc": curve[-1]["val_acc"],
             "test_acc": test["acc"],
@@ -76,8 +73,7 @@ def demo(
             "val_curve": [r["val_acc"] for r in curve],
             "run_dir": str(run_dir),
         }
-    text = json.dumps(results, indent=2) + "\n"
-    atomic_write(out / "demo.json", lambda p: p.write_text(text))
+    write_json(out / "demo.json", results)
     log("")
     log(table(results))
     plotted = plot_curves(results, out / "demo.png")

@@ -1,4 +1,4 @@
-"""From a config to objects: the backbone, the model of a method, the splits of the protocol."""
+"""The protocol's splits of a configured dataset: loaded, checked and transformed before anything is written."""
 
 from __future__ import annotations
 
@@ -7,79 +7,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfprompt import backbones
-from selfprompt.backbones import backbone_info
-from selfprompt.config import DataConfig, ModelConfig
-from selfprompt.data import (
-    ImageDataset,
-    build_transform,
-    data_config,
-    load_split,
-    merge,
-    registry,
-    split_off,
-    vtab_mini,
-)
-from selfprompt.model import PromptedViT, ViTClassifier, backbone_pool
+from selfprompt.data import registry
+from selfprompt.data.check import verify_prepared
+from selfprompt.data.config import DataConfig
+from selfprompt.data.datasets import ImageDataset, load_split, merge, split_off
+from selfprompt.data.manifest import MANIFEST_NAME
+from selfprompt.data.transforms import build_transform, data_config
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 NORMALIZATIONS = ("backbone", "imagenet")
-
-
-def create_backbone(cfg: ModelConfig) -> nn.Module:
-    """The configured backbone (see :func:`selfprompt.backbones.create_backbone`)."""
-    return backbones.create_backbone(
-        cfg.backbone,
-        cfg.checkpoint,
-        pretrained=cfg.pretrained,
-        **dict(cfg.backbone_kwargs, drop_path_rate=cfg.drop_path),
-    )
-
-
-def backbone_name(backbone: nn.Module) -> str | None:
-    """The name saved with adapters: the timm name, plus the weights file when one was given."""
-    return backbone_info(backbone).adapter_name
-
-
-def head_input(cfg: ModelConfig, backbone: nn.Module) -> str:
-    """``model.pool``, else the weights family's (``mae`` for MAE), else the backbone's own pooling."""
-    return cfg.pool or backbone_info(backbone).pool or backbone_pool(backbone)
-
-
-def init_method(cfg: ModelConfig) -> str | None:
-    """The prompt initializer of the configured method (None for linear and full)."""
-    if cfg.method in ("linear", "full"):
-        if cfg.init is not None:
-            raise ValueError(f"method {cfg.method!r} has no prompts; drop model.init ({cfg.init!r}).")
-        return None
-    if cfg.method.startswith("vpt"):
-        if cfg.init not in (None, "xavier"):
-            raise ValueError(
-                f"{cfg.method} is VPT, initialised with xavier; for model.init={cfg.init!r} use "
-                f"spt-{cfg.method.split('-')[1]}."
-            )
-        return "xavier"
-    return cfg.init or "sample"
-
-
-def build_model(cfg: ModelConfig, backbone: nn.Module, num_classes: int) -> ViTClassifier:
-    common = dict(
-        pool=head_input(cfg, backbone), head_init_std=cfg.head_init_std, backbone_name=backbone_name(backbone)
-    )
-    if cfg.method in ("linear", "full"):
-        return ViTClassifier(backbone, num_classes, train_backbone=cfg.method == "full", **common)
-    deep = cfg.method.endswith("deep")
-    return PromptedViT(
-        backbone,
-        num_classes,
-        num_prompts=cfg.num_prompts or (20 if deep else 100),
-        deep=deep,
-        deep_layers=cfg.deep_layers,
-        prompt_dropout=cfg.prompt_dropout,
-        **common,
-    )
 
 
 @dataclass
@@ -158,10 +96,10 @@ def task_root(cfg: DataConfig) -> tuple[Path, list[str] | None]:
 def build_splits(cfg: DataConfig, backbone: nn.Module, seed: int = 0) -> Splits:
     """Load and check every split before anything is written (a bad dataset stops the run up front)."""
     root, task_classes = task_root(cfg)
-    if (root / vtab_mini.MANIFEST_NAME).is_file() and json.loads(
-        (root / vtab_mini.MANIFEST_NAME).read_text()
-    ).get("benchmark", "vtab-mini") == "vtab-mini":
-        vtab_mini.verify(root)  # a prepared task is checked against its hashes before use
+    if (root / MANIFEST_NAME).is_file() and json.loads((root / MANIFEST_NAME).read_text()).get(
+        "benchmark", "vtab-mini"
+    ) == "vtab-mini":
+        verify_prepared(root)  # a prepared task is checked against its hashes before use
     pre = preprocessing(cfg, backbone)
     train_tf = build_transform(pre, train=True, augment=cfg.augment)
     eval_tf = build_transform(pre, train=False)

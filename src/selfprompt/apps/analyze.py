@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selfprompt.analysis.statistics import STATISTICS
-from selfprompt.engine.tracking import ANALYSIS_NAME, PROJECTION_PREFIX
+from selfprompt.config import migrate
+from selfprompt.engine.rundir import RunDir, TrainingDir
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 TITLES = {
@@ -41,19 +40,16 @@ class TrackedRun:
         return [r["epoch"] for r in self.rows], [r[f"{statistic}/layer{layer}"] for r in self.rows]
 
 
-def tracked_stage_dir(run_dir: str | Path, seed: int | None = None, stage: str | None = None) -> Path:
-    """The stage directory holding ``analysis.jsonl``: ``stage`` (default: final, else tune) of ``seed``
+def tracked_stage_dir(run_dir: str | Path, seed: int | None = None, stage: str | None = None) -> TrainingDir:
+    """The stage folder holding ``analysis.jsonl``: ``stage`` (default: final, else tune) of ``seed``
     (default: the run's first seed)."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); pass one `train` wrote.")
-    if seed is None:
-        seed = yaml.safe_load(config_path.read_text())["seeds"][0]
+    run = RunDir(Path(run_dir))
+    config = run.read_config()
+    seed = config["seeds"][0] if seed is None else seed
     for name in (stage,) if stage else ("final", "tune"):
-        directory = run_dir / f"seed{seed}" / name
-        if (directory / f"{ANALYSIS_NAME}.jsonl").is_file():
-            return directory
+        folder = run.stage(seed, name)
+        if folder.log_file(TrainingDir.ANALYSIS, "jsonl").is_file():
+            return folder
     raise FileNotFoundError(
         f"{run_dir} has no tracked statistics for seed {seed}, stage {stage or 'final or tune'}: train with "
         f"--track.every N (e.g. 1) to record them."
@@ -61,16 +57,16 @@ def tracked_stage_dir(run_dir: str | Path, seed: int | None = None, stage: str |
 
 
 def load_tracked(run_dir: str | Path, seed: int | None = None, stage: str | None = None) -> TrackedRun:
-    directory = tracked_stage_dir(run_dir, seed, stage)
-    rows = [json.loads(line) for line in (directory / f"{ANALYSIS_NAME}.jsonl").read_text().splitlines()]
+    folder = tracked_stage_dir(run_dir, seed, stage)
+    rows = folder.read_rows(TrainingDir.ANALYSIS)
     if not rows:
-        raise ValueError(f"{directory / ANALYSIS_NAME}.jsonl is empty: the run recorded nothing yet.")
-    model = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["model"]
-    label = model["method"] + (f" ({model['init']})" if model.get("init") else "")
-    projections = {
-        int(path.stem.removeprefix(PROJECTION_PREFIX)): load_file(path)
-        for path in directory.glob(f"{PROJECTION_PREFIX}*.safetensors")
-    }
+        raise ValueError(
+            f"{folder.log_file(TrainingDir.ANALYSIS, 'jsonl')} is empty: the run recorded nothing yet."
+        )
+    config = migrate(RunDir(Path(run_dir)).read_config())
+    init = config.get("prompt", {}).get("init")
+    label = config["model"]["method"] + (f" ({init})" if init else "")
+    projections = {epoch: load_file(path) for epoch, path in folder.projections().items()}
     return TrackedRun(label, rows, projections)
 
 

@@ -13,9 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from selfprompt.checkpoint import atomic_write
+from selfprompt.apps.paper import SOURCES, TASK_MEAN, quoted
+from selfprompt.atomic import write_text
 from selfprompt.data import registry
-from selfprompt.paper import SOURCES, TASK_MEAN, quoted
 
 VTAB_MEAN = "VTAB mean (of group means)"
 TITLES = {"vtab-mini": "VTAB-mini", "vtab-1k": "VTAB-1k", "fgvc": "FGVC"}
@@ -163,7 +163,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, cfg: Any, benchmark: str
         f"`{settings}`.\n\n{markdown(rows, benchmark)}"
     )
     for name, content in (("results.md", text), ("cells.csv", _csv(rows))):
-        atomic_write(out / name, lambda p, c=content: p.write_text(c))
+        write_text(out / name, content)
         written.append(out / name)
     if plot(rows, out / "results.png", benchmark):
         written.append(out / "results.png")

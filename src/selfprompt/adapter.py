@@ -1,0 +1,136 @@
+"""The adapter format: the trained tensors as safetensors and what rebuilds them as JSON, written atomically.
+
+An adapter folder holds ``adapter.safetensors`` (what trains: prompts, head, biases, ...) and
+``adapter_config.json``: the format version, the model class, its constructor settings, the backbone's
+signature (checked on load), the weights' origin and licence, and library versions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from selfprompt.atomic import atomic_write, write_json
+from selfprompt.backbones import backbone_info
+from selfprompt.version import __version__
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def timm_name(backbone: nn.Module) -> str | None:
+    """timm's ``architecture.tag`` name of a backbone, or None for a hand-built one."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        return None
+    return f"{arch}.{cfg['tag']}" if cfg.get("tag") else arch
+
+
+def backbone_signature(backbone: VisionTransformer, name: str | None) -> dict[str, Any]:
+    """The backbone properties an adapter depends on; saved with it and checked on load."""
+    return {
+        "name": name,
+        "embed_dim": backbone.embed_dim,
+        "depth": len(backbone.blocks),
+        "patch_size": list(backbone.patch_embed.patch_size),
+        "num_prefix_tokens": backbone.num_prefix_tokens,
+    }
+
+
+def _weights_record(backbone: nn.Module) -> dict[str, Any]:
+    """The origin and licence of the backbone's weights (informative; not checked on load)."""
+    info = backbone_info(backbone)
+    checkpoint = Path(info.checkpoint).name if info.checkpoint else None
+    return {"license": info.license, "family": info.family, "format": info.format, "checkpoint": checkpoint}
+
+
+def save_adapter(
+    directory: str | Path,
+    model_class: str,
+    settings: Any,
+    backbone: nn.Module,
+    backbone_name: str | None,
+    tensors: dict[str, torch.Tensor],
+) -> Path:
+    """Write ``tensors`` and the config that rebuilds ``model_class(backbone, **asdict(settings))``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    config = {
+        "format_version": FORMAT_VERSION,
+        "class": model_class,
+        "model": asdict(settings),
+        "backbone": backbone_signature(backbone, backbone_name),
+        "backbone_weights": _weights_record(backbone),
+        "versions": {"selfprompt": __version__, "torch": torch.__version__, "timm": timm.__version__},
+    }
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_json(directory / CONFIG_NAME, config)
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The adapter config of ``directory``, checked to be a format this release reads."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {CONFIG_NAME} in {directory}: not a selfprompt adapter directory "
+            f"(write one with model.save_pretrained)."
+        )
+    config = json.loads(path.read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has adapter format {config.get('format_version')!r}; this selfprompt "
+            f"({__version__}) reads format {FORMAT_VERSION}."
+        )
+    return config
+
+
+def check_signature(saved: dict[str, Any], backbone: nn.Module, name: str | None, directory: Path) -> None:
+    """Refuse a backbone whose signature differs from the one the adapter was trained on."""
+    if not isinstance(backbone, VisionTransformer):
+        return  # the model's constructor names what is supported
+    actual = backbone_signature(backbone, name if name is not None else timm_name(backbone))
+    problems = [
+        f"{key}: the adapter was trained with {saved[key]!r}, this backbone has {actual[key]!r}"
+        for key in saved
+        if saved[key] != actual.get(key)
+    ]
+    if problems:
+        hint = (
+            "\n(a hand-built or renamed backbone: pass backbone_name=...)"
+            if saved["name"] != actual["name"]
+            else ""
+        )
+        raise ValueError(
+            f"The backbone does not match the adapter in {directory}:\n  " + "\n  ".join(problems) + hint
+        )
+
+
+@torch.no_grad()
+def load_tensors(directory: str | Path, params: dict[str, torch.Tensor]) -> None:
+    """Copy the adapter's tensors into ``params``, which must name exactly the same tensors and shapes."""
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: the adapter directory is incomplete.")
+    tensors = load_file(str(weights))
+    if set(tensors) != set(params):
+        raise ValueError(f"{weights} holds tensors {sorted(tensors)}, expected {sorted(params)}.")
+    for key, param in params.items():
+        if tensors[key].shape != param.shape:
+            raise ValueError(
+                f"{weights}: {key} has shape {tuple(tensors[key].shape)}, the config implies "
+                f"{tuple(param.shape)}."
+            )
+        param.copy_(tensors[key])

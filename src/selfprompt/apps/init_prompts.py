@@ -1,0 +1,77 @@
+"""``selfprompt init-prompts``: a recipe's initial prompts, computed once, cached in a file and shown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from selfprompt.atomic import atomic_write
+from selfprompt.config import TrainConfig
+from selfprompt.data.splits import build_splits, eval_transform
+from selfprompt.engine.build import backbone_name, build_model, create_backbone, method_settings
+from selfprompt.init import init_prompts
+from selfprompt.methods import get_method, method_names
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tensor:
+    """Compute the recipe's initial prompts on its training images, save them and print their statistics.
+
+    An existing file computed with the same settings and data is reused (the cache); train with
+    ``--model.prompts_file`` to start from it.
+    """
+    method, settings = method_settings(cfg)
+    if not method.has_prompts:
+        with_prompts = [name for name in method_names() if get_method(name).has_prompts]
+        raise ValueError(
+            f"method {method.name!r} has no prompts; use one that has: {', '.join(with_prompts)}."
+        )
+    backbone = create_backbone(cfg.model)
+    splits = build_splits(cfg.data, backbone)
+    model = build_model(cfg, backbone, len(splits.classes))
+    key = {
+        "backbone": backbone_name(backbone),
+        "method": method.initializer(settings.init),
+        "shape": list(model.prompts.shape),
+        "seed": seed,
+        "fraction": settings.init_fraction,
+        "max_images": settings.init_max_images,
+        "data": splits.train.fingerprint(),
+        "preprocessing": repr(eval_transform(cfg.data, backbone)),
+    }
+    out = Path(output)
+    cached = out.is_file() and _metadata(out) == key
+    if cached:
+        prompts = load_file(str(out))["prompts"]
+    else:
+        loader = torch.utils.data.DataLoader(splits.init_train, batch_size=cfg.data.eval_batch_size)
+        prompts = init_prompts(
+            model,
+            loader,
+            key["method"],
+            fraction=settings.init_fraction,
+            max_images=key["max_images"],
+            seed=seed,
+        ).cpu()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"selfprompt": json.dumps(key)}
+        atomic_write(out, lambda p: save_file({"prompts": prompts.contiguous()}, str(p), metadata=metadata))
+    print(
+        f"{'reused cached' if cached else 'computed'} {key['method']} prompts {tuple(prompts.shape)} -> {out}"
+    )
+    print(f"{'layer':>5s} {'mean norm':>10s} {'mean pairwise cosine':>21s}")
+    for layer, p in enumerate(prompts.float()):
+        cos = torch.nn.functional.normalize(p, dim=1) @ torch.nn.functional.normalize(p, dim=1).T
+        off_diagonal = (cos.sum() - cos.diagonal().sum()) / max(1, len(p) * (len(p) - 1))
+        print(f"{layer:5d} {p.norm(dim=1).mean():10.3f} {off_diagonal:21.3f}")
+    return prompts
+
+
+def _metadata(path: Path) -> dict[str, Any] | None:
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("selfprompt")
+    return json.loads(raw) if raw else None

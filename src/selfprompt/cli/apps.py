@@ -1,0 +1,53 @@
+"""``selfprompt bench`` and ``selfprompt demo``."""
+
+from __future__ import annotations
+
+from selfprompt.apps.bench import BenchConfig, bench
+from selfprompt.apps.demo import demo
+from selfprompt.cli.command import Command
+from selfprompt.data import vtab_mini
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+
+def _bench_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="selfprompt bench", description="The VTAB-mini grid, resumable.")
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of bench settings.")
+    parser.add_class_arguments(BenchConfig, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def _bench(args: Namespace) -> None:
+    d = args.as_dict()
+    d.pop("config", None)
+    d.pop("__path__", None)
+    bench(BenchConfig(**d))
+
+
+def _demo_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="selfprompt demo", description="linear vs VPT-deep vs SPT-deep, offline, on CPU."
+    )
+    parser.add_argument("--output_dir", type=str | None, default=None, help="Default: runs/demo-<date-time>.")
+    parser.add_argument("--task", type=str, default="clevr_count", help="The VTAB-mini task.")
+    parser.add_argument("--epochs", type=int | None, default=None, help="Default: the recipes' (10).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of every run.")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N.")
+    return parser
+
+
+def _demo(args: Namespace) -> None:
+    if args.task not in vtab_mini.TASKS:
+        raise ValueError(f"Unknown VTAB-mini task {args.task!r}; tasks: {list(vtab_mini.TASKS)}.")
+    demo(args.output_dir, args.task, args.epochs, args.seed, args.device)
+
+
+COMMANDS = [
+    Command(
+        "bench",
+        "Run methods x backbones x tasks x seeds on VTAB-mini, VTAB-1k or FGVC.",
+        _bench_parser,
+        _bench,
+    ),
+    Command("demo", "The 3-minute offline demo: linear, VPT-deep, SPT-deep.", _demo_parser, _demo),
+]

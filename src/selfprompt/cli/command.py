@@ -1,0 +1,33 @@
+"""A command of the ``selfprompt`` CLI: its parser, its runner and, for recipe-driven ones, its config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jsonargparse import ArgumentParser, Namespace
+
+
+@dataclass(frozen=True)
+class Command:
+    """``selfprompt <name>``.
+
+    Attributes:
+        name: The command word.
+        help: One line for ``selfprompt --help``.
+        parser: Builds the command's parser.
+        run: Runs the parsed arguments.
+        config: For recipe-driven commands, the config dataclass whose fields are options (checked, with
+            moved fields migrated, before parsing); None otherwise.
+        extras: The options such a command adds beside its config's fields.
+        actions: For command groups (``data``, ``zoo``): adds the group's own subcommands to the parser once
+            it is attached (jsonargparse builds subcommands level by level).
+    """
+
+    name: str
+    help: str
+    parser: Callable[[], ArgumentParser]
+    run: Callable[[Namespace], None]
+    config: type | None = None
+    extras: tuple[str, ...] = ()
+    actions: Callable[[ArgumentParser], None] | None = None

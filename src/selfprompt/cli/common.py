@@ -1,0 +1,110 @@
+"""What the commands share: recipe-driven config parsing with checked field names, and run-folder options."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from selfprompt.config import flatten, legacy_fields, migrate
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+class UsageError(ValueError):
+    """A command line that cannot be parsed: printed with the command's usage, exit status 2."""
+
+
+def config_parser(prog: str, description: str, config_class: type) -> ArgumentParser:
+    """A parser of every field of ``config_class`` (``--section.field``), with a YAML recipe as ``--config``."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="A YAML recipe (may also come first, bare)."
+    )
+    parser.add_class_arguments(config_class, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def config_fields(config_class: type) -> set[str]:
+    """Every option a config class accepts: ``--section.field`` and ``--section`` for each section."""
+    defaults = json.loads(json.dumps(dataclasses.asdict(config_class())))
+    keys = set(flatten(defaults))
+    return {f"--{k}" for k in keys} | {f"--{k.split('.')[0]}" for k in keys if "." in k}
+
+
+def _suggest(option: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0][2:]}?" if close else "; see --help for every field."
+
+
+def prepare_config_argv(argv: list[str], config_class: type, extras: tuple[str, ...] = ()) -> list[str]:
+    """A config command's arguments, checked and brought up to date before jsonargparse sees them.
+
+    A bare recipe first means ``--config RECIPE``; the recipe is read here, fields that moved are migrated
+    (``model.num_prompts`` -> ``prompt.num_prompts``, also on the command line, with a note) and it is
+    passed on as JSON; an unknown field, in the recipe or on the command line, is an error naming the
+    closest known one.
+    """
+    if argv and argv[0].endswith(RECIPE_SUFFIXES):
+        argv = ["--config", *argv]
+    known = config_fields(config_class) | {"--config", "--help", "-h", "--print_config", *extras}
+    moved = {f"--{old}": f"--{new}" for old, new in legacy_fields().items()}
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        name, eq, value = arg.partition("=")
+        if name == "--config" and index + 1 < len(argv) and not eq:
+            out += ["--config", _recipe_json(Path(argv[index + 1]), known)]
+            index += 2
+            continue
+        if name in moved:
+            print(f"note: {name[2:]} is now {moved[name][2:]}", file=sys.stderr)
+            arg = moved[name] + eq + value
+        elif name.startswith("--") and name not in known:
+            raise UsageError(f"unknown config field {name[2:]!r}{_suggest(name, known)}")
+        out.append(arg)
+        index += 1
+    return out
+
+
+def _recipe_json(recipe: Path, known: set[str]) -> str:
+    if not recipe.is_file():
+        raise UsageError(f"the recipe {recipe} does not exist.")
+    data = yaml.safe_load(recipe.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{recipe} must hold a mapping of config sections, got {type(data).__name__}.")
+    data = migrate(data)
+    for key in flatten(data):
+        if f"--{key}" not in known:
+            raise UsageError(f"unknown config field {key!r} in {recipe}{_suggest(f'--{key}', known)}")
+    return json.dumps(data)
+
+
+def config_from(ns: Namespace, config_class: type, extras: tuple[str, ...] = ()) -> Any:
+    """The config object of a parsed config command (its own extra options left out)."""
+    d = ns.as_dict()
+    for key in ("config", "__path__", *(e.lstrip("-") for e in extras)):
+        d.pop(key, None)
+    return config_class.from_dict(d)
+
+
+def run_dir_parser(prog: str, description: str) -> ArgumentParser:
+    """Options of the commands that use a trained run: which seed, stage, device and weights."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("run_dir", type=str, help="A run directory written by `selfprompt train`.")
+    parser.add_argument(
+        "--seed", type=int | None, default=None, help="Which seed's model (default: the first)."
+    )
+    parser.add_argument("--stage", type=str, default="final", help="Which stage's model: final or tune.")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N.")
+    parser.add_argument(
+        "--ema", type=bool, default=False, help="Use the EMA weights (runs with optim.ema_decay)."
+    )
+    return parser

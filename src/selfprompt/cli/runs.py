@@ -1,0 +1,95 @@
+"""``selfprompt eval``, ``predict`` and ``analyze``: commands on trained runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from selfprompt.apps.analyze import analyze
+from selfprompt.apps.predict import evaluate_run, predict_run
+from selfprompt.cli.command import Command
+from selfprompt.cli.common import run_dir_parser
+
+from jsonargparse import ArgumentParser, Namespace
+
+
+def _eval_parser() -> ArgumentParser:
+    parser = run_dir_parser("selfprompt eval", "Evaluate a trained run on one split.")
+    parser.add_argument(
+        "--split", type=str, default="test", help="The split to evaluate (a data split name)."
+    )
+    return parser
+
+
+def _eval(args: Namespace) -> None:
+    scores = evaluate_run(args.run_dir, args.split, args.seed, args.stage, args.device, args.ema)
+    print(json.dumps(scores, indent=2))
+
+
+def _predict_parser() -> ArgumentParser:
+    parser = run_dir_parser("selfprompt predict", "Classify images with a trained run.")
+    parser.add_argument("inputs", nargs="+", type=str, help="Image files or folders of images.")
+    parser.add_argument(
+        "--output", type=str | None, default=None, help="Write a .csv or .json (default: stdout)."
+    )
+    parser.add_argument("--topk", type=int, default=1, help="Classes reported per image.")
+    return parser
+
+
+def _predict(args: Namespace) -> None:
+    if args.output is not None and not args.output.endswith((".csv", ".json")):
+        raise ValueError(f"--output must end in .csv or .json, got {args.output}")
+    rows = predict_run(args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk)
+    write_predictions(rows, args.output)
+
+
+def write_predictions(rows: list[dict[str, Any]], output: str | None) -> None:
+    """CSV to stdout (no ``output``) or to a ``.csv`` file, or JSON to a ``.json`` file."""
+    if output is None or output.endswith(".csv"):
+        stream = open(output, "w", newline="") if output else sys.stdout  # noqa: SIM115
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        if output:
+            stream.close()
+    else:
+        Path(output).write_text(json.dumps(rows, indent=2) + "\n")
+    if output:
+        print(f"Wrote {len(rows)} predictions to {output}")
+
+
+def _analyze_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="selfprompt analyze", description="Plot the prompt/patch-token statistics a run tracked."
+    )
+    parser.add_argument(
+        "run_dirs", nargs="+", type=str, help="Run directories trained with --track.every N (two: overlaid)."
+    )
+    parser.add_argument(
+        "--output", type=str | None, default=None, help="Where the PNGs go (default: RUN_DIR/analysis)."
+    )
+    parser.add_argument("--seed", type=int | None, default=None, help="Which seed (default: the first).")
+    parser.add_argument(
+        "--stage", type=str | None, default=None, help="final or tune (default: final, else tune)."
+    )
+    return parser
+
+
+def _analyze(args: Namespace) -> None:
+    for path in analyze(args.run_dirs, args.output, args.seed, args.stage):
+        print(f"Wrote {path}")
+
+
+COMMANDS = [
+    Command("eval", "Evaluate a trained run on a split.", _eval_parser, _eval),
+    Command("predict", "Classify images: class and probability per image.", _predict_parser, _predict),
+    Command(
+        "analyze",
+        "Plots of NMI, inertia, similarity and norms per layer over training.",
+        _analyze_parser,
+        _analyze,
+    ),
+]

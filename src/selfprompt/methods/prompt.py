@@ -1,0 +1,242 @@
+"""Visual prompt tuning: VPT (Jia et al., ECCV 2022) and SPT (Wang et al., ICML 2024), shallow or deep.
+
+One model, :class:`PromptedViT`, and four names: ``vpt-shallow`` / ``vpt-deep`` initialise the prompts with
+VPT's xavier-uniform draw; ``spt-shallow`` / ``spt-deep`` from prototypes of the task's own patch tokens
+(``prompt.init``: any registered initializer, ``sample`` by default as in the official code). VPT and SPT
+train the same model; only the initializer differs, so they are one module with four registrations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from selfprompt.init import init_prompts
+from selfprompt.methods.registry import Method, register_method, register_settings
+from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@dataclass
+class PromptedViTConfig(ClassifierConfig):
+    """A ClassifierConfig plus the prompts.
+
+    Attributes:
+        num_prompts: Prompt tokens per prompted layer (M).
+        deep: Prompts before every block (VPT-deep) instead of once before block 0 (shallow).
+        deep_layers: With ``deep``, prompt only the first k blocks (None: all of them).
+        prompt_dropout: Dropout on the prompt tokens while training (VPT uses 0.1 for deep).
+    """
+
+    num_prompts: int = 10
+    deep: bool = False
+    deep_layers: int | None = None
+    prompt_dropout: float = 0.0
+
+
+class PromptedViT(ViTClassifier):
+    """A frozen timm ``VisionTransformer`` with learnable prompt tokens and a new linear head.
+
+    Token layout entering block 0: ``[prefix tokens (cls, registers) ; prompts ; patch tokens]``. Prompts are
+    inserted after the position embedding and never receive one. Shallow prompts travel through all blocks;
+    deep prompts replace the previous block's prompt outputs before each of the first ``deep_layers`` blocks.
+    Only ``prompts`` and ``head`` are trainable; the backbone is frozen and stays in eval mode.
+
+    Args:
+        backbone: A timm ``VisionTransformer``; see :class:`~selfprompt.model.ViTClassifier`.
+        num_classes, num_prompts, deep, deep_layers, pool, prompt_dropout, head_init_std, train_backbone:
+            See :class:`PromptedViTConfig`.
+        backbone_name: Name recorded in saved adapters; defaults to timm's ``architecture.tag``.
+    """
+
+    config_class = PromptedViTConfig
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        num_prompts: int = 10,
+        deep: bool = False,
+        deep_layers: int | None = None,
+        pool: PoolType | None = None,
+        prompt_dropout: float = 0.0,
+        head_init_std: float = 0.02,
+        train_backbone: bool = False,
+        backbone_name: str | None = None,
+    ) -> None:
+        if not isinstance(num_prompts, int) or num_prompts < 1:
+            raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}.")
+        if deep_layers is not None and not deep:
+            raise ValueError("deep_layers applies only to deep prompts; pass deep=True or drop deep_layers.")
+        if not 0.0 <= prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}.")
+        super().__init__(
+            backbone,
+            num_classes,
+            pool=pool,
+            head_init_std=head_init_std,
+            train_backbone=train_backbone,
+            backbone_name=backbone_name,
+            num_prompts=num_prompts,
+            deep=deep,
+            deep_layers=deep_layers,
+            prompt_dropout=prompt_dropout,
+        )
+        depth = len(self.backbone.blocks)
+        if deep_layers is not None and not 1 <= deep_layers <= depth:
+            raise ValueError(
+                f"deep_layers must be in [1, {depth}] (the backbone's depth), got {deep_layers}."
+            )
+        self.num_prompts = self.num_extra_tokens = num_prompts
+        self.num_prompt_layers = (deep_layers or depth) if deep else 1
+        device = next(backbone.parameters()).device
+        self.prompts = nn.Parameter(
+            torch.empty(self.num_prompt_layers, num_prompts, self.embed_dim, device=device)
+        )
+        self.prompt_dropout = nn.Dropout(prompt_dropout)
+        self.reset_prompts()
+
+    def xavier_bound(self) -> float:
+        """VPT's uniform prompt-init bound: sqrt(6 / (in_chans * patch_area + D))."""
+        ph, pw = self.backbone.patch_embed.patch_size
+        return math.sqrt(6.0 / (self.backbone.in_chans * ph * pw + self.embed_dim))
+
+    @torch.no_grad()
+    def reset_prompts(self, generator: torch.Generator | None = None) -> None:
+        """VPT's random init: uniform in +-``xavier_bound()`` (drawn on CPU so a seed gives one result)."""
+        bound = self.xavier_bound()
+        values = torch.rand(self.prompts.shape, generator=generator) * (2 * bound) - bound
+        self.prompts.copy_(values)
+
+    def _layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
+        return self.prompt_dropout(self.prompts[layer].expand(batch, -1, -1))
+
+    def insert_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer-0 prompts go between the prefix tokens and the patches."""
+        p = self.num_prefix_tokens
+        return torch.cat([x[:, :p], self._layer_prompts(0, x.shape[0]), x[:, p:]], dim=1)
+
+    def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Deep prompts: the previous block's prompt outputs are replaced by this layer's prompts."""
+        if 0 < index < self.num_prompt_layers:
+            p, m = self.num_prefix_tokens, self.num_prompts
+            x = torch.cat([x[:, :p], self._layer_prompts(index, x.shape[0]), x[:, p + m :]], dim=1)
+        return block(x)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapter: prompts and head (plus the backbone if it trains)."""
+        return {"prompts": self.prompts, **super().adapter_parameters()}
+
+
+@dataclass
+class PromptConfig:
+    """Prompts: how many, where, their dropout and where their initial values come from.
+
+    Attributes:
+        num_prompts: Prompt tokens per layer (M); None is the method's default (VPT/SPT: 20 deep, 100
+            shallow, the official README).
+        deep_layers: Deep prompts on the first k blocks only; None prompts all blocks.
+        dropout: Dropout on prompt tokens while training (VPT: 0.1).
+        init: Prompt initializer (``selfprompt.available_initializers()``); None is the method's default
+            (xavier for vpt-*, sample for spt-*, the official default).
+        init_fraction: Share of training images that SPT prototypes are built from; None uses all.
+        init_max_images: Cap on the number of images SPT prototypes are built from.
+        file: Start from prompts saved by ``selfprompt init-prompts`` instead of initialising.
+    """
+
+    num_prompts: int | None = None
+    deep_layers: int | None = None
+    dropout: float = 0.0
+    init: str | None = None
+    init_fraction: float | None = None
+    init_max_images: int | None = None
+    file: str | None = None
+
+
+register_settings(
+    "prompt",
+    PromptConfig,
+    "Prompt settings of the prompt methods (vpt-*, spt-*).",
+    legacy={
+        "model.num_prompts": "num_prompts",
+        "model.deep_layers": "deep_layers",
+        "model.prompt_dropout": "dropout",
+        "model.init": "init",
+        "model.init_fraction": "init_fraction",
+        "model.init_max_images": "init_max_images",
+        "model.prompts_file": "file",
+    },
+)
+
+
+def load_prompts_file(path: str, shape: torch.Size) -> torch.Tensor:
+    """The prompts a ``selfprompt init-prompts`` file holds, checked against the model's shape."""
+    prompts = load_file(path)["prompts"]
+    if prompts.shape != shape:
+        raise ValueError(
+            f"{path} holds prompts of shape {tuple(prompts.shape)}, the model needs {tuple(shape)}."
+        )
+    return prompts
+
+
+def prepare(
+    method: Method, model: PromptedViT, settings: PromptConfig, loader: DataLoader, seed: int
+) -> None:
+    """The prompts' initial values: from ``settings.file``, or the method's initializer on ``loader``."""
+    if settings.file is not None:
+        with torch.no_grad():
+            model.prompts.copy_(load_prompts_file(settings.file, model.prompts.shape))
+        return
+    init_prompts(
+        model,
+        loader,
+        method.initializer(settings.init),
+        fraction=settings.init_fraction,
+        max_images=settings.init_max_images,
+        seed=seed,
+    )
+
+
+def _builder(deep: bool):
+    def build(backbone, num_classes, settings: PromptConfig, **common: Any) -> PromptedViT:
+        return PromptedViT(
+            backbone,
+            num_classes,
+            num_prompts=settings.num_prompts or (20 if deep else 100),
+            deep=deep,
+            deep_layers=settings.deep_layers,
+            prompt_dropout=settings.dropout,
+            **common,
+        )
+
+    return build
+
+
+for _order, (_name, _deep, _init) in enumerate(
+    [
+        ("vpt-shallow", False, "xavier"),
+        ("vpt-deep", True, "xavier"),
+        ("spt-shallow", False, "sample"),
+        ("spt-deep", True, "sample"),
+    ]
+):
+    _placement = "deep" if _deep else "shallow"
+    register_method(
+        _name,
+        f"{'VPT' if _init == 'xavier' else 'SPT'}-{_placement}: prompts "
+        f"{'before every block' if _deep else 'once, before block 0'}, initialised "
+        f"{'at random (xavier)' if _init == 'xavier' else 'from patch-token prototypes'}",
+        PromptedViT,
+        _builder(_deep),
+        settings="prompt",
+        default_init=_init,
+        inits=("xavier",) if _init == "xavier" else None,
+        other_inits=f"spt-{_placement}",
+        prepare=prepare,
+        order=2 + _order,
+    )

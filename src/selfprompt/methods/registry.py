@@ -1,0 +1,151 @@
+"""PETL methods by name: what each trains, how it wraps a frozen timm ViT, its settings and its prompts' init.
+
+Each module of :mod:`selfprompt.methods` registers its methods here with :func:`register_method` (and its
+settings section with :func:`register_settings`); every other part of the library (config, CLI, engine,
+bench, adapter loading) asks the registry instead of knowing method names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from selfprompt.model import PoolType, ViTClassifier
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+Builder = Callable[..., ViTClassifier]
+Preparer = Callable[["Method", ViTClassifier, Any, DataLoader, int], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    Attributes:
+        name: The name everywhere: ``--model.method``, recipes, bench cells.
+        summary: One line for ``--help`` and tables.
+        model_class: The model it builds (its name is what ``adapter_config.json`` records).
+        build: ``build(backbone, num_classes, settings, *, pool, head_init_std, backbone_name)`` -> model;
+            ``settings`` is the instance of the method's settings section (None without one).
+        settings: Name of the config section it reads (see :func:`register_settings`), or None.
+        default_init: Its prompts' initializer when ``init`` is not set; None for methods without prompts.
+        inits: The initializers it accepts (None: any registered one).
+        other_inits: Where to go for an initializer it refuses (e.g. "spt-deep").
+        prepare: ``prepare(method, model, settings, loader, seed)`` before the first step: initialises prompts from
+            the training images (``loader``, eval transforms); None when nothing depends on the data.
+        order: Position in listings (the built-ins first).
+    """
+
+    name: str
+    summary: str
+    model_class: type[ViTClassifier]
+    build: Builder
+    settings: str | None = None
+    default_init: str | None = None
+    inits: tuple[str, ...] | None = None
+    other_inits: str = ""
+    prepare: Preparer | None = None
+    order: int = 100
+
+    @property
+    def has_prompts(self) -> bool:
+        return self.default_init is not None
+
+    def initializer(self, init: str | None) -> str | None:
+        """The prompt initializer to use when the config asks for ``init`` (None: the default)."""
+        if not self.has_prompts:
+            if init is not None:
+                raise ValueError(f"method {self.name!r} has no prompts; drop prompt.init ({init!r}).")
+            return None
+        if init is None:
+            return self.default_init
+        if self.inits is not None and init not in self.inits:
+            where = f" use {self.other_inits}" if self.other_inits else " choose another method"
+            raise ValueError(
+                f"{self.name} initialises its prompts with {' or '.join(self.inits)}; for prompt.init={init!r}"
+                f"{where}."
+            )
+        return init
+
+    def create(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        settings: Any = None,
+        *,
+        pool: PoolType | None = None,
+        head_init_std: float = 0.02,
+        backbone_name: str | None = None,
+    ) -> ViTClassifier:
+        """Wrap ``backbone`` as this method's model."""
+        return self.build(
+            backbone,
+            num_classes,
+            settings,
+            pool=pool,
+            head_init_std=head_init_std,
+            backbone_name=backbone_name,
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A config section: its name (``--<name>.<field>``), dataclass, one-line help and the fields it took
+    over from an older config layout (``{"model.old_field": "new_field"}``)."""
+
+    name: str
+    cls: type
+    help: str
+    legacy: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+_METHODS: dict[str, Method] = {}
+_SETTINGS: dict[str, Settings] = {}
+
+
+def register_method(
+    name: str, summary: str, model_class: type[ViTClassifier], build: Builder, **options
+) -> Method:
+    """Add a method; ``options`` are the other :class:`Method` fields."""
+    if name in _METHODS:
+        raise ValueError(f"A method named {name!r} is already registered.")
+    settings = options.get("settings")
+    if settings is not None and settings not in _SETTINGS:
+        raise ValueError(f"Method {name!r} reads settings section {settings!r}: register it first.")
+    method = Method(name, summary, model_class, build, **options)
+    _METHODS[name] = method
+    return method
+
+
+def register_settings(name: str, cls: type, help: str, legacy: dict[str, str] | None = None) -> None:
+    """Add a config section ``name`` read by one or more methods."""
+    if name in _SETTINGS:
+        raise ValueError(f"A settings section named {name!r} is already registered.")
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"Settings section {name!r} must be a dataclass, got {cls!r}.")
+    _SETTINGS[name] = Settings(name, cls, help, dict(legacy or {}))
+
+
+def method_names() -> list[str]:
+    """Every registered method, in listing order."""
+    return [m.name for m in sorted(_METHODS.values(), key=lambda m: m.order)]
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"Unknown method {name!r}; methods: {', '.join(method_names())}.") from None
+
+
+def settings_sections() -> dict[str, Settings]:
+    return dict(_SETTINGS)
+
+
+def model_classes() -> dict[str, type[ViTClassifier]]:
+    """The model class of every method by class name (what ``adapter_config.json`` records)."""
+    return {m.model_class.__name__: m.model_class for m in _METHODS.values()}
