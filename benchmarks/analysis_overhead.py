@@ -30,10 +30,10 @@ from pathlib import Path
 
 import selfprompt as sp  # before timm (see README)
 from selfprompt.analysis.statistics import KMEANS_ITERATIONS, block_inputs
+from selfprompt.apps.demo import DEMO_BACKBONE, method_config
 from selfprompt.build import build_model, build_splits, create_backbone
 from selfprompt.config import TrackConfig
 from selfprompt.data import vtab_mini
-from selfprompt.demo import DEMO_BACKBONE, method_config
 from selfprompt.engine.distributed import Context
 from selfprompt.engine.loop import classification_loss, train_epoch, training_loader
 from selfprompt.engine.optim import build_optimizer, warmup_cosine

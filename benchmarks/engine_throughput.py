@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import selfprompt as sp  # before timm (see README)
-from selfprompt.config import METHODS
 from selfprompt.data.synthetic import write_image_folder
+from selfprompt.methods import method_names
 
 import timm
 import torch
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2, help="data.num_workers for every method.")
     parser.add_argument("--compare-workers", type=int, nargs="*", default=[0], help="Also run these ...")
     parser.add_argument("--compare-methods", nargs="*", default=["linear"], help="... for these methods.")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep", action="store_true", help="Keep the dataset and run directories.")
     args = parser.parse_args()

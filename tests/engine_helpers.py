@@ -7,6 +7,7 @@ from pathlib import Path
 
 from selfprompt.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from selfprompt.data import write_image_folder
+from selfprompt.methods import get_method
 
 import torch
 from safetensors.torch import load_file
@@ -27,13 +28,14 @@ def tiny_config(root: Path, out: Path, method: str = "spt-deep", **overrides) ->
             pretrained=False,
             backbone_kwargs=dict(TINY_BACKBONE),
             method=method,
-            num_prompts=4,
         ),
         data=DataConfig(root=str(root), **LIST_SPLITS, batch_size=8, eval_batch_size=16, num_workers=0),
-        optim=OptimConfig(lr=1e-3 if method == "full" else 2e-2, epochs=3, warmup_epochs=1),
+        optim=OptimConfig(lr={"full": 1e-3, "bitfit": 5e-3}.get(method, 2e-2), epochs=3, warmup_epochs=1),
         output_dir=str(out),
         progress=False,
     )
+    if get_method(method).has_prompts:
+        cfg.prompt.num_prompts = 4
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
         setattr(getattr(cfg, section) if section else cfg, name, value)
@@ -48,7 +50,7 @@ def cli_args(root: Path, out: Path) -> list[str]:
         "--data.batch_size", "8", "--data.eval_batch_size", "16", "--data.num_workers", "0",
         "--model.backbone", "vit_tiny_patch16_224", "--model.pretrained", "false",
         "--model.backbone_kwargs", json.dumps(TINY_BACKBONE),
-        "--model.method", "spt-deep", "--model.num_prompts", "4",
+        "--model.method", "spt-deep", "--prompt.num_prompts", "4",
         "--optim.lr", "0.02", "--optim.epochs", "3", "--optim.warmup_epochs", "1",
         "--output_dir", str(out), "--progress", "false",
     ]  # fmt: skip

@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 
+from selfprompt import PromptedViT
 from selfprompt.analysis import block_inputs, default_bins, layer_statistics, pairwise_nmi, quantile_bins
 from selfprompt.analysis.statistics import STATISTICS, BlockInput
 from selfprompt.cli import main
 from selfprompt.engine import run
 from selfprompt.init.kmeans import kmeans
-from selfprompt.model import PromptedViT
 
 import pytest
 import torch
@@ -116,7 +116,7 @@ def analysis_rows(run_dir, stage="tune", timings=False):
 
 
 def test_tracking_records_every_layer_leaves_training_unchanged_and_analyze_plots_it(data, tmp_path):
-    common = {"stage": "tune", "optim.epochs": 2, "model.prompt_dropout": 0.1}
+    common = {"stage": "tune", "optim.epochs": 2, "prompt.dropout": 0.1}
     run(tiny_config(data, tmp_path / "plain", **common), log=lambda _: None)
     for method in ("vpt-deep", "spt-deep"):
         cfg = tiny_config(data, tmp_path / method, method, **common, **{"track.every": 1})

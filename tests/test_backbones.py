@@ -5,9 +5,10 @@ import argparse
 import json
 
 from selfprompt.backbones import CheckpointError, backbone_info, create_backbone
-from selfprompt.build import head_input, preprocessing
 from selfprompt.cli import main
 from selfprompt.config import DataConfig, ModelConfig
+from selfprompt.data.splits import preprocessing
+from selfprompt.engine.build import head_input
 
 import numpy
 import pytest

@@ -5,8 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from selfprompt.bench import BenchConfig, Cell, bench, grid
-from selfprompt.bench_report import TASK_MEAN, VTAB_MEAN, aggregate
+from selfprompt.apps.bench import BenchConfig, Cell, bench, grid
+from selfprompt.apps.report import TASK_MEAN, VTAB_MEAN, aggregate
 from selfprompt.data import vtab_mini
 
 import pytest

@@ -103,7 +103,7 @@ def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
             f.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr("selfprompt.checkpoint.save_file", broken_save)
+    monkeypatch.setattr("selfprompt.adapter.save_file", broken_save)
     torch.nn.init.normal_(model.prompts)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)

@@ -52,7 +52,7 @@ def test_train_from_recipe_with_overrides_then_eval_and_predict(data, tmp_path, 
 
 
 def test_init_prompts_computes_caches_and_shows(data, tmp_path, capsys):
-    args = ["init-prompts", *cli_args(data, tmp_path / "unused"), "--model.init", "kmeans"]
+    args = ["init-prompts", *cli_args(data, tmp_path / "unused"), "--prompt.init", "kmeans"]
     output = tmp_path / "prompts.safetensors"
     assert main([*args, "--output", str(output)]) == 0
     assert "computed kmeans prompts (2, 4, 32)" in capsys.readouterr().out
@@ -60,7 +60,7 @@ def test_init_prompts_computes_caches_and_shows(data, tmp_path, capsys):
     assert main([*args, "--output", str(output)]) == 0
     assert "reused cached" in capsys.readouterr().out and output.read_bytes() == first
     run_dir = tmp_path / "run"
-    train = ["train", *cli_args(data, run_dir), "--model.prompts_file", str(output), "--stage", "tune"]
+    train = ["train", *cli_args(data, run_dir), "--prompt.file", str(output), "--stage", "tune"]
     assert main([*train, "--optim.epochs", "1"]) == 0
 
 
@@ -83,7 +83,8 @@ def test_unknown_field_suggests_the_closest_name(where, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
-    assert "unknown config field 'optim.lrr'; did you mean optim.lr?" in capsys.readouterr().err
+    where = f" in {tmp_path / 'r.yaml'}" if where == "recipe" else ""
+    assert f"unknown config field 'optim.lrr'{where}; did you mean optim.lr?" in capsys.readouterr().err
 
 
 def fails(argv: list[str], capsys) -> str:
@@ -136,8 +137,8 @@ def test_resume_refuses_a_changed_config_and_a_run_is_never_overwritten(data, tm
     assert main(args) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert "already holds a run" in fails(args, capsys)
-    err = fails([*args, "--resume", "true", "--optim.lr", "0.5", "--model.num_prompts", "3"], capsys)
-    assert "config changed in model.num_prompts, optim.lr" in err
+    err = fails([*args, "--resume", "true", "--optim.lr", "0.5", "--prompt.num_prompts", "3"], capsys)
+    assert "config changed in optim.lr, prompt.num_prompts" in err
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main([*args, "--resume", "true"]) == 0  # unchanged: the finished stage is not recomputed
     shutil.rmtree(out)

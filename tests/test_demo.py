@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from selfprompt.apps.demo import DEMO_METHODS, demo
 from selfprompt.cli import main
-from selfprompt.demo import DEMO_METHODS, demo
 
 import pytest
 

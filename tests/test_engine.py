@@ -9,13 +9,16 @@ import subprocess
 import sys
 import time
 
-from selfprompt.build import build_splits, create_backbone
-from selfprompt.config import METHODS, TrainConfig
-from selfprompt.engine import Stage, run, train_stage
+from selfprompt import PromptedViT, ViTClassifier
+from selfprompt.config import TrainConfig
+from selfprompt.data.splits import build_splits
+from selfprompt.engine import Stage, TrainingDir, run, train_stage
+from selfprompt.engine.build import build_model, create_backbone, preparer
 from selfprompt.engine.distributed import Context
 from selfprompt.engine.optim import param_groups, warmup_cosine
 from selfprompt.engine.run import changed_fields, config_dict
-from selfprompt.model import PromptedViT, ViTClassifier
+from selfprompt.engine.stage import StageOptions
+from selfprompt.methods import method_names
 
 import pytest
 import torch
@@ -34,23 +37,25 @@ def quiet(_: str) -> None:
     pass
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_lowers_the_loss_and_only_full_moves_the_backbone(method, data, tmp_path):
     cfg = tiny_config(data, tmp_path, method, **{"optim.epochs": 4})
     backbone = create_backbone(cfg.model)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     splits = build_splits(cfg.data, backbone)
-    stage = Stage("tune", splits.train, splits.init_train, "val", splits.val, True, tmp_path)
-    train_stage(cfg, CPU, stage, lambda: backbone, 3, splits.classes, 0, quiet)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    stage = Stage("tune", splits.train, splits.init_train, "val", splits.val, True, TrainingDir(tmp_path))
+    options = StageOptions.of(cfg.optim, cfg.data, cfg, cfg.track, cfg.eval_every)
+    build = lambda: build_model(cfg, backbone, 3)  # noqa: E731
+    train_stage(stage, options, CPU, build, preparer(cfg), splits.classes, 0, quiet)
+    rows = TrainingDir(tmp_path).read_rows()
     assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"], rows
     unchanged = all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
-    assert unchanged == (method != "full")
+    assert unchanged == (method not in ("full", "bitfit"))
 
 
 def test_cpu_runs_are_bit_for_bit_reproducible(data, tmp_path):
     for name in ("a", "b"):
-        run(tiny_config(data, tmp_path / name, **{"model.prompt_dropout": 0.1}), log=quiet)
+        run(tiny_config(data, tmp_path / name, **{"prompt.dropout": 0.1}), log=quiet)
     for key, value in adapter(tmp_path / "a").items():
         assert torch.equal(value, adapter(tmp_path / "b")[key]), key
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")

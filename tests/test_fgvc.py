@@ -5,12 +5,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from selfprompt.bench import BenchConfig, bench
-from selfprompt.build import build_splits
+from selfprompt.apps.bench import BenchConfig, bench
 from selfprompt.cli import main
 from selfprompt.config import DataConfig
 from selfprompt.data import fgvc, load_split, registry, split_off, stratified_split, write_image_folder
 from selfprompt.data.check import check_task
+from selfprompt.data.splits import build_splits
 
 import pytest
 import yaml

@@ -10,10 +10,11 @@ import selfprompt  # noqa: F401
 from selfprompt.cli import main
 from selfprompt.config import OptimConfig
 from selfprompt.data import write_image_folder
-from selfprompt.engine.loop import save_state
+from selfprompt.engine.rundir import RunDir
+from selfprompt.engine.state import save_state
 from selfprompt.pretrain import run as pretrain_run
 from selfprompt.pretrain.config import PretrainConfig, PretrainDataConfig
-from selfprompt.pretrain.run import ENCODER_NAME, pretrain, pretrain_optimizer
+from selfprompt.pretrain.run import build_pretraining, pretrain, pretrain_optimizer
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def test_pretraining_from_scratch_lowers_the_loss(folder, tmp_path, objective):
     curve = losses(tmp_path / objective)
     assert len(curve) == 6 and curve[-1] < 0.8 * curve[0], curve
     assert summary["final_train_loss"] == curve[-1]
-    weights = load_file(tmp_path / objective / ENCODER_NAME)
+    weights = load_file(RunDir(tmp_path / objective).encoder)
     assert not any(k.startswith(("head.", "decoder", "mask_token")) for k in weights)
     if objective == "supervised":
         assert summary["final_eval_acc"] > 1 / 3  # above chance on held-out images
@@ -73,18 +74,20 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(folder, tmp_path
     with pytest.raises(KeyboardInterrupt):
         pretrain(config(folder, tmp_path / "split", "mae", epochs=3), log=lambda _: None)
     monkeypatch.undo()
-    assert not (tmp_path / "split" / ENCODER_NAME).exists()
+    assert not (RunDir(tmp_path / "split").encoder).exists()
     with pytest.raises(FileExistsError, match="--resume true"):
         pretrain(config(folder, tmp_path / "split", "mae", epochs=3), log=lambda _: None)
     pretrain(config(folder, tmp_path / "split", "mae", epochs=3, resume=True), log=lambda _: None)
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
-    whole, split = load_file(tmp_path / "whole" / ENCODER_NAME), load_file(tmp_path / "split" / ENCODER_NAME)
+    whole, split = (
+        load_file(RunDir(tmp_path / "whole").encoder),
+        load_file(RunDir(tmp_path / "split").encoder),
+    )
     for key, value in whole.items():
         torch.testing.assert_close(split[key], value, rtol=0, atol=0)
 
 
 def test_mae_optimizer_does_not_decay_tokens_norms_and_biases(tmp_path):
-    from selfprompt.pretrain.run import build_pretraining
 
     cfg = config(tmp_path, tmp_path / "out", "mae")
     model, _, _ = build_pretraining(cfg)

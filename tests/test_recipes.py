@@ -6,10 +6,13 @@ Nothing here builds a model or touches the network: the recipes are only parsed 
 import re
 from pathlib import Path
 
-from selfprompt.build import init_method
-from selfprompt.cli import _normalise_argv, build_parser, check_field_names, train_config
+from selfprompt.apps.bench import RECIPES as PACKAGE_RECIPES
+from selfprompt.cli import build_parser
+from selfprompt.cli.common import UsageError, config_from, prepare_config_argv
 from selfprompt.config import TrainConfig
 from selfprompt.data import registry
+from selfprompt.engine.build import method_settings
+from selfprompt.methods import get_method, method_names
 
 import pytest
 
@@ -22,22 +25,19 @@ BACKBONES = {
     "moco": "vit_base_patch16_224",
     "sup_in21k": "vit_base_patch16_224.augreg_in21k",
 }
-METHODS = ("linear", "full", "vpt_shallow", "vpt_deep", "spt_shallow", "spt_deep")
+METHODS = tuple(name.replace("-", "_") for name in method_names())
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def parse(recipe: Path, *overrides: str) -> TrainConfig:
     """What ``selfprompt train RECIPE --data.root ... --output_dir ... OVERRIDES`` resolves to (cli.main)."""
-    argv = ["train", str(recipe), "--data.root", "/data/task", "--output_dir", "/runs/task", *overrides]
-    argv = _normalise_argv(argv)
-    parser = build_parser()
+    argv = [str(recipe), "--data.root", "/data/task", "--output_dir", "/runs/task", *overrides]
     try:
-        check_field_names(parser._subcommands_action._name_parser_map["train"], argv[1:])
-        ns = parser.parse_args(argv)
-    except SystemExit as error:  # jsonargparse reports errors by exiting
-        pytest.fail(f"{recipe.relative_to(REPO)} does not parse (exit {error.code}); see stderr")
+        ns = build_parser().parse_args(["train", *prepare_config_argv(argv, TrainConfig)])
+    except (SystemExit, UsageError) as error:  # jsonargparse reports errors by exiting
+        pytest.fail(f"{recipe.relative_to(REPO)} does not parse ({error}); see stderr")
     assert ns.command == "train"
-    return train_config(ns["train"])
+    return config_from(ns["train"], TrainConfig)
 
 
 def test_every_recipe_is_there():
@@ -52,7 +52,7 @@ def test_recipe(recipe: Path):
     assert text.startswith("#"), "a recipe starts with its comment block"
     assert f"selfprompt train recipes/{benchmark}/{backbone}/{name}.yaml --data.root" in text
     cfg = parse(recipe)
-    m, d, o = cfg.model, cfg.data, cfg.optim
+    m, d, o, p = cfg.model, cfg.data, cfg.optim, cfg.prompt
     assert (d.root, cfg.output_dir) == ("/data/task", "/runs/task")
 
     assert m.method == name.replace("_", "-")
@@ -67,17 +67,18 @@ def test_recipe(recipe: Path):
         assert (d.mean, d.std) == (None, None)  # the backbone's own 0.5/0.5 (see the recipe's comment)
 
     if name.endswith("deep"):
-        assert m.num_prompts == 20
+        assert p.num_prompts == 20
     elif name.endswith("shallow"):
-        assert m.num_prompts == 100
+        assert p.num_prompts == 100
     else:
-        assert m.num_prompts is None
-    assert m.prompt_dropout == (0.1 if name == "vpt_deep" else 0.0)
+        assert p.num_prompts is None
+    assert p.dropout == (0.1 if name == "vpt_deep" else 0.0)
     assert m.drop_path == (0.1 if name == "full" else 0.0)
+    method, settings = method_settings(cfg)  # the recipe's settings are ones its method reads
     expected_init = {"spt": "sample", "vpt": "xavier"}.get(name.split("_")[0])
-    assert init_method(m) == expected_init
+    assert (method.initializer(settings.init) if method.has_prompts else None) == expected_init
     if name.startswith("spt"):
-        assert m.init == "sample"
+        assert p.init == "sample"
 
     assert d.layout == "list"
     splits = (d.train_split, d.val_split, d.trainval_split, d.test_split)
@@ -119,6 +120,21 @@ def test_unknown_recipe_field_is_refused(tmp_path):
     recipe = tmp_path / "typo.yaml"
     text = (RECIPES / "vtab" / "mae" / "spt_deep.yaml").read_text()
     recipe.write_text(text.replace("num_prompts", "num_promts"))
-    parser = build_parser()
-    with pytest.raises(SystemExit):
-        check_field_names(parser._subcommands_action._name_parser_map["train"], ["--config", str(recipe)])
+    with pytest.raises(UsageError, match=r"num_promts.*did you mean prompt\.num_prompts"):
+        prepare_config_argv([str(recipe)], TrainConfig)
+
+
+def test_recipes_of_the_old_layout_still_parse(tmp_path):
+    """Fields that moved into the prompt section (model.num_prompts, model.init, ...) are migrated."""
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("model:\n  method: spt-deep\n  num_prompts: 7\n  init: kmeans\n  prompt_dropout: 0.1\n")
+    cfg = parse(recipe, "--model.deep_layers", "2")
+    assert (cfg.prompt.num_prompts, cfg.prompt.init, cfg.prompt.dropout) == (7, "kmeans", 0.1)
+    assert cfg.prompt.deep_layers == 2
+
+
+def test_every_method_has_a_package_recipe():
+    """selfprompt bench trains each registered method with its VTAB-mini recipe."""
+    for name in method_names():
+        assert (PACKAGE_RECIPES / f"{name.replace('-', '_')}.yaml").is_file(), name
+        assert get_method(name).summary

@@ -8,12 +8,12 @@ import re
 import sys
 from pathlib import Path
 
-from selfprompt.bench import RECIPES, BenchConfig, bench
-from selfprompt.build import build_splits
+from selfprompt.apps.bench import RECIPES, BenchConfig, bench
 from selfprompt.cli import main
 from selfprompt.config import DataConfig
 from selfprompt.data import registry, vtab
 from selfprompt.data.check import check_task
+from selfprompt.data.splits import build_splits
 
 import numpy as np
 import pytest
@@ -211,7 +211,7 @@ def test_bench_on_a_fake_vtab_1k_copy_fills_every_column(tmp_path):
     cfg = BenchConfig(
         root=str(root), benchmark="vtab-1k", output_dir=str(tmp_path / "bench"), methods=["spt-shallow"],
         backbones=["mae"], recipes=str(tmp_path / "recipes"), seeds=[0], epochs=1, device="cpu",
-        num_workers=0, workers=2, overrides=["--model.init", "sample"],
+        num_workers=0, workers=2, overrides=["--prompt.init", "sample"],
     )  # fmt: skip
     rows = bench(cfg, log=lambda _: None)
     assert sorted(r["task"] for r in rows) == ["dtd", "eurosat", "kitti"]

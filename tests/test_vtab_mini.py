@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selfprompt.build import build_splits
 from selfprompt.cli import main
 from selfprompt.config import DataConfig
 from selfprompt.data import vtab_mini
+from selfprompt.data.check import verify_prepared
+from selfprompt.data.splits import build_splits
 
 import pytest
 from conftest import tiny_vit
@@ -34,7 +35,7 @@ def test_preparation_is_deterministic(prepared, tmp_path):
 
 @pytest.mark.parametrize("task", PROCEDURAL)
 def test_splits_have_vtab_1k_shapes(prepared, task):
-    manifest = vtab_mini.verify(prepared / task)
+    manifest = verify_prepared(prepared / task)
     counts = manifest["counts"]
     assert counts["train800"] == 800 and counts["val200"] == 200 and counts["train800val200"] == 1000
     assert counts["test"] >= 1000
@@ -77,22 +78,22 @@ def test_a_modified_image_is_detected(prepared, tmp_path):
     with pytest.raises(
         ValueError, match=r"the test list or its images differ .* rebuild it: selfprompt data"
     ):
-        vtab_mini.verify(task)
+        verify_prepared(task)
 
 
 def test_an_incomplete_task_is_detected(prepared, tmp_path):
     task = copy_task(prepared, tmp_path)
     (task / "test.txt").unlink()
     with pytest.raises(ValueError, match=r"list: test\.txt is missing"):
-        vtab_mini.verify(task)
+        verify_prepared(task)
     lines = (task / "val200.txt").read_text().splitlines()
     (task / "val200.txt").write_text("\n".join(lines[:-5]) + "\n")
     with pytest.raises(ValueError, match=r"val200\.txt lists 195 images, clevr_count has 200"):
-        vtab_mini.verify(task)
+        verify_prepared(task)
     (task / "val200.txt").write_text("\n".join(lines) + "\n")
     (task / lines[3].split()[0]).unlink()
     with pytest.raises(ValueError, match="missing: 1 listed images do not exist"):
-        vtab_mini.verify(task)
+        verify_prepared(task)
 
 
 def test_a_run_refuses_a_damaged_task_before_training(prepared, tmp_path):

@@ -139,7 +139,8 @@ class _RunConfig(RunOptions):
             optim: Optimizer and schedule.
             track: Prompt/patch-token statistics recorded during training.
             output_dir: Run directory (config, metrics, checkpoints, adapters, results).
-            stage: tune (train on train, select on val), final (train on train+val, evaluate test once) or both.
+            stage: tune (train on train, select on val), final (train on train+val, evaluate test once)
+                or both.
             seeds: One run per seed; results report their mean and standard deviation.
             eval_every: Evaluate on val every this many epochs while tuning (and always after the last).
             unsafe_select_on_test: UNSAFE, for reproducing the official code only: the final stage evaluates
@@ -184,7 +185,7 @@ RESUMABLE_CHANGES = {"resume", "progress", "data.num_workers", "tensorboard"}
 
 
 def legacy_fields() -> dict[str, str]:
-    """Fields that moved, old dotted name -> new dotted name (e.g. model.num_prompts -> prompt.num_prompts)."""
+    """Fields that moved: old dotted name -> new one (e.g. model.num_prompts -> prompt.num_prompts)."""
     return {old: f"{s.name}.{new}" for s in settings_sections().values() for old, new in s.legacy.items()}
 
 

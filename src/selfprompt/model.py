@@ -126,7 +126,8 @@ class ViTClassifier(nn.Module):
         return block(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Token sequence ``[prefix ; extra tokens ; patches]`` after the last block (before the final norm)."""
+        """Token sequence ``[prefix ; extra tokens ; patches]`` after the last block (before the final
+        norm)."""
         bb = self.backbone
         x = bb.patch_drop(bb._pos_embed(bb.patch_embed(x)))
         x = bb.norm_pre(self.insert_tokens(x))

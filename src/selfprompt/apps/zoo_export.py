@@ -1,5 +1,5 @@
-"""``selfprompt zoo export``: a finished ``selfprompt pretrain`` run as zoo weights (fp16 safetensors), a model
-card and a registry entry."""
+"""``selfprompt zoo export``: a finished ``selfprompt pretrain`` run as zoo weights (fp16 safetensors),
+a model card and a registry entry."""
 
 from __future__ import annotations
 

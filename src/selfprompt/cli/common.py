@@ -22,7 +22,7 @@ class UsageError(ValueError):
 
 
 def config_parser(prog: str, description: str, config_class: type) -> ArgumentParser:
-    """A parser of every field of ``config_class`` (``--section.field``), with a YAML recipe as ``--config``."""
+    """A parser of every field of ``config_class`` (``--section.field``); a YAML recipe is ``--config``."""
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--config", action=ActionConfigFile, help="A YAML recipe (may also come first, bare)."

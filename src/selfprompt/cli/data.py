@@ -126,4 +126,12 @@ def _prepare(args: Namespace, names: list[str] | None) -> None:
             print(f"Wrote {folder}")
 
 
-COMMANDS = [Command("data", "List, prepare or check benchmarks (VTAB-1k, FGVC, VTAB-mini).", _parser, _data, actions=_add_data_actions)]
+COMMANDS = [
+    Command(
+        "data",
+        "List, prepare or check benchmarks (VTAB-1k, FGVC, VTAB-mini).",
+        _parser,
+        _data,
+        actions=_add_data_actions,
+    )
+]

@@ -70,7 +70,9 @@ def _backbone(args: Namespace) -> None:
 
 
 COMMANDS = [
-    Command("zoo", "The offline model zoo: list, verify, export.", _zoo_parser, _zoo, actions=_add_zoo_actions),
+    Command(
+        "zoo", "The offline model zoo: list, verify, export.", _zoo_parser, _zoo, actions=_add_zoo_actions
+    ),
     Command(
         "backbone", "Check a backbone or weights file: layout, licence, load.", _backbone_parser, _backbone
     ),

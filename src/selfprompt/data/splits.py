@@ -1,4 +1,5 @@
-"""The protocol's splits of a configured dataset: loaded, checked and transformed before anything is written."""
+"""The protocol's splits of a configured dataset, loaded, checked and transformed before anything is
+written."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from selfprompt import backbones
@@ -12,6 +13,7 @@ from selfprompt.methods import Method, get_method, settings_sections
 from selfprompt.model import ViTClassifier, backbone_pool
 
 from torch import nn
+from torch.utils.data import DataLoader
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
@@ -68,3 +70,11 @@ def build_model(cfg: TrainConfig, backbone: nn.Module, num_classes: int) -> ViTC
         head_init_std=cfg.model.head_init_std,
         backbone_name=backbone_name(backbone),
     )
+
+
+def preparer(cfg: TrainConfig) -> Callable[[ViTClassifier, DataLoader, int], None] | None:
+    """``prepare(model, loader, seed)`` of the configured method (its prompts' initialisation), or None."""
+    method, settings = method_settings(cfg)
+    if method.prepare is None:
+        return None
+    return lambda model, loader, seed: method.prepare(method, model, settings, loader, seed)

@@ -17,7 +17,7 @@ from typing import Any
 from selfprompt.backbones import backbone_info
 from selfprompt.config import RESUMABLE_CHANGES, TrainConfig, flatten, migrate
 from selfprompt.data.splits import Splits, build_splits, preprocessing
-from selfprompt.engine.build import build_model, create_backbone, head_input, method_settings
+from selfprompt.engine.build import build_model, create_backbone, head_input, method_settings, preparer
 from selfprompt.engine.distributed import Context, barrier, setup, teardown
 from selfprompt.engine.rundir import RunDir
 from selfprompt.engine.stage import STAGE_NAMES, StageOptions, build_stage, train_stage
@@ -197,12 +197,6 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         if ctx.is_main:
             run.write_env(environment(cfg, ctx, splits, backbone))
         options = StageOptions.of(cfg.optim, cfg.data, cfg, cfg.track, cfg.eval_every)
-        prepare = None
-        if method.prepare is not None:
-
-            def prepare(model, loader, seed):
-                method.prepare(method, model, settings, loader, seed)
-
         results = []
         for seed in cfg.seeds:
             for name in STAGE_NAMES if cfg.stage == "both" else (cfg.stage,):
@@ -216,7 +210,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                         options,
                         ctx,
                         lambda: build_model(cfg, copy.deepcopy(pristine), len(splits.classes)),
-                        prepare,
+                        preparer(cfg),
                         splits.classes,
                         seed,
                         say,

@@ -168,7 +168,8 @@ def train_stage(
 
     loop = EpochLoop(
         net, model, loader, sampler, steps, classification_loss, optimizer, scheduler, ctx, run.precision,
-        label, log, metrics, accumulate=opt.accumulate, grad_clip=opt.grad_clip, ema=ema, progress=run.progress,
+        label, log, metrics, accumulate=opt.accumulate, grad_clip=opt.grad_clip, ema=ema,
+        progress=run.progress,
     )  # fmt: skip
     epoch_times = loop.run(start_epoch, opt.epochs, evaluate_epoch, end_epoch)
 

@@ -1,4 +1,5 @@
-"""Full fine-tuning: every backbone parameter trains with the new head (``model.drop_path`` acts here only)."""
+"""Full fine-tuning: every backbone parameter trains with the new head (``model.drop_path`` acts here
+only)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Linear probing: the frozen backbone's pooled features into a new linear head, the only thing that trains."""
+"""Linear probing: the frozen backbone's pooled features into a new linear head, the only part that
+trains."""
 
 from __future__ import annotations
 

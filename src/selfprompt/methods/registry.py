@@ -35,8 +35,9 @@ class Method:
         default_init: Its prompts' initializer when ``init`` is not set; None for methods without prompts.
         inits: The initializers it accepts (None: any registered one).
         other_inits: Where to go for an initializer it refuses (e.g. "spt-deep").
-        prepare: ``prepare(method, model, settings, loader, seed)`` before the first step: initialises prompts from
-            the training images (``loader``, eval transforms); None when nothing depends on the data.
+        prepare: ``prepare(method, model, settings, loader, seed)`` before the first step: initialises
+            prompts from the training images (``loader``, eval transforms); None when nothing depends on
+            the data.
         order: Position in listings (the built-ins first).
     """
 
@@ -66,8 +67,8 @@ class Method:
         if self.inits is not None and init not in self.inits:
             where = f" use {self.other_inits}" if self.other_inits else " choose another method"
             raise ValueError(
-                f"{self.name} initialises its prompts with {' or '.join(self.inits)}; for prompt.init={init!r}"
-                f"{where}."
+                f"{self.name} initialises its prompts with {' or '.join(self.inits)}; for "
+                f"prompt.init={init!r}{where}."
             )
         return init
 

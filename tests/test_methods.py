@@ -1,0 +1,121 @@
+"""The method registry, the classifier's seams, and BitFit (the first method added through the registry)."""
+
+import dataclasses
+
+import selfprompt as sp
+from selfprompt.config import TrainConfig, migrate
+from selfprompt.engine.build import build_model, method_settings
+from selfprompt.methods import get_method, method_names, register_method, settings_sections
+from selfprompt.methods.bitfit import BitFit
+from selfprompt.model import ViTClassifier, residual_branches
+
+import pytest
+import timm
+import torch
+from conftest import tiny_vit
+from engine_helpers import tiny_config
+
+
+def test_the_six_original_names_and_bitfit_are_registered_in_order():
+    original = ["linear", "full", "vpt-shallow", "vpt-deep", "spt-shallow", "spt-deep"]
+    assert method_names() == [*original, "bitfit"]
+    assert [get_method(n).default_init for n in method_names()] == [
+        None, None, "xavier", "xavier", "sample", "sample", None
+    ]  # fmt: skip
+
+
+def test_unknown_and_duplicate_methods_are_refused():
+    with pytest.raises(ValueError, match="Unknown method 'lora'; methods: linear, full"):
+        get_method("lora")
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("linear", "again", ViTClassifier, lambda *a, **k: None)
+
+
+def test_initializers_a_method_does_not_take_are_refused_with_the_alternative():
+    assert get_method("spt-deep").initializer(None) == "sample"
+    assert get_method("spt-deep").initializer("kmeans") == "kmeans"
+    assert get_method("vpt-deep").initializer(None) == "xavier"
+    with pytest.raises(ValueError, match=r"vpt-deep initialises its prompts with xavier.*use spt-deep"):
+        get_method("vpt-deep").initializer("kmeans")
+    with pytest.raises(ValueError, match="'bitfit' has no prompts"):
+        get_method("bitfit").initializer("sample")
+
+
+def test_settings_of_a_section_the_method_does_not_read_are_refused(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path, "linear", **{"prompt.num_prompts": 5})
+    with pytest.raises(ValueError, match=r"'linear' does not read the prompt settings; drop prompt\.num"):
+        method_settings(cfg)
+
+
+def test_every_section_is_a_train_config_field_with_help():
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for section in settings_sections().values():
+        assert isinstance(fields[section.name].default_factory(), section.cls)
+        assert f"{section.name}: {section.help}" in TrainConfig.__doc__
+
+
+def test_old_config_layout_migrates_to_the_sections():
+    old = {"model": {"method": "vpt-deep", "num_prompts": 3, "prompt_dropout": 0.1, "prompts_file": "p"}}
+    cfg = TrainConfig.from_dict(migrate(old))
+    assert (cfg.prompt.num_prompts, cfg.prompt.dropout, cfg.prompt.file) == (3, 0.1, "p")
+    assert TrainConfig.from_dict(old) == cfg
+
+
+def test_residual_branches_without_replacement_is_the_block(images):
+    vit = tiny_vit()
+    x = vit.patch_embed(images)
+    for block in vit.blocks:
+        torch.testing.assert_close(residual_branches(block, x), block(x), rtol=0, atol=0)
+
+
+def test_classifier_seams_default_to_timm(images):
+    """With no method, the seams leave timm's forward unchanged (features and logits)."""
+    vit = tiny_vit(global_pool="token")
+    model = ViTClassifier(vit, num_classes=4)
+    with torch.no_grad():
+        vit.reset_classifier(4)
+        vit.head.load_state_dict(model.head.state_dict())
+        torch.testing.assert_close(model(images), vit(images), rtol=0, atol=0)
+
+
+def test_bitfit_trains_exactly_the_biases_and_the_head(images):
+    model = BitFit(tiny_vit(), num_classes=5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    biases = {f"backbone.{n}" for n, _ in model.backbone.named_parameters() if n.endswith("bias")}
+    assert trainable == biases | {"head.weight", "head.bias"} == set(model.adapter_parameters())
+    assert not any("norm" in n and n.endswith("weight") for n in trainable)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    torch.nn.functional.cross_entropy(model(images), torch.arange(6) % 5).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    assert not model.backbone.training, "the backbone stays in eval mode"
+
+
+def test_bitfit_starts_as_the_linear_probe_and_round_trips(images, tmp_path):
+    torch.manual_seed(0)
+    linear = ViTClassifier(tiny_vit(), num_classes=5)
+    torch.manual_seed(0)
+    bitfit = BitFit(tiny_vit(), num_classes=5).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(bitfit(images), linear(images), rtol=0, atol=0)
+        for p in bitfit.adapter_parameters().values():
+            p.add_(torch.randn_like(p))
+    bitfit.save_pretrained(tmp_path)
+    reloaded = sp.load_pretrained(tmp_path, tiny_vit()).eval()
+    assert type(reloaded) is BitFit
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), bitfit(images))
+    with pytest.raises(ValueError, match="holds a BitFit, not a PromptedViT"):
+        sp.PromptedViT.from_pretrained(tmp_path, tiny_vit())
+
+
+def test_bitfit_trainable_parameters_of_vit_base_with_100_classes():
+    """METHODS.md section 2: 102,912 biases + 76,900 head."""
+    backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    cfg = TrainConfig()
+    cfg.model.method = "bitfit"
+    model = build_model(cfg, backbone, 100)
+    assert model.num_adapter_parameters() == 179_812
