@@ -3,7 +3,8 @@
 Per task: every list file of the protocol is there and parses; counts match the registry (VTAB-1k's
 800/200/1,000/test sizes, FGVC's official sizes) or the folder's own manifest; labels lie in the task's
 classes and every class occurs; every listed image exists and decodes; no image on disk is left out of
-every list; and where the folder has a manifest with hashes (written by ``selfprompt data prepare``), each
+every list; list lines are well-formed, relative, not repeated and inside the list's base folder;
+and where the folder has a manifest with hashes (written by ``selfprompt data prepare``), each
 split's list and images still hash the same.
 """
 
@@ -15,11 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfprompt.data.datasets import _READ_ERRORS, IMAGE_EXTENSIONS, parse_list
+from selfprompt.data.datasets import IMAGE_EXTENSIONS, BadLine, parse_list
+from selfprompt.data.images import unreadable
 from selfprompt.data.manifest import MANIFEST_NAME, split_hash
 from selfprompt.data.registry import TaskInfo, tasks
-
-from PIL import Image
 
 _SHOWN = 3  # files named per problem
 
@@ -39,19 +39,14 @@ def _named(paths: list[str]) -> str:
     return ", ".join(paths[:_SHOWN]) + more
 
 
-def _read_list(path: Path) -> tuple[list[tuple[str, int]], list[int]]:
-    """``(relative path, label)`` entries and the numbers of lines that do not parse."""
+def _read_list(path: Path) -> tuple[list[tuple[str, int]], list[BadLine]]:
+    """``(relative path, label)`` entries and the lines that cannot be used (:func:`parse_list`).
+
+    Raises:
+        ValueError: The file is not UTF-8.
+    """
     entries, bad = parse_list(path)
-    return [(p, label) for _, p, label in entries], [number for number, _ in bad]
-
-
-def _decodes(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except _READ_ERRORS:
-        return False
-    return True
+    return [(p, label) for _, p, label in entries], bad
 
 
 def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None = None) -> list[Problem]:
@@ -71,13 +66,17 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
         if not path.is_file():
             problems.append(Problem("list", f"{path.name} is missing", rebuild))
             continue
-        entries, bad = _read_list(path)
-        if bad:
+        try:
+            entries, bad = _read_list(path)
+        except ValueError as error:  # not UTF-8
+            problems.append(Problem("list", str(error), rebuild))
+            continue
+        for line in bad[:_SHOWN]:
             problems.append(
-                Problem(
-                    "list", f"{path.name} lines {bad[:_SHOWN]} are not 'path label'", f"fix them; {rebuild}"
-                )
+                Problem("list", f"{path.name}:{line.number}: {line.problem}", f"{line.fix}; {rebuild}")
             )
+        if len(bad) > _SHOWN:
+            problems.append(Problem("list", f"{path.name} has {len(bad) - _SHOWN} more such lines", rebuild))
         listed[split] = entries
         if split in expected and len(entries) != expected[split]:
             problems.append(
@@ -109,7 +108,8 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
         problems.append(
             Problem("missing", f"{len(missing)} listed images do not exist: {_named(missing)}", rebuild)
         )
-    corrupt = [p for p in files if p not in absent_files and not _decodes(folder / p)]
+    failed = {path for path, _ in unreadable(folder / p for p in files if p not in absent_files)}
+    corrupt = [p for p in files if folder / p in failed]
     if corrupt:
         problems.append(
             Problem(
@@ -136,6 +136,19 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
                 )
             )
     return problems
+
+
+def _readable_lists(folder: Path, info: TaskInfo) -> list[str]:
+    """The splits of ``info`` whose list file is in ``folder`` and is UTF-8."""
+    found = []
+    for split in info.splits:
+        try:
+            if (folder / f"{split}.txt").is_file():
+                parse_list(folder / f"{split}.txt")
+                found.append(split)
+        except ValueError:
+            pass
+    return found
 
 
 def _unlisted_images(folder: Path, files: list[str]) -> list[str]:
@@ -185,9 +198,7 @@ def check_root(
             report[name] = [Problem("missing", f"{folder} does not exist", _rebuild_hint(folder, info))]
         else:
             report[name] = check_task(folder, info)
-        counts = {
-            s: len(_read_list(folder / f"{s}.txt")[0]) for s in info.splits if (folder / f"{s}.txt").is_file()
-        }
+        counts = {s: len(parse_list(folder / f"{s}.txt")[0]) for s in _readable_lists(folder, info)}
         log(f"{name}: ok ({counts})" if not report[name] else f"{name}: {len(report[name])} problem(s)")
         for problem in report[name]:
             log(f"  {problem}")
