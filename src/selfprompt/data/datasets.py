@@ -175,7 +175,7 @@ def _list_samples(root: Path, split: str, classes: list[str] | None) -> tuple[li
     if bad:
         more = f" ({len(bad)} such lines)" if len(bad) > 1 else ""
         raise ValueError(f"{list_file}:{bad[0].number}: {bad[0].problem}{more}; {bad[0].fix}.")
-    entries = [(number, root / path, label) for number, path, label in parsed]
+    entries = [(number, Path(os.path.normpath(root / path)), label) for number, path, label in parsed]
     if not entries:
         raise ValueError(
             f"Split list {list_file} is empty; add one '<relative/image/path> <label>' line per image."

@@ -28,6 +28,10 @@ READ_ERRORS = (
 )
 # integer modes PIL gives 16-bit grayscale files (PNG, TIFF, PGM): values 0..65535
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# files that decoded in this process, as (path, size, mtime_ns): a split's images are not decoded again
+# for the next split that lists them (train + val, then train+val), unless the file changed
+_DECODED: set[tuple[str, int, int]] = set()
+_DECODED_MAX = 1_000_000
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -81,7 +85,7 @@ def read_error_message(path: str | os.PathLike, error: BaseException) -> str:
         cause, fix = "the file is empty (0 bytes)", "remove or replace the file"
     elif isinstance(error, UnidentifiedImageError):
         cause, fix = "it is not an image file PIL can read", "remove or replace the file"
-    elif "truncated" in str(error):
+    elif "truncated" in str(error).lower():
         cause, fix = f"the file is cut short ({error})", "re-download it, or remove or replace the file"
     else:
         cause, fix = f"{type(error).__name__}: {error}", "remove or replace the file"
@@ -90,9 +94,20 @@ def read_error_message(path: str | os.PathLike, error: BaseException) -> str:
 
 def _read_problem(path: Path) -> str | None:
     try:
+        stat = path.stat()
+        key: tuple[str, int, int] | None = (str(path), stat.st_size, stat.st_mtime_ns)
+    except (OSError, ValueError):
+        key = None
+    if key in _DECODED:
+        return None
+    try:
         load_rgb(path)
     except ValueError as error:
         return str(error)
+    if key is not None:
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED.add(key)
     return None
 
 
@@ -101,7 +116,8 @@ def unreadable(paths: Iterable[str | os.PathLike], threads: int | None = None) -
     in input order.
 
     Files are decoded on ``threads`` threads (default: the CPUs this process may use, at most 8); PIL
-    releases the GIL while it decodes, so threads scale with cores.
+    releases the GIL while it decodes, so threads scale with cores on larger images. A file that decoded
+    before in this process is skipped while its size and modification time stay the same.
     """
     unique: Sequence[Path] = list(dict.fromkeys(Path(p) for p in paths))
     if threads is None:
