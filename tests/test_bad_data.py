@@ -353,6 +353,42 @@ def test_tiny_images_and_stray_files_in_class_folders(data):
         assert dataset[0][0].shape == (3, 32, 32)
 
 
+def test_images_the_folder_layout_would_leave_out_are_named(data):
+    train = data / "train"
+    gif = train / "class1" / "extra.gif"
+    Image.new("P", (8, 8)).save(gif)
+    raises(ValueError, lambda: load_split(data, "folder", "train"), str(gif), ".gif file", "convert it")
+    gif.unlink()
+    nested = train / "class1" / "more"
+    nested.mkdir()
+    shutil.copy(train / "class1" / "0.png", nested / "0.png")
+    raises(ValueError, lambda: load_split(data, "folder", "train"), str(nested), "folder of images inside")
+    shutil.rmtree(nested)
+    shutil.copy(train / "class1" / "0.png", train / "loose.png")
+    raises(
+        ValueError,
+        lambda: load_split(data, "folder", "train"),
+        str(train / "loose.png"),
+        "split folder itself",
+    )
+    (train / "loose.png").unlink()
+    (train / "class1" / ".hidden").mkdir()
+    shutil.copy(train / "class1" / "0.png", train / "class1" / ".hidden" / "0.png")
+    (train / "class1" / "notes").mkdir()  # no images in it
+    assert len(load_split(data, "folder", "train")) == 12
+
+
+def test_windows_separators_in_a_list_are_explained(data):
+    (data / "val.txt").write_text("val\\class0\\0.png 0\n")
+    raises(FileNotFoundError, lambda: load_split(data, "list", "val"), "write '/' between folders")
+
+
+def test_data_check_finds_images_shared_by_splits(data):
+    (data / "test.txt").write_text((data / "test.txt").read_text() + "train/class0/0.png 0\n")
+    found = {p.kind: p for p in check_task(data, GENERATED)}
+    assert found["overlap"].detail == "1 images are in both train.txt and test.txt: train/class0/0.png"
+
+
 # 5. bounded YAML ---------------------------------------------------------------------------------------
 
 

@@ -1,11 +1,11 @@
 """``selfprompt data check``: a prepared task folder against what selfprompt expects of it.
 
-Per task: every list file of the protocol is there and parses; counts match the registry (VTAB-1k's
-800/200/1,000/test sizes, FGVC's official sizes) or the folder's own manifest; labels lie in the task's
-classes and every class occurs; every listed image exists and decodes; no image on disk is left out of
-every list; list lines are well-formed, relative, not repeated and inside the list's base folder;
-and where the folder has a manifest with hashes (written by ``selfprompt data prepare``), each
-split's list and images still hash the same.
+Per task: every list file of the protocol is there, is UTF-8 and parses (lines well-formed, relative, not
+repeated, inside the list's base folder); counts match the registry (VTAB-1k's 800/200/1,000/test sizes,
+FGVC's official sizes) or the folder's own manifest; no image is in two of train, val and test; labels lie
+in the task's classes and every class occurs; every listed image exists and decodes in full; no image on
+disk is left out of every list; and where the folder has a manifest with hashes (written by ``selfprompt
+data prepare``), each split's list and images still hash the same.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _SHOWN = 3  # files named per problem
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # list, count, label, classes, missing, corrupt, extra, modified
+    kind: str  # list, count, overlap, label, classes, missing, corrupt, extra, modified
     detail: str
     fix: str
 
@@ -86,6 +86,7 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
                     rebuild,
                 )
             )
+    problems += _overlaps(listed, info, rebuild)
     labels = {label for entries in listed.values() for _, label in entries}
     outside = sorted(label for label in labels if not 0 <= label < info.num_classes)
     if outside:
@@ -136,6 +137,24 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
                 )
             )
     return problems
+
+
+def _overlaps(listed: dict[str, list[tuple[str, int]]], info: TaskInfo, rebuild: str) -> list[Problem]:
+    """Images that two of the train, val and test lists share (train+val is their union by design)."""
+    train, val, _, test = info.splits
+    found = []
+    for a, b in ((train, val), (train, test), (val, test)):
+        if a in listed and b in listed:
+            shared = sorted({p for p, _ in listed[a]} & {p for p, _ in listed[b]})
+            if shared:
+                found.append(
+                    Problem(
+                        "overlap",
+                        f"{len(shared)} images are in both {a}.txt and {b}.txt: {_named(shared)}",
+                        f"an image belongs to one split; {rebuild}",
+                    )
+                )
+    return found
 
 
 def _readable_lists(folder: Path, info: TaskInfo) -> list[str]:

@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _SHOWN = 5  # offending files named in one error message
+# image formats a folder may hold that selfprompt does not read: an error, not a silently smaller class
+OTHER_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jfif", ".jp2", ".j2k", ".ico", ".svg", ".psd")
 _LABEL = re.compile(r"-?[0-9]+")  # a list line's label: ASCII digits only (int() also takes "1_0", "+1", "١")
 
 Sample = tuple[Path, int]
@@ -147,6 +149,7 @@ def _folder_samples(root: Path, split: str, classes: list[str] | None) -> tuple[
             f"Class folder {unknown[0]} is not one of the {len(names)} classes given (those of the training "
             f"split{f'; {len(unknown)} such folders' if len(unknown) > 1 else ''}); rename or remove it."
         )
+    _refuse_skipped_images(split_dir, folders)
     samples: list[Sample] = []
     for folder in folders:
         files = sorted(
@@ -161,6 +164,41 @@ def _folder_samples(root: Path, split: str, classes: list[str] | None) -> tuple[
             )
         samples += [(f, index[folder.name]) for f in files]
     return samples, names
+
+
+def _refuse_skipped_images(split_dir: Path, folders: list[Path]) -> None:
+    """Images the folder layout would leave out: in the split folder itself, in a format it does not read,
+    or in a folder inside a class folder (hidden files and folders are skipped on purpose)."""
+    suffixes = IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS
+    problems = [
+        f"{f} lies in the split folder itself; move it into {split_dir}/<class_name>/ or remove it"
+        for f in sorted(split_dir.iterdir())
+        if f.suffix.lower() in suffixes and not f.name.startswith(".") and f.is_file()
+    ]
+    for folder in folders:
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.suffix.lower() in OTHER_IMAGE_EXTENSIONS and entry.is_file():
+                problems.append(
+                    f"{entry} is a {entry.suffix} file, a format selfprompt does not read "
+                    f"({' '.join(IMAGE_EXTENSIONS)}); convert it (e.g. to PNG) or remove it"
+                )
+            elif entry.is_dir() and not entry.is_symlink() and _holds_images(entry, suffixes):
+                problems.append(
+                    f"{entry} is a folder of images inside a class folder, and only the images directly in a "
+                    "class folder are read; move them up into the class folder or remove the folder"
+                )
+    if problems:
+        more = f" ({len(problems)} such files or folders)" if len(problems) > 1 else ""
+        raise ValueError(f"Images would be left out of split {split_dir}{more}: {problems[0]}.")
+
+
+def _holds_images(folder: Path, suffixes: tuple[str, ...]) -> bool:
+    for _, _, names in os.walk(folder):  # does not follow symbolic links (no loops)
+        if any(name.lower().endswith(suffixes) and not name.startswith(".") for name in names):
+            return True
+    return False
 
 
 def _list_samples(root: Path, split: str, classes: list[str] | None) -> tuple[list[Sample], list[str]]:
@@ -230,6 +268,8 @@ def _not_a_file(path: Path) -> str:
         return f"is a broken symbolic link (to {os.readlink(path)})"
     if path.is_dir():
         return "is a folder, not an image file"
+    if "\\" in path.name:
+        return "does not exist (its path holds '\\': write '/' between folders, on every system)"
     return "does not exist"
 
 
