@@ -1,8 +1,8 @@
 """Cost of the up-front image check: reading headers only against decoding every file in full.
 
-Writes 2,000 32x32 PNGs (VTAB-mini's size) and 200 224x224 JPEGs (smooth pictures plus noise, quality 90)
-into a temporary folder, then times, per set of files, ``--rounds`` times after a warm-up pass (files in
-the page cache, as on a run's second split):
+Writes 2,000 32x32 PNGs (VTAB-mini's size), 200 224x224 JPEGs and 100 500x500 JPEGs (FGVC's photos are
+about that size; smooth pictures plus noise, quality 90) into a temporary folder, then times, per set of
+files, ``--rounds`` times after a warm-up pass (files in the page cache, as on a run's second split):
 
     header     PIL.Image.open + .size (the check before issue 18: catches neither truncation nor bad data)
     load       PIL.Image.open + .load() (full decode, no conversion)
@@ -10,7 +10,7 @@ the page cache, as on a run's second split):
     unreadable selfprompt.data.images.unreadable on 1, 2 and 4 threads (what load_split and data check use)
     again      unreadable on files it decoded before (the next split listing them: train+val after train)
 
-and prints the medians in ms per set and us per image. Less than a minute on 2 CPU cores.
+and prints the medians in ms per set and us per image. About a minute on 2 CPU cores.
 
     python benchmarks/image_check.py [--rounds 5]
 """
@@ -91,6 +91,7 @@ def main() -> None:
         sets = {
             "2000 PNG 32x32": _write(Path(tmp) / "png", 2000, 32, ".png", 0),
             "200 JPEG 224x224": _write(Path(tmp) / "jpg", 200, 224, ".jpg", 1),
+            "100 JPEG 500x500": _write(Path(tmp) / "big", 100, 500, ".jpg", 2),
         }
         methods: dict[str, Callable[[list[Path]], object]] = {
             "header": _header,

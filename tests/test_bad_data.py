@@ -171,7 +171,7 @@ def test_absolute_escaping_and_repeated_paths_are_named(data):
     lines = val.read_text().splitlines()
     cases = [
         (str(data / lines[0].split()[0]) + " 0", ["absolute path", "relative"]),
-        ("../elsewhere/x.png 0", ["../elsewhere/x.png leaves", "move the image under that folder"]),
+        ("../elsewhere/x.png 0", [f"../elsewhere/x.png leaves {data} (the list's folder)", "move the image"]),
         ("val/class1/../../../x.png 1", ["../x.png leaves"]),
         (lines[0], ["listed twice in one split (also on line 1)", "remove one"]),
         (lines[0].replace(" 0", " 2"), ["with labels 0 and 2"]),
@@ -196,7 +196,10 @@ def test_lists_may_share_one_base_folder_above_them(data):
         "".join(f"../{line}\n" for line in lines) + "../../data/val/class0/0.png 0\n"
     )
     raises(
-        ValueError, lambda: load_split(lists, "list", "train"), f":{len(lines) + 1}: ", "1 folder(s) above"
+        ValueError,
+        lambda: load_split(lists, "list", "train"),
+        f"train.txt:{len(lines) + 1}: ../../data/val/class0/0.png leaves {data} (where this list's other "
+        "images lie: their paths climb 1 folder(s) up)",
     )
 
 

@@ -365,15 +365,19 @@ def parse_list(list_file: Path) -> tuple[list[tuple[int, str, int]], list[BadLin
         entries.append((number, path, label))
     if entries:
         base = min(Counter(ups.values()).most_common(), key=lambda kv: (-kv[1], kv[0]))[0]
+        base_dir = Path(os.path.normpath(list_file.parent.joinpath(*[".."] * base)))
+        where = (
+            "the list's folder"
+            if base == 0
+            else f"where this list's other images lie: their paths climb {base} folder(s) up"
+        )
         for index, (number, path, _) in enumerate(entries):
             if ups[index] != base:
-                where = "the list's folder" if base == 0 else f"{base} folder(s) above the list's folder"
                 bad.append(
                     BadLine(
                         number,
                         path,
-                        f"{path} leaves the folder its list's images lie under ({where}, "
-                        f"{list_file.parent / ('/'.join(['..'] * base) or '.')}) with '..'",
+                        f"{path} leaves {base_dir} ({where}) with '..'",
                         "fix the path, or move the image under that folder",
                     )
                 )
@@ -395,8 +399,7 @@ def _check_images(samples: list[Sample]) -> None:
     if bad:
         more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
         raise ValueError(
-            f"{len(bad)} image(s) cannot be read: {' '.join(bad[:_SHOWN])}{more} "
-            "Remove or replace these files before training."
+            f"{len(bad)} image(s) cannot be read, so nothing is run: {' '.join(bad[:_SHOWN])}{more}"
         )
 
 

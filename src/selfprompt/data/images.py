@@ -128,5 +128,5 @@ def unreadable(paths: Iterable[str | os.PathLike], threads: int | None = None) -
         problems = [_read_problem(p) for p in unique]
     else:
         with ThreadPoolExecutor(threads) as pool:
-            problems = list(pool.map(_read_problem, unique, chunksize=16))
+            problems = list(pool.map(_read_problem, unique))
     return [(path, problem) for path, problem in zip(unique, problems, strict=True) if problem is not None]
