@@ -1,10 +1,11 @@
 """``selfprompt data check``: a prepared task folder against what selfprompt expects of it.
 
-Per task: every list file of the protocol is there and parses; counts match the registry (VTAB-1k's
-800/200/1,000/test sizes, FGVC's official sizes) or the folder's own manifest; labels lie in the task's
-classes and every class occurs; every listed image exists and decodes; no image on disk is left out of
-every list; and where the folder has a manifest with hashes (written by ``selfprompt data prepare``), each
-split's list and images still hash the same.
+Per task: every list file of the protocol is there, is UTF-8 and parses (lines well-formed, relative, not
+repeated, inside the list's base folder); counts match the registry (VTAB-1k's 800/200/1,000/test sizes,
+FGVC's official sizes) or the folder's own manifest; no image is in two of train, val and test; labels lie
+in the task's classes and every class occurs; every listed image exists and decodes in full; no image on
+disk is left out of every list; and where the folder has a manifest with hashes (written by ``selfprompt
+data prepare``), each split's list and images still hash the same.
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfprompt.data.datasets import _READ_ERRORS, IMAGE_EXTENSIONS, parse_list
+from selfprompt.data.datasets import IMAGE_EXTENSIONS, BadLine, parse_list
+from selfprompt.data.images import unreadable
 from selfprompt.data.manifest import MANIFEST_NAME, split_hash
 from selfprompt.data.registry import TaskInfo, tasks
-
-from PIL import Image
 
 _SHOWN = 3  # files named per problem
 
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # list, count, label, classes, missing, corrupt, extra, modified
+    kind: str  # list, count, overlap, label, classes, missing, corrupt, extra, modified
     detail: str
     fix: str
 
@@ -40,19 +40,14 @@ def _named(paths: list[str]) -> str:
     return ", ".join(paths[:_SHOWN]) + more
 
 
-def _read_list(path: Path) -> tuple[list[tuple[str, int]], list[int]]:
-    """``(relative path, label)`` entries and the numbers of lines that do not parse."""
+def _read_list(path: Path) -> tuple[list[tuple[str, int]], list[BadLine]]:
+    """``(relative path, label)`` entries and the lines that cannot be used (:func:`parse_list`).
+
+    Raises:
+        ValueError: The file is not UTF-8.
+    """
     entries, bad = parse_list(path)
-    return [(p, label) for _, p, label in entries], [number for number, _ in bad]
-
-
-def _decodes(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except _READ_ERRORS:
-        return False
-    return True
+    return [(p, label) for _, p, label in entries], bad
 
 
 def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None = None) -> list[Problem]:
@@ -72,13 +67,17 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
         if not path.is_file():
             problems.append(Problem("list", f"{path.name} is missing", rebuild))
             continue
-        entries, bad = _read_list(path)
-        if bad:
+        try:
+            entries, bad = _read_list(path)
+        except ValueError as error:  # not UTF-8
+            problems.append(Problem("list", str(error), rebuild))
+            continue
+        for line in bad[:_SHOWN]:
             problems.append(
-                Problem(
-                    "list", f"{path.name} lines {bad[:_SHOWN]} are not 'path label'", f"fix them; {rebuild}"
-                )
+                Problem("list", f"{path.name}:{line.number}: {line.problem}", f"{line.fix}; {rebuild}")
             )
+        if len(bad) > _SHOWN:
+            problems.append(Problem("list", f"{path.name} has {len(bad) - _SHOWN} more such lines", rebuild))
         listed[split] = entries
         if split in expected and len(entries) != expected[split]:
             problems.append(
@@ -88,6 +87,7 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
                     rebuild,
                 )
             )
+    problems += _overlaps(listed, info, rebuild)
     labels = {label for entries in listed.values() for _, label in entries}
     outside = sorted(label for label in labels if not 0 <= label < info.num_classes)
     if outside:
@@ -110,7 +110,8 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
         problems.append(
             Problem("missing", f"{len(missing)} listed images do not exist: {_named(missing)}", rebuild)
         )
-    corrupt = [p for p in files if p not in absent_files and not _decodes(folder / p)]
+    failed = {path for path, _ in unreadable(folder / p for p in files if p not in absent_files)}
+    corrupt = [p for p in files if folder / p in failed]
     if corrupt:
         problems.append(
             Problem(
@@ -137,6 +138,37 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
                 )
             )
     return problems
+
+
+def _overlaps(listed: dict[str, list[tuple[str, int]]], info: TaskInfo, rebuild: str) -> list[Problem]:
+    """Images that two of the train, val and test lists share (train+val is their union by design)."""
+    train, val, _, test = info.splits
+    found = []
+    for a, b in ((train, val), (train, test), (val, test)):
+        if a in listed and b in listed:
+            shared = sorted({p for p, _ in listed[a]} & {p for p, _ in listed[b]})
+            if shared:
+                found.append(
+                    Problem(
+                        "overlap",
+                        f"{len(shared)} images are in both {a}.txt and {b}.txt: {_named(shared)}",
+                        f"an image belongs to one split; {rebuild}",
+                    )
+                )
+    return found
+
+
+def _readable_lists(folder: Path, info: TaskInfo) -> list[str]:
+    """The splits of ``info`` whose list file is in ``folder`` and is UTF-8."""
+    found = []
+    for split in info.splits:
+        try:
+            if (folder / f"{split}.txt").is_file():
+                parse_list(folder / f"{split}.txt")
+                found.append(split)
+        except ValueError:
+            pass
+    return found
 
 
 def _unlisted_images(folder: Path, files: list[str]) -> list[str]:
@@ -186,9 +218,7 @@ def check_root(
             report[name] = [Problem("missing", f"{folder} does not exist", _rebuild_hint(folder, info))]
         else:
             report[name] = check_task(folder, info)
-        counts = {
-            s: len(_read_list(folder / f"{s}.txt")[0]) for s in info.splits if (folder / f"{s}.txt").is_file()
-        }
+        counts = {s: len(parse_list(folder / f"{s}.txt")[0]) for s in _readable_lists(folder, info)}
         log(f"{name}: ok ({counts})" if not report[name] else f"{name}: {len(report[name])} problem(s)")
         for problem in report[name]:
             log(f"  {problem}")
