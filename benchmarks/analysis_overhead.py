@@ -31,14 +31,14 @@ from pathlib import Path
 import selfprompt as sp  # before timm (see README)
 from selfprompt.analysis.statistics import KMEANS_ITERATIONS, block_inputs
 from selfprompt.apps.demo import DEMO_BACKBONE, method_config
-from selfprompt.build import build_model, build_splits, create_backbone
 from selfprompt.config import TrackConfig
 from selfprompt.data import vtab_mini
+from selfprompt.data.splits import build_splits
+from selfprompt.engine.build import build_model, create_backbone, preparer
 from selfprompt.engine.distributed import Context
 from selfprompt.engine.loop import classification_loss, train_epoch, training_loader
 from selfprompt.engine.optim import build_optimizer, warmup_cosine
 from selfprompt.engine.tracking import PromptTracker, probe_batch
-from selfprompt.init import init_prompts
 from selfprompt.init.kmeans import kmeans
 
 import torch
@@ -73,9 +73,8 @@ def measure(method: str, task_dir: Path, work: Path, args: argparse.Namespace) -
     backbone = create_backbone(cfg.model)
     splits = build_splits(cfg.data, backbone)
     torch.manual_seed(0)
-    model = build_model(cfg.model, backbone, len(splits.classes))
-    if method.startswith("spt"):
-        init_prompts(model, DataLoader(splits.init_train, batch_size=256), cfg.model.init, seed=0)
+    model = build_model(cfg, backbone, len(splits.classes))
+    preparer(cfg)(model, DataLoader(splits.init_train, batch_size=256), 0)
     sampler, loader, steps = training_loader(
         splits.train, cfg.data.batch_size, 1, cfg.data.num_workers, ctx, 0, "train800"
     )

@@ -22,7 +22,7 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
     """Compute the recipe's initial prompts on its training images, save them and print their statistics.
 
     An existing file computed with the same settings and data is reused (the cache); train with
-    ``--model.prompts_file`` to start from it.
+    ``--prompt.file`` to start from it.
     """
     method, settings = method_settings(cfg)
     if not method.has_prompts:

@@ -60,7 +60,7 @@ def aggregate(
 
 def markdown(rows: list[dict[str, Any]], benchmark: str = "vtab-mini") -> str:
     """Per backbone: tasks, groups and means as rows, variants as columns, each followed by the published
-    number (``<variant> (paper)``) where :mod:`selfprompt.paper` quotes one."""
+    number (``<variant> (paper)``) where :mod:`selfprompt.apps.paper` quotes one."""
     table = aggregate(rows, benchmark)
     tasks_of = registry.tasks(benchmark)
     params: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
