@@ -54,18 +54,18 @@ def test_bench_runs_cells_once_and_reports(tmp_path):
     root = tmp_path / "vtab-mini"
     vtab_mini.prepare(root, ["dsprites_location"], log=lambda _: None)
     cfg = BenchConfig(
-        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear", "spt-deep"],
+        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear", "spt-deep", "bitfit"],
         backbones=["vit_mini_patch4_32.mae_fmnist"], seeds=[0], epochs=1, device="cpu", num_workers=0,
     )  # fmt: skip
     lines: list[str] = []
     rows = bench(cfg, log=lines.append)
-    assert [r["variant"] for r in rows] == ["linear", "spt-deep"]
+    assert [r["variant"] for r in rows] == ["linear", "spt-deep", "bitfit"]
     assert all(0 <= r["test_acc"] <= 1 and r["epochs"] == 1 for r in rows)
-    assert rows[0]["trainable_parameters"] < rows[1]["trainable_parameters"]
+    assert rows[0]["trainable_parameters"] < rows[1]["trainable_parameters"] < rows[2]["trainable_parameters"]
     records = sorted(Path(cfg.output_dir).glob("cells/**/cell.json"))
     stamps = [p.stat().st_mtime_ns for p in records]
     again = bench(cfg, log=lambda _: None)
     assert again == rows and [p.stat().st_mtime_ns for p in records] == stamps  # nothing recomputed
     report = (Path(cfg.output_dir) / "results.md").read_text()
     assert VTAB_MEAN in report and "dsprites_location (structured)" in report
-    assert (Path(cfg.output_dir) / "cells.csv").read_text().count("\n") == 3
+    assert (Path(cfg.output_dir) / "cells.csv").read_text().count("\n") == 4
