@@ -1,0 +1,239 @@
+"""``selfprompt sweep``: the protocol's hyperparameter search, on Optuna.
+
+Each trial trains the tune stage of a recipe with one setting (train split -> validation split) and scores
+it by the validation accuracy of its last epoch, averaged over the run's seeds; the best setting is then
+retrained on train+val (the final stage) and tested once. Nothing is selected on test.
+
+- **Engine**: an Optuna study stored in a database (``<output_dir>/study.db``, SQLite, by default), so
+  several processes or machines sharing one database work on one study; ``grid`` (the protocol's grid:
+  every combination once) or ``tpe`` (``trials`` settings drawn by Optuna's TPE sampler).
+- **Ties**: the highest validation accuracy wins; equal accuracies go to the setting that comes first in
+  the search's own order (the order of the lists given, first key slowest), or for TPE to the earliest
+  trial.
+- **Sharing**: each worker takes settings no other has started; a setting another live worker is training is
+  left to it (recorded as a pruned trial), so no setting is trained twice.
+- **Resuming**: a trial's training folder is named after its setting, so a rerun after a kill resumes the
+  half-trained setting from its last epoch; a trial left ``RUNNING`` by a process that died on this machine
+  is failed and retried with the same setting (Optuna's ``RetryHeartbeatStaleTrialCallback``), and the
+  database's heartbeat does the same for workers on other machines. Finished trials are never run again.
+- **Record**: ``sweep.json`` holds every trial (setting, state, score, folder), the choice, the tie rule and
+  the final test accuracy; ``trials/<setting>/`` and ``final/`` are ordinary run folders.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fcntl
+import itertools
+import json
+import os
+import socket
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from selfprompt.atomic import write_json
+from selfprompt.config import TrainConfig
+from selfprompt.engine.run import run
+from selfprompt.engine.rundir import RunDir
+
+SAMPLERS = ("grid", "tpe")
+STUDY_NAME = "sweep"
+HEARTBEAT_SECONDS = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSettings:
+    """What a sweep searches and how.
+
+    Attributes:
+        search: Dotted config field -> the values to try, e.g. ``{"optim.lr": [0.1, 0.01]}``.
+        sampler: grid (every combination once) or tpe (Optuna's TPE, ``trials`` draws from the lists).
+        trials: tpe: how many settings to try (across every process sharing the study).
+        storage: Optuna storage URL; None is a SQLite file ``study.db`` in the output folder.
+        final: Retrain the chosen setting on train+val and test it once, when every trial has finished.
+    """
+
+    search: dict[str, list[Any]]
+    sampler: str = "grid"
+    trials: int | None = None
+    storage: str | None = None
+    final: bool = True
+
+
+def check_search(base: TrainConfig, settings: SweepSettings) -> None:
+    """Refuse a search that names unknown fields, has empty lists, or cannot run with its sampler."""
+    if settings.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {settings.sampler!r}.")
+    if not settings.search:
+        raise ValueError("--search is empty; give e.g. '{\"optim.lr\": [0.05, 0.01]}'.")
+    for key, values in settings.search.items():
+        section, _, name = key.rpartition(".")
+        holder = getattr(base, section, None) if section else base
+        if holder is None or not hasattr(holder, name) or (section == "" and key in ("output_dir", "stage")):
+            raise ValueError(f"--search names {key!r}, which is not a field of the training config.")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"--search {key}: give a non-empty list of values, got {values!r}.")
+    if settings.sampler == "tpe" and not settings.trials:
+        raise ValueError("sampler tpe needs --trials N (how many settings to draw).")
+
+
+def grid_order(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every setting of the grid, in the search's own order (first key slowest)."""
+    keys = list(search)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*search.values())]
+
+
+def setting_name(params: dict[str, Any]) -> str:
+    """A folder name for a setting: ``optim.lr=0.05,optim.weight_decay=0.01``."""
+    return ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(params.items())).replace("/", "_")
+
+
+def with_setting(base: TrainConfig, params: dict[str, Any], stage: str, output_dir: Path) -> TrainConfig:
+    cfg = copy.deepcopy(base)
+    for key, value in params.items():
+        section, _, name = key.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, name, value)
+    cfg.stage, cfg.output_dir, cfg.resume = stage, str(output_dir), RunDir(output_dir).is_run()
+    return cfg
+
+
+def mean_val_acc(summary: dict[str, Any]) -> float:
+    """The score of a tune run: the last epoch's validation accuracy, averaged over its seeds."""
+    accs = [r["last_val_acc"] for r in summary["results"] if r["stage"] == "tune"]
+    return sum(accs) / len(accs)
+
+
+def _study(out: Path, settings: SweepSettings):
+    import optuna  # the `sweep` extra
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = optuna.storages.RDBStorage(
+        settings.storage or f"sqlite:///{out / 'study.db'}",
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=3 * HEARTBEAT_SECONDS,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+    )
+    if settings.sampler == "grid":
+        sampler = optuna.samplers.GridSampler(settings.search, seed=0)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=0)
+    study = optuna.create_study(
+        study_name=STUDY_NAME, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
+    )
+    _retry_dead_local_trials(optuna, study, storage)
+    return optuna, study
+
+
+def _retry_dead_local_trials(optuna, study, storage) -> None:
+    """Fail and re-queue (same setting) the trials that a process on this machine left running when it
+    died; the heartbeat does the same, after its grace period, for any machine."""
+    host, study_id = socket.gethostname(), storage.get_study_id_from_name(STUDY_NAME)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("owner", {})
+        if owner.get("host") == host and not _alive(owner.get("pid", -1)):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, storage.get_trial(trial_id))
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(base: TrainConfig, settings: SweepSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run this process's share of the study in ``base.output_dir``, then (once every trial has finished)
+    the final stage of the chosen setting; returns the record written to ``sweep.json``."""
+    check_search(base, settings)
+    out = Path(base.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    optuna, study = _study(out, settings)
+
+    def objective(trial) -> float:
+        trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": os.getpid()})
+        params = {key: trial.suggest_categorical(key, values) for key, values in settings.search.items()}
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if any(t.number != trial.number and t.params == params for t in running):
+            # Optuna's grid re-issues started settings at the end of a shared grid: leave it to its worker
+            raise optuna.TrialPruned(f"another worker is training {params}")
+        folder = out / "trials" / setting_name(params)
+        trial.set_user_attr("folder", str(folder.relative_to(out)))
+        log(f"[sweep] trial {trial.number}: {params}")
+        run(with_setting(base, params, "tune", folder), log=lambda _: None)
+        return mean_val_acc(RunDir(folder).read_summary())
+
+    if settings.sampler == "grid":
+        left = None if not study.sampler.is_exhausted(study) else 0  # optimize would re-run a setting
+    else:
+        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        left = max(0, settings.trials - done)
+    if left != 0:
+        study.optimize(objective, n_trials=left)
+    record = _record(optuna, study, settings, out)
+    if settings.final and record["complete"]:
+        record["final"] = _final(base, record["best"]["params"], out, log)
+    write_json(out / "sweep.json", record)
+    return record
+
+
+def choose(trials: list[dict[str, Any]], search: dict[str, list[Any]], sampler: str) -> dict[str, Any]:
+    """The best finished trial by validation accuracy, ties broken by the search's order (grid) or the
+    earliest trial (tpe)."""
+    order = {setting_name(p): i for i, p in enumerate(grid_order(search))}
+
+    def rank(t: dict[str, Any]) -> tuple:
+        tie = order[setting_name(t["params"])] if sampler == "grid" else t["number"]
+        return (-t["val_acc"], tie)
+
+    return min((t for t in trials if t["state"] == "COMPLETE"), key=rank)
+
+
+def _record(optuna, study, settings: SweepSettings, out: Path) -> dict[str, Any]:
+    trials = [
+        {
+            "number": t.number,
+            "params": t.params,
+            "state": t.state.name,
+            "val_acc": t.value,
+            "folder": t.user_attrs.get("folder"),
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
+    complete = {setting_name(t["params"]) for t in trials if t["state"] == "COMPLETE"}
+    wanted = len(grid_order(settings.search)) if settings.sampler == "grid" else settings.trials
+    record: dict[str, Any] = {
+        "search": settings.search,
+        "sampler": settings.sampler,
+        "score": "validation accuracy of the last tune epoch, mean over seeds",
+        "tie_rule": "first in the search's order (first key slowest)"
+        if settings.sampler == "grid"
+        else "earliest trial",
+        "trials": trials,
+        "complete": len(complete) >= wanted,
+    }
+    if complete:
+        record["best"] = choose(trials, settings.search, settings.sampler)
+    return record
+
+
+def _final(base: TrainConfig, params: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict:
+    """Retrain the chosen setting on train+val and test it once (one process at a time)."""
+    folder = out / "final"
+    with open(out / "final.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the resume check below must see another process's final run
+        log(f"[sweep] final stage with {params}")
+        run(with_setting(base, params, "final", folder), log=lambda _: None)
+        results = RunDir(folder).read_summary()["results"]
+    tests = [r["last_test_acc"] for r in results if r["stage"] == "final"]
+    return {"params": params, "folder": "final", "test_acc": sum(tests) / len(tests), "per_seed": tests}

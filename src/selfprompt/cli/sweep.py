@@ -1,0 +1,48 @@
+"""``selfprompt sweep``: a recipe's hyperparameter search under the protocol (Optuna)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from selfprompt.apps.sweep import SAMPLERS, SweepSettings, sweep
+from selfprompt.cli.command import Command
+from selfprompt.cli.common import config_from, config_parser
+from selfprompt.config import TrainConfig
+
+from jsonargparse import ArgumentParser, Namespace
+
+EXTRAS = ("--search", "--sampler", "--trials", "--storage", "--final")
+
+
+def _parser() -> ArgumentParser:
+    parser = config_parser(
+        "selfprompt sweep",
+        "Search a recipe's settings on the validation split, retrain the best on train+val, test once.",
+        TrainConfig,
+    )
+    parser.add_argument(
+        "--search", type=dict[str, list[Any]], required=True,
+        help='Fields and values to try, e.g. \'{"optim.lr": [0.1, 0.01], "optim.weight_decay": [0.01, 0]}\'.',
+    )  # fmt: skip
+    parser.add_argument("--sampler", type=str, default="grid", help=f"One of {SAMPLERS}.")
+    parser.add_argument("--trials", type=int | None, default=None, help="tpe: settings to try.")
+    parser.add_argument(
+        "--storage", type=str | None, default=None,
+        help="Optuna storage URL shared by every worker (default: sqlite file study.db in output_dir).",
+    )  # fmt: skip
+    parser.add_argument("--final", type=bool, default=True, help="Retrain the best and test it once.")
+    return parser
+
+
+def _sweep(args: Namespace) -> None:
+    settings = SweepSettings(args.search, args.sampler, args.trials, args.storage, args.final)
+    record = sweep(config_from(args, TrainConfig, EXTRAS), settings)
+    best = record.get("best")
+    if best is not None:
+        print(f"best setting {best['params']}: val acc {100 * best['val_acc']:.2f}% ({record['tie_rule']})")
+    if "final" in record:
+        print(f"final (train+val, tested once): test acc {100 * record['final']['test_acc']:.2f}%")
+
+
+COMMANDS = [Command("sweep", "Hyperparameter search on val, final retrain, one test.", _parser, _sweep,
+                    config=TrainConfig, extras=EXTRAS)]  # fmt: skip

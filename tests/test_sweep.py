@@ -1,0 +1,113 @@
+"""`selfprompt sweep`: trials on val, the choice and its tie rule, one final test, resumption after a kill,
+and two processes sharing one study."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from selfprompt.apps.sweep import SweepSettings, choose, grid_order, setting_name, sweep
+from selfprompt.cli import main
+from selfprompt.engine.run import config_dict
+
+import pytest
+import yaml
+from engine_helpers import make_dataset, tiny_config
+
+SEARCH = {"optim.lr": [0.02, 0.002], "optim.weight_decay": [0.0, 0.1]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def recipe(data: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    cfg = config_dict(tiny_config(data, tmp_path / "unused", **{"optim.epochs": 3}))
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def sweep_args(data: Path, tmp_path: Path, out: Path) -> list[str]:
+    return ["sweep", str(recipe(data, tmp_path)), "--search", json.dumps(SEARCH), "--output_dir", str(out)]
+
+
+def test_ties_go_to_the_first_setting_of_the_search_order():
+    order = grid_order(SEARCH)
+    assert order[1] == {"optim.lr": 0.02, "optim.weight_decay": 0.1}  # first key slowest
+    trials = [
+        {"number": 0, "params": order[3], "state": "COMPLETE", "val_acc": 0.5},
+        {"number": 1, "params": order[1], "state": "COMPLETE", "val_acc": 0.5},
+        {"number": 2, "params": order[0], "state": "COMPLETE", "val_acc": 0.4},
+        {"number": 3, "params": order[2], "state": "FAIL", "val_acc": None},
+    ]
+    assert choose(trials, SEARCH, "grid")["params"] == order[1]
+    assert choose(trials, SEARCH, "tpe")["number"] == 0
+
+
+def test_sweep_records_every_trial_chooses_on_val_and_tests_once(data, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(sweep_args(data, tmp_path, out)) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["complete"] and len(record["trials"]) == 4
+    assert {setting_name(t["params"]) for t in record["trials"]} == {
+        setting_name(p) for p in grid_order(SEARCH)
+    }
+    best = max(t["val_acc"] for t in record["trials"])
+    assert record["best"]["val_acc"] == best
+    for trial in record["trials"]:  # tune runs only: no test accuracy anywhere in a trial
+        results = json.loads((out / trial["folder"] / "summary.json").read_text())["results"]
+        assert [r["stage"] for r in results] == ["tune"] and "last_test_acc" not in results[0]
+    final = json.loads((out / "final" / "summary.json").read_text())["results"]
+    assert [r["stage"] for r in final] == ["final"]
+    assert record["final"]["params"] == record["best"]["params"]
+    assert record["final"]["test_acc"] == final[0]["last_test_acc"]
+    assert (out / "study.db").is_file()
+    assert "final (train+val, tested once)" in capsys.readouterr().out
+
+
+def test_killed_mid_trial_resumes_and_ends_as_an_uninterrupted_sweep(data, tmp_path):
+    whole = tmp_path / "whole"
+    assert main(sweep_args(data, tmp_path, whole)) == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "selfprompt", *sweep_args(data, tmp_path, killed)])
+    deadline = time.monotonic() + 120
+    while not list(killed.glob("trials/*/seed0/tune/state.pt")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "sweep.json").exists(), "killed before the end"
+    assert main(sweep_args(data, tmp_path, killed)) == 0
+    a, b = (json.loads((d / "sweep.json").read_text()) for d in (whole, killed))
+    assert b["best"]["params"] == a["best"]["params"] and b["best"]["val_acc"] == a["best"]["val_acc"]
+    assert b["final"]["test_acc"] == a["final"]["test_acc"]
+    scores = {setting_name(t["params"]): t["val_acc"] for t in a["trials"]}
+    assert {
+        setting_name(t["params"]): t["val_acc"] for t in b["trials"] if t["state"] == "COMPLETE"
+    } == scores
+
+
+def test_two_processes_share_one_study_without_running_a_trial_twice(data, tmp_path):
+    out = tmp_path / "shared"
+    args = [sys.executable, "-m", "selfprompt", *sweep_args(data, tmp_path, out), "--final", "false"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (out / "trials").is_dir() and time.monotonic() < deadline:  # the database exists by then
+        time.sleep(0.02)
+    second = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    logs = [w.communicate(timeout=600)[0].decode() for w in (first, second)]
+    assert first.returncode == second.returncode == 0, logs
+    started = [line for log in logs for line in log.splitlines() if line.startswith("[sweep] trial")]
+    assert len(started) == 4, logs
+    record = sweep(tiny_config(data, out), SweepSettings(SEARCH, final=False), log=lambda _: None)
+    complete = [t for t in record["trials"] if t["state"] == "COMPLETE"]
+    assert sorted(setting_name(t["params"]) for t in complete) == sorted(
+        setting_name(p) for p in grid_order(SEARCH)
+    )
+    assert all(t["state"] in ("COMPLETE", "PRUNED") for t in record["trials"])  # a re-issued setting: pruned
+    for trial in complete:
+        rows = (out / trial["folder"] / "seed0" / "tune" / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 3, "each setting trained once: one row per epoch"
