@@ -18,6 +18,7 @@ from selfprompt.version import __version__
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -25,6 +26,8 @@ from torch import nn
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
+SIGNATURE_KEYS = ("name", "embed_dim", "depth", "patch_size", "num_prefix_tokens")
+_REWRITE = "the adapter folder is damaged: save the adapter again (or copy it again from the trained run)."
 
 
 def timm_name(backbone: nn.Module) -> str | None:
@@ -88,12 +91,31 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             f"No {CONFIG_NAME} in {directory}: not a selfprompt adapter directory "
             f"(write one with model.save_pretrained)."
         )
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {_REWRITE}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(config).__name__}; {_REWRITE}")
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has adapter format {config.get('format_version')!r}; this selfprompt "
             f"({__version__}) reads format {FORMAT_VERSION}."
         )
+    problems = [
+        f"{key!r} ({what})"
+        for key, kind, what in (
+            ("class", str, "the model class's name"),
+            ("model", dict, "the model's settings"),
+            ("backbone", dict, "the backbone's signature"),
+        )
+        if not isinstance(config.get(key), kind)
+    ]
+    if not problems:
+        missing = sorted(set(SIGNATURE_KEYS) - set(config["backbone"]))
+        problems += [f"'backbone.{key}'" for key in missing]
+    if problems:
+        raise ValueError(f"{path} lacks {', '.join(problems)} or holds the wrong kind of value; {_REWRITE}")
     return config
 
 
@@ -104,7 +126,7 @@ def check_signature(saved: dict[str, Any], backbone: nn.Module, name: str | None
     actual = backbone_signature(backbone, name if name is not None else timm_name(backbone))
     problems = [
         f"{key}: the adapter was trained with {saved[key]!r}, this backbone has {actual[key]!r}"
-        for key in saved
+        for key in SIGNATURE_KEYS
         if saved[key] != actual.get(key)
     ]
     if problems:
@@ -124,7 +146,12 @@ def load_tensors(directory: str | Path, params: dict[str, torch.Tensor]) -> None
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the adapter directory is incomplete.")
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{weights} cannot be read ({error}): the file is damaged or cut short; {_REWRITE}"
+        ) from None
     if set(tensors) != set(params):
         raise ValueError(f"{weights} holds tensors {sorted(tensors)}, expected {sorted(params)}.")
     for key, param in params.items():

@@ -8,6 +8,7 @@ declared once, in its module.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -124,7 +125,12 @@ class RunOptions:
         kwargs = migrate(d)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            if dataclasses.is_dataclass(default) and isinstance(kwargs.get(f.name), dict):
+            if dataclasses.is_dataclass(default) and f.name in kwargs:
+                if not isinstance(kwargs[f.name], dict):
+                    raise ValueError(
+                        f"config section {f.name} must be a mapping of its fields, got "
+                        f"{type(kwargs[f.name]).__name__} {kwargs[f.name]!r}."
+                    )
                 kwargs[f.name] = type(default)(**kwargs[f.name])
         return cls(**kwargs)
 
@@ -180,8 +186,125 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "progress", "data.num_workers", "tensorboard"}
+# fields that may change between a run and its resumption (output_dir: the folder may have moved)
+RESUMABLE_CHANGES = {"resume", "progress", "data.num_workers", "tensorboard", "output_dir"}
+
+
+class ConfigError(ValueError):
+    """Config values that cannot run; the message names every such field and how to fix it."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(value: Any, least: int = 1) -> bool:
+    return _integer(value) and value >= least
+
+
+def in_range(value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> bool:
+    """A finite number in [low, high) (the ends open or closed as asked)."""
+    if not _number(value):
+        return False
+    return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+
+
+def optim_problems(optim: OptimConfig) -> list[str]:
+    """What is wrong with an OptimConfig, one ``field: what it must be`` line each."""
+    out = []
+    if not in_range(optim.lr, 0, math.inf, low_open=True):
+        out.append(f"optim.lr must be a finite number > 0 (e.g. 1e-3), got {optim.lr!r}")
+    if not in_range(optim.min_lr, 0, math.inf):
+        out.append(f"optim.min_lr must be a finite number >= 0, got {optim.min_lr!r}")
+    for name in ("weight_decay", "head_weight_decay"):
+        if not in_range(getattr(optim, name), 0, math.inf):
+            out.append(f"optim.{name} must be a finite number >= 0, got {getattr(optim, name)!r}")
+    if len(optim.betas) != 2 or not all(in_range(b, 0, 1) for b in optim.betas):
+        out.append(f"optim.betas must be two numbers in [0, 1) (e.g. [0.9, 0.999]), got {optim.betas!r}")
+    if not positive_int(optim.epochs):
+        out.append(f"optim.epochs must be an integer >= 1, got {optim.epochs!r}")
+    if not positive_int(optim.warmup_epochs, 0):
+        out.append(f"optim.warmup_epochs must be an integer >= 0, got {optim.warmup_epochs!r}")
+    elif positive_int(optim.epochs) and optim.warmup_epochs > optim.epochs:
+        out.append(
+            f"optim.warmup_epochs ({optim.warmup_epochs}) must not exceed optim.epochs ({optim.epochs}): "
+            "the learning rate would never reach optim.lr"
+        )
+    if optim.grad_clip is not None and not in_range(optim.grad_clip, 0, math.inf, low_open=True):
+        out.append(f"optim.grad_clip must be a finite number > 0 or null, got {optim.grad_clip!r}")
+    if not positive_int(optim.accumulate):
+        out.append(f"optim.accumulate must be an integer >= 1, got {optim.accumulate!r}")
+    if optim.ema_decay is not None and not in_range(optim.ema_decay, 0, 1, low_open=True):
+        out.append(f"optim.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {optim.ema_decay!r}")
+    return out
+
+
+def batch_problems(data: Any) -> list[str]:
+    """Batch sizes and workers of a data section (training's or pretraining's)."""
+    out = [
+        f"data.{name} must be an integer >= 1, got {getattr(data, name)!r}"
+        for name in ("batch_size", "eval_batch_size")
+        if not positive_int(getattr(data, name))
+    ]
+    if not positive_int(data.num_workers, 0):
+        out.append(f"data.num_workers must be an integer >= 0, got {data.num_workers!r}")
+    return out
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(
+            "Invalid config (fix these with --<field> VALUE or in the recipe):\n  " + "\n  ".join(problems)
+        )
+
+
+def check_config(cfg: Any) -> None:
+    """Refuse a TrainConfig whose values cannot run, before anything is created or written.
+
+    Raises:
+        ConfigError: Every field that is out of range, with what it must be.
+    """
+    problems = []
+    model, data = cfg.model, cfg.data
+    if not in_range(model.drop_path, 0, 1):
+        problems.append(f"model.drop_path must be in [0, 1), got {model.drop_path!r}")
+    if not in_range(model.head_init_std, 0, math.inf):
+        problems.append(f"model.head_init_std must be a finite number >= 0, got {model.head_init_std!r}")
+    problems += batch_problems(data)
+    if not in_range(data.val_fraction, 0, 1, low_open=True):
+        problems.append(f"data.val_fraction must be in (0, 1), got {data.val_fraction!r}")
+    if data.img_size is not None and not positive_int(data.img_size):
+        problems.append(f"data.img_size must be an integer >= 1 or null, got {data.img_size!r}")
+    problems += optim_problems(cfg.optim)
+    track = cfg.track
+    if not positive_int(track.every, 0):
+        problems.append(f"track.every must be an integer >= 0 (0: off), got {track.every!r}")
+    if not positive_int(track.probe_images):
+        problems.append(f"track.probe_images must be an integer >= 1, got {track.probe_images!r}")
+    if track.bins is not None and not positive_int(track.bins, 2):
+        problems.append(f"track.bins must be an integer >= 2 or null, got {track.bins!r}")
+    if not positive_int(track.projection_tokens):
+        problems.append(f"track.projection_tokens must be an integer >= 1, got {track.projection_tokens!r}")
+    seeds = cfg.seeds
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(_integer(s) for s in seeds):
+        problems.append(f"seeds must be a non-empty list of integers (e.g. [0, 1, 2]), got {seeds!r}")
+    elif len(set(seeds)) != len(seeds):
+        problems.append(f"seeds lists a seed twice ({seeds}); each seed is one run, list it once")
+    if not positive_int(cfg.eval_every):
+        problems.append(f"eval_every must be an integer >= 1, got {cfg.eval_every!r}")
+    if cfg.stage not in ("tune", "final", "both"):
+        problems.append(f"stage must be tune, final or both, got {cfg.stage!r}")
+    if not isinstance(cfg.output_dir, str) or not cfg.output_dir.strip():
+        problems.append(f"output_dir must name a folder, got {cfg.output_dir!r}")
+    for section in settings_sections().values():
+        settings = getattr(cfg, section.name, None)
+        if hasattr(settings, "problems"):
+            problems += [f"{section.name}.{problem}" for problem in settings.problems()]
+    raise_problems(problems)
 
 
 def legacy_fields() -> dict[str, str]:

@@ -3,6 +3,7 @@ that PETL methods (``selfprompt.methods``) override."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,15 @@ class ViTClassifier(nn.Module):
                 f"selfprompt.{config['class']}.from_pretrained or selfprompt.load_pretrained."
             )
         check_signature(config["backbone"], backbone, backbone_name, directory)
+        parameters = inspect.signature(cls).parameters
+        accepted = set(parameters) - {"backbone", "backbone_name"}
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        unknown = [] if takes_any else sorted(set(config["model"]) - accepted)
+        if unknown:
+            raise ValueError(
+                f"{directory / 'adapter_config.json'}: 'model' holds {unknown}, which {cls.__name__} does "
+                f"not take (it takes {sorted(accepted)}); the file is damaged or from another selfprompt."
+            )
         model = cls(backbone, backbone_name=backbone_name, **config["model"])
         load_tensors(directory, model.adapter_parameters())
         return model

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.data import IMAGE_EXTENSIONS
+from selfprompt.data.images import load_rgb
 from selfprompt.data.splits import build_splits, eval_transform
 from selfprompt.engine.distributed import Context
 from selfprompt.engine.loop import evaluate
 from selfprompt.engine.trained import load_run_model
 
 import torch
-from PIL import Image
 
 PROTOCOL_SPLITS = ("train", "val", "trainval", "test")
 
@@ -56,26 +56,38 @@ def predict_run(
     topk: int = 1,
     batch_size: int = 64,
 ) -> list[dict[str, Any]]:
-    """Top-k classes and probabilities for each image file (folders are searched recursively)."""
+    """Top-k classes and probabilities for each image file (folders are searched recursively).
+
+    A file that cannot be read as an image does not stop the others: its row holds ``path`` and ``error``
+    (what is wrong and the fix) and no classes; when any file failed, every row has an ``error`` column.
+    """
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"--topk must be an integer >= 1 (classes reported per image), got {topk!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    files = _image_files(inputs)
     cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema)
     transform = eval_transform(cfg.data, model.backbone)
-    files = _image_files(inputs)
     device_ = next(model.parameters()).device
-    rows = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        images = []
-        for path in chunk:
-            try:
-                images.append(transform(Image.open(path).convert("RGB")))
-            except OSError as error:
-                raise ValueError(f"Cannot read image {path}: {error}") from error
-        probs = model(torch.stack(images).to(device_)).float().softmax(dim=1)
-        top = probs.topk(min(topk, len(classes)), dim=1)
-        for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
-            row: dict[str, Any] = {"path": str(path)}
-            for rank, (p, i) in enumerate(zip(values, indices, strict=True), start=1):
-                suffix = "" if topk == 1 else f"_{rank}"
-                row |= {f"class{suffix}": classes[i], f"probability{suffix}": round(p, 6)}
-            rows.append(row)
-    return rows
+    rows: dict[Path, dict[str, Any]] = {}
+    readable: list[tuple[Path, torch.Tensor]] = []
+    for path in files:
+        try:
+            readable.append((path, transform(load_rgb(path))))
+        except ValueError as error:
+            rows[path] = {"path": str(path), "error": str(error)}
+        if len(readable) == batch_size or (path is files[-1] and readable):
+            chunk, images = zip(*readable, strict=True)
+            readable = []
+            probs = model(torch.stack(images).to(device_)).float().softmax(dim=1)
+            top = probs.topk(min(topk, len(classes)), dim=1)
+            for file, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
+                row: dict[str, Any] = {"path": str(file)}
+                for rank, (p, i) in enumerate(zip(values, indices, strict=True), start=1):
+                    suffix = "" if topk == 1 else f"_{rank}"
+                    row |= {f"class{suffix}": classes[i], f"probability{suffix}": round(p, 6)}
+                rows[file] = row
+    ordered = [rows[path] for path in files]
+    if any("error" in row for row in ordered):
+        ordered = [row if "error" in row else {**row, "error": ""} for row in ordered]
+    return ordered

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.config import flatten, legacy_fields, migrate
+from selfprompt.safe_yaml import load_yaml
 
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -74,13 +74,40 @@ def prepare_config_argv(argv: list[str], config_class: type, extras: tuple[str, 
     return out
 
 
-def _recipe_json(recipe: Path, known: set[str]) -> str:
+def read_recipe(recipe: Path) -> dict[str, Any]:
+    """A YAML recipe as a mapping (bounded YAML: :func:`selfprompt.safe_yaml.load_yaml`); UsageError names
+    the file and what is wrong."""
     if not recipe.is_file():
         raise UsageError(f"the recipe {recipe} does not exist.")
-    data = yaml.safe_load(recipe.read_text()) or {}
+    try:
+        text = recipe.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{recipe} is not UTF-8 text ({error}); save it as UTF-8.") from None
+    except OSError as error:
+        raise UsageError(f"cannot read the recipe {recipe}: {error}") from None
+    try:
+        data = load_yaml(text, str(recipe))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise UsageError(f"{recipe} must hold a mapping of config sections, got {type(data).__name__}.")
-    data = migrate(data)
+        raise UsageError(
+            f"{recipe} must hold a mapping of config sections (model:, data:, optim:, ...), got a "
+            f"{type(data).__name__}."
+        )
+    return data
+
+
+def _recipe_json(recipe: Path, known: set[str]) -> str:
+    data = migrate(read_recipe(recipe))
+    sections = {k.split(".")[0][2:] for k in known if "." in k}
+    for key, value in data.items():
+        if key in sections and not isinstance(value, dict):
+            raise UsageError(
+                f"{recipe}: {key} must be a mapping of its fields (e.g. {key}:\n  field: value), got "
+                f"{type(value).__name__} {value!r}."
+            )
     for key in flatten(data):
         if f"--{key}" not in known:
             raise UsageError(f"unknown config field {key!r} in {recipe}{_suggest(f'--{key}', known)}")

@@ -44,13 +44,21 @@ def _predict(args: Namespace) -> None:
         raise ValueError(f"--output must end in .csv or .json, got {args.output}")
     rows = predict_run(args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk)
     write_predictions(rows, args.output)
+    failed = [row for row in rows if row.get("error")]
+    for row in failed:
+        print(f"selfprompt predict: {row['error']}", file=sys.stderr)
+    if failed:
+        raise ValueError(
+            f"{len(failed)} of {len(rows)} images could not be read (the error column says why); the others "
+            f"were predicted."
+        )
 
 
 def write_predictions(rows: list[dict[str, Any]], output: str | None) -> None:
     """CSV to stdout (no ``output``) or to a ``.csv`` file, or JSON to a ``.json`` file."""
     if output is None or output.endswith(".csv"):
         stream = open(output, "w", newline="") if output else sys.stdout  # noqa: SIM115
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(stream, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
         if output:

@@ -1,4 +1,18 @@
-"""The one epoch loop of training and pretraining, its steps, evaluation and the training loader."""
+"""The one epoch loop of training and pretraining, its steps, evaluation and the training loader.
+
+Random streams, and why a resumed run is exact: the engine owns two.
+
+- The *data stream*: the order of the samples (:class:`~torch.utils.data.DistributedSampler`, seeded from the
+  run seed and the epoch) and their augmentation. Each sample is transformed under its own seed,
+  :func:`sample_seed` ``(run seed, epoch, index)`` (:class:`SeededSampler` hands it to
+  :class:`SeededSamples`), so a crop or a flip does not depend on which worker process loads the sample, on
+  how many workers there are, on persistent workers having started earlier, or on any global random state.
+  The loader has its own ``torch.Generator``: creating or iterating it draws nothing from the global state.
+- The *model stream*: the process's global torch RNG (CPU and CUDA), which dropout and drop-path draw from.
+  Each stage seeds it (``seed * 1000 + rank``), every checkpoint saves it and a resume restores it. Each
+  epoch starts with one 64-bit draw from it (:func:`advance_model_stream`): the draw the loader's iterator
+  took from it before the data stream was separated, kept so that runs recorded then stay bit-identical.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 
@@ -56,38 +70,106 @@ def classification_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tens
     return F.cross_entropy(net(images).float(), labels)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(value: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit value for every 64-bit input."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed that sample ``index`` is augmented under in ``epoch`` of a run seeded ``seed`` (< 2**63)."""
+    mixed = 0
+    for part in (seed, epoch, index):
+        mixed = _mix64(mixed ^ (part & _MASK64))
+    return mixed >> 1
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """A sampler's indices, each paired with its :func:`sample_seed`: ``(index, seed)``."""
+
+    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((index, sample_seed(self.seed, self.epoch, index)) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` computed under ``torch.manual_seed(seed)`` for a key ``(index, seed)``; the global
+    torch RNG of the process that loads it (a worker or the main process) is left as it was."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def advance_model_stream() -> None:
+    """The one 64-bit draw from the global RNG that starts every training epoch (see the module's notes)."""
+    torch.empty((), dtype=torch.int64).random_()
+
+
 def training_loader(
     dataset: Dataset, batch_size: int, accumulate: int, num_workers: int, ctx: Context, seed: int, what: str
-) -> tuple[DistributedSampler, DataLoader, int]:
+) -> tuple[SeededSampler, DataLoader, int]:
     """The shuffled, sharded loader of one training run: ``(sampler, loader, optimizer steps per epoch)``.
 
     ``batch_size`` is global (over processes and accumulation steps); ``what`` names the dataset in errors.
+    The order and the augmentation of every epoch are functions of ``seed`` and the epoch only (the module's
+    notes); call ``sampler.set_epoch(epoch)`` before each epoch.
     """
-    micro, remainder = divmod(batch_size, ctx.world_size * accumulate)
-    if remainder or micro == 0:
-        raise ValueError(
-            f"data.batch_size ({batch_size}) must be a multiple of processes x optim.accumulate "
-            f"({ctx.world_size} x {accumulate})."
-        )
+    micro = check_batch(len(dataset), batch_size, accumulate, ctx.world_size, what)  # type: ignore[arg-type]
     sampler = DistributedSampler(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
     )
     loader = DataLoader(
-        dataset,
+        SeededSamples(dataset),
         batch_size=micro,
-        sampler=sampler,
+        sampler=SeededSampler(sampler, seed),
         drop_last=True,
         num_workers=num_workers,
         pin_memory=ctx.device.type == "cuda",
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )
-    steps = len(loader) // accumulate
-    if steps == 0:
+    return loader.sampler, loader, len(loader) // accumulate  # type: ignore[return-value]
+
+
+def check_batch(images: int, batch_size: int, accumulate: int, world_size: int, what: str) -> int:
+    """The per-process micro-batch of a global ``batch_size``; an error names the field and the fix when
+    it does not divide over processes and accumulation steps or the split (``what``, ``images`` long)
+    holds less than one optimizer step."""
+    micro, remainder = divmod(batch_size, world_size * accumulate)
+    if remainder or micro == 0:
         raise ValueError(
-            f"{what} has {len(dataset)} images, fewer than one global batch ({batch_size}); lower "
-            f"data.batch_size."
+            f"data.batch_size ({batch_size}) must be a multiple of processes x optim.accumulate "
+            f"({world_size} x {accumulate}); change --data.batch_size or --optim.accumulate."
         )
-    return sampler, loader, steps
+    if images // world_size // micro // accumulate == 0:
+        raise ValueError(
+            f"{what} has {images} images, fewer than one global batch ({batch_size}); lower "
+            f"--data.batch_size to at most {images // (world_size * accumulate) * world_size * accumulate}."
+        )
+    return micro
 
 
 def train_epoch(
@@ -166,7 +248,7 @@ class EpochLoop:
     net: nn.Module
     model: nn.Module
     loader: DataLoader
-    sampler: DistributedSampler
+    sampler: SeededSampler
     steps: int
     compute_loss: LossFn
     optimizer: torch.optim.Optimizer
@@ -202,6 +284,7 @@ class EpochLoop:
                 disable=not (self.progress and self.ctx.is_main),
                 leave=False,
             )
+            advance_model_stream()
             loss_sum, data_time = train_epoch(
                 self.net, iter(self.loader), self.steps, self.compute_loss, self.optimizer, self.scheduler,
                 self.ctx, self.precision, accumulate=self.accumulate, grad_clip=self.grad_clip, ema=self.ema,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -10,16 +11,17 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from selfprompt.backbones import backbone_info
-from selfprompt.config import RESUMABLE_CHANGES, TrainConfig, flatten, migrate
+from selfprompt.config import RESUMABLE_CHANGES, TrainConfig, check_config, flatten, migrate
 from selfprompt.data.splits import Splits, build_splits, preprocessing
 from selfprompt.engine.build import build_model, create_backbone, head_input, method_settings, preparer
-from selfprompt.engine.distributed import Context, barrier, setup, teardown
-from selfprompt.engine.rundir import RunDir
+from selfprompt.engine.distributed import Context, barrier, broadcast_, setup, teardown
+from selfprompt.engine.loop import check_batch
+from selfprompt.engine.rundir import RunDir, RunInUseError
 from selfprompt.engine.stage import STAGE_NAMES, StageOptions, build_stage, train_stage
 from selfprompt.engine.tracking import check_track
 from selfprompt.init.registry import get_initializer
@@ -44,11 +46,17 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any], defaults: dic
     )
 
 
-def prepare_run_dir(cfg: Any, ctx: Context) -> RunDir:
-    """Create the run directory, or check that a resumed run's config is unchanged; never overwrite a run."""
+def prepare_run_dir(cfg: Any, ctx: Context, log: Callable[[str], None] = print) -> RunDir:
+    """Create the run directory, or check that a resumed run's config is unchanged; never overwrite a run.
+
+    Call it under :func:`claimed_run_dir`'s lock. A folder whose run never finished an epoch (a config and
+    no checkpoint or result: it failed or was stopped before) does not count as a run: a new start, or a
+    resume with a changed config, replaces its config. Temporary files that a killed writer left are
+    removed. ``output_dir`` itself is not part of the comparison: a moved folder resumes where it is.
+    """
     run = RunDir(Path(cfg.output_dir))
     out = run.path
-    if run.is_run():
+    if run.is_run() and run.has_progress():
         if not cfg.resume:
             raise FileExistsError(
                 f"{out} already holds a run. Continue it with --resume true, or pick a new --output_dir."
@@ -60,14 +68,45 @@ def prepare_run_dir(cfg: Any, ctx: Context) -> RunDir:
                 f"Cannot resume {out}: the config changed in {', '.join(changed)}. Restore those values, or "
                 f"start a new run with another --output_dir."
             )
+    elif run.is_run():
+        log(f"note: {out} holds a run that never finished an epoch; starting it afresh with this config.")
     elif cfg.resume:
         raise FileNotFoundError(f"Nothing to resume: {run.config} does not exist.")
     barrier()  # every rank has checked before the main one writes
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        run.remove_temporary_files()
         run.write_config(config_dict(cfg))
     barrier()
     return run
+
+
+@contextlib.contextmanager
+def claimed_run_dir(cfg: Any, ctx: Context) -> Iterator[RunDir]:
+    """The run folder of ``cfg``, locked by the main process for the block (the other ranks learn whether it
+    got the lock); :class:`~selfprompt.engine.rundir.RunInUseError` when another process holds it."""
+    run = RunDir(Path(cfg.output_dir))
+    with contextlib.ExitStack() as stack:
+        error = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(run.locked())
+            except RunInUseError as caught:
+                error = caught
+        got = broadcast_(torch.tensor([error is None], dtype=torch.int64, device=ctx.device))
+        if error is not None:
+            raise error
+        if not got.item():
+            raise RunInUseError(f"{run.path} is in use by another selfprompt process (see rank 0's error).")
+        yield run
+
+
+def check_batches(cfg: TrainConfig, splits: Splits, ctx: Context) -> None:
+    """Each stage's training split holds at least one optimizer step at the configured batch size."""
+    stages = STAGE_NAMES if cfg.stage == "both" else (cfg.stage,)
+    for name, dataset in (("tune", splits.train), ("final", splits.trainval)):
+        if name in stages:
+            what = f"The {name} training split ({'train' if name == 'tune' else 'train+val'})"
+            check_batch(len(dataset), cfg.data.batch_size, cfg.optim.accumulate, ctx.world_size, what)
 
 
 def run_environment(ctx: Context) -> dict[str, Any]:
@@ -175,6 +214,7 @@ def format_summary(cfg: TrainConfig, summary: dict[str, Any]) -> str:
 
 def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``cfg`` (single process, or one rank under torchrun) and return the summary."""
+    check_config(cfg)
     ctx = setup(cfg.device)
     say = log if ctx.is_main else (lambda _: None)
     try:
@@ -193,34 +233,48 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         backbone = backbone_record(cfg, pristine)
         say(backbone_info(pristine).describe())
         splits = build_splits(cfg.data, pristine)
-        run = prepare_run_dir(cfg, ctx)
-        if ctx.is_main:
-            run.write_env(environment(cfg, ctx, splits, backbone))
-        options = StageOptions.of(cfg.optim, cfg.data, cfg, cfg.track, cfg.eval_every)
-        results = []
-        for seed in cfg.seeds:
-            for name in STAGE_NAMES if cfg.stage == "both" else (cfg.stage,):
-                stage = build_stage(name, splits, run, seed, cfg.unsafe_select_on_test)
-                if ctx.is_main:
-                    stage.folder.path.mkdir(parents=True, exist_ok=True)
-                barrier()
-                results.append(
-                    train_stage(
-                        stage,
-                        options,
-                        ctx,
-                        lambda: build_model(cfg, copy.deepcopy(pristine), len(splits.classes)),
-                        preparer(cfg),
-                        splits.classes,
-                        seed,
-                        say,
-                    )
-                )
-        summary = {**summarize(results), "backbone": backbone} if ctx.is_main else {}
-        if ctx.is_main:
-            run.write_summary({"summary": summary, "results": results})
-            say(format_summary(cfg, summary))
-            say(f"Run directory: {run.path}")
-        return summary
+        check_batches(cfg, splits, ctx)
+        with claimed_run_dir(cfg, ctx):
+            run = prepare_run_dir(cfg, ctx, say)
+            return _run_stages(cfg, ctx, run, pristine, splits, backbone, say)
     finally:
         teardown()
+
+
+def _run_stages(
+    cfg: TrainConfig,
+    ctx: Context,
+    run: RunDir,
+    pristine: torch.nn.Module,
+    splits: Splits,
+    backbone: dict[str, Any],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    if ctx.is_main:
+        run.write_env(environment(cfg, ctx, splits, backbone))
+    options = StageOptions.of(cfg.optim, cfg.data, cfg, cfg.track, cfg.eval_every)
+    results = []
+    for seed in cfg.seeds:
+        for name in STAGE_NAMES if cfg.stage == "both" else (cfg.stage,):
+            stage = build_stage(name, splits, run, seed, cfg.unsafe_select_on_test)
+            if ctx.is_main:
+                stage.folder.path.mkdir(parents=True, exist_ok=True)
+            barrier()
+            results.append(
+                train_stage(
+                    stage,
+                    options,
+                    ctx,
+                    lambda: build_model(cfg, copy.deepcopy(pristine), len(splits.classes)),
+                    preparer(cfg),
+                    splits.classes,
+                    seed,
+                    say,
+                )
+            )
+    summary = {**summarize(results), "backbone": backbone} if ctx.is_main else {}
+    if ctx.is_main:
+        run.write_summary({"summary": summary, "results": results})
+        say(format_summary(cfg, summary))
+        say(f"Run directory: {run.path}")
+    return summary

@@ -14,18 +14,41 @@
         adapter/, adapter_ema/        the trained adapter (and its EMA)
     <run>/encoder.safetensors         ``selfprompt pretrain``: the pretrained encoder (the run is its own
                                       TrainingDir: metrics and state.pt sit in <run>/)
+    <run>/.lock                       held (``flock``) by the process training in the folder, with its PID
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfprompt.atomic import write_json, write_text
+from selfprompt.atomic import TEMPORARY, write_json, write_text
+from selfprompt.safe_yaml import load_yaml
 
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None  # type: ignore[assignment]
+
+
+class RunInUseError(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+def read_json(path: Path, fix: str = "restore it, or delete it and resume to write it again") -> Any:
+    """The JSON in ``path``; a damaged file is a ValueError naming it and ``fix``."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the file is damaged; {fix}.") from None
 
 
 @dataclass(frozen=True)
@@ -69,16 +92,31 @@ class TrainingDir:
         return {int(p.stem[len(prefix) :]): p for p in self.path.glob(f"{prefix}*.safetensors")}
 
     def read_result(self) -> dict[str, Any]:
-        return json.loads(self.result.read_text())
+        return read_json(self.result, "delete it and resume (--resume true) to finish the stage again")
 
     def write_result(self, result: dict[str, Any]) -> None:
         write_json(self.result, result)
 
     def read_rows(self, name: str = METRICS) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_file(name, "jsonl").read_text().splitlines()]
+        path = self.log_file(name, "jsonl")
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number} is not valid JSON ({error}): the file is damaged."
+                ) from None
+        return rows
 
     def read_classes(self) -> list[str]:
-        return json.loads(self.classes.read_text())
+        """The class names, index by index; an error names the file when it is not a list of names."""
+        classes = read_json(self.classes, "restore it: a list of the class names in label order")
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(
+                f"{self.classes} must hold a JSON list of class names (strings) in label order; restore it."
+            )
+        return classes
 
     def write_classes(self, classes: list[str]) -> None:
         write_text(self.classes, json.dumps(classes))
@@ -107,29 +145,82 @@ class RunDir(TrainingDir):
     def stage(self, seed: int, name: str) -> TrainingDir:
         return TrainingDir(self.path / f"seed{seed}" / name)
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
     def is_run(self) -> bool:
         return self.config.is_file()
 
+    def has_progress(self) -> bool:
+        """Whether training got anywhere: a checkpoint, a finished stage, a summary or an encoder. A folder
+        with a config and none of these never finished its first epoch: a new start may replace it."""
+        if self.summary.is_file() or self.encoder.is_file() or self.state.is_file():
+            return True
+        return any(True for name in ("state.pt", "result.json") for _ in self.path.glob(f"seed*/*/{name}"))
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock (creating the folder) while the block runs; another process that asks
+        meanwhile gets :class:`RunInUseError`. The OS drops the lock when its process ends, even killed, so
+        a lock left by a dead process is taken over."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise RunInUseError(
+                    f"{self.path} is in use by another selfprompt process (PID {holder}); wait for it to "
+                    f"finish or stop it, or pick another --output_dir."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock; the file stays (removing it would race with a new holder)
+
+    def remove_temporary_files(self) -> list[Path]:
+        """Delete the temporary files of atomic writes that a killed process left (call under the lock)."""
+        pattern = re.compile(TEMPORARY)
+        removed = []
+        for path in self.path.rglob(".*.tmp"):
+            if pattern.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
     def read_config(self) -> dict[str, Any]:
-        """The saved config as plain data; an error names the folder when it holds no run."""
+        """The saved config as plain data; an error names the folder when it holds no run, and the file
+        when it is not a mapping of config sections."""
         if not self.config.is_file():
             raise FileNotFoundError(
                 f"{self.config} does not exist: {self.path} is not a run directory written by "
                 f"`selfprompt train` or `selfprompt pretrain`."
             )
-        return yaml.safe_load(self.config.read_text())
+        data = load_yaml(self.config.read_text(), str(self.config))
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{self.config} must hold a mapping of config sections, got {type(data).__name__}; restore "
+                f"it from a backup, or start the run afresh in another --output_dir."
+            )
+        return data
 
     def write_config(self, data: dict[str, Any]) -> None:
         write_text(self.config, yaml.safe_dump(data, sort_keys=False))
 
     def read_env(self) -> dict[str, Any]:
-        return json.loads(self.env.read_text())
+        return read_json(self.env)
 
     def write_env(self, env: dict[str, Any]) -> None:
         write_json(self.env, env)
 
     def read_summary(self) -> dict[str, Any]:
-        return json.loads(self.summary.read_text())
+        return read_json(self.summary)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.summary, summary)

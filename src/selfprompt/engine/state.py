@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,12 @@ def load_state(
 ) -> dict[str, Any]:
     """Restore what :func:`save_state` wrote into ``params``, the optimizer, the scheduler and this rank's
     RNG; returns the whole state (its epoch and extras)."""
-    state = torch.load(path, map_location=ctx.device, weights_only=True)
+    state = read_state(path, ctx.device)
+    if set(state["adapter"]) != set(params):
+        raise ValueError(
+            f"{path} holds tensors {sorted(state['adapter'])}, this run trains {sorted(params)}: it is not "
+            f"this run's state. {_RESTART.format(path=path)}"
+        )
     if len(state["rng"]) != ctx.world_size:
         raise ValueError(
             f"{path} was written by {len(state['rng'])} process(es); resume with as many "
@@ -60,6 +66,36 @@ def load_state(
     torch.set_rng_state(rng["cpu"].cpu())
     if rng.get("cuda") is not None and ctx.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"].cpu(), ctx.device)
+    return state
+
+
+_RESTART = "Delete {path} to train this stage again from its first epoch, or restore the file."
+STATE_KEYS = ("epoch", "adapter", "optimizer", "scheduler", "rng")
+
+
+def read_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A training state file as :func:`save_state` wrote it; a damaged, cut-short or foreign file is a
+    ValueError that names it and the fix."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            raise ValueError(
+                f"{path} is not a selfprompt training state: it holds pickled Python objects, which "
+                f"selfprompt does not load. {_RESTART.format(path=path)}"
+            ) from None
+        raise ValueError(f"{path} is damaged ({error}). {_RESTART.format(path=path)}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{path} cannot be read: it is damaged or cut short ({first}). {_RESTART.format(path=path)}"
+        ) from None
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        raise ValueError(
+            f"{path} is not a selfprompt training state (it lacks "
+            f"{[k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]}). "
+            f"{_RESTART.format(path=path)}"
+        )
     return state
 
 

@@ -14,7 +14,12 @@ from selfprompt.model import ViTClassifier
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
     """The resolved config a run saved (older layouts migrated)."""
-    return TrainConfig.from_dict(RunDir(Path(run_dir)).read_config())
+    run = RunDir(Path(run_dir))
+    data = run.read_config()
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as error:  # a section that is not a mapping, or an unknown field
+        raise ValueError(f"{run.config} does not hold a config this selfprompt reads ({error}).") from None
 
 
 def load_run_model(
@@ -32,4 +37,11 @@ def load_run_model(
         )
     backbone = create_backbone(cfg.model)
     model = load_pretrained(adapter, backbone, backbone_name(backbone))
-    return cfg, model.to(resolve_device(device)).eval(), folder.read_classes()
+    classes = folder.read_classes()
+    if len(classes) != model.config.num_classes:
+        heads = model.config.num_classes
+        raise ValueError(
+            f"{folder.classes} names {len(classes)} classes, the trained head has {heads}: the file does not "
+            f"belong to this adapter; restore it (the class names in label order)."
+        )
+    return cfg, model.to(resolve_device(device)).eval(), classes

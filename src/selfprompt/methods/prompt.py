@@ -133,6 +133,9 @@ class PromptedViT(ViTClassifier):
         return {"prompts": self.prompts, **super().adapter_parameters()}
 
 
+MAX_PROMPTS = 1024  # per layer; the papers use at most 200, and attention grows with their square
+
+
 @dataclass
 class PromptConfig:
     """Prompts: how many, where, their dropout and where their initial values come from.
@@ -156,6 +159,22 @@ class PromptConfig:
     init_fraction: float | None = None
     init_max_images: int | None = None
     file: str | None = None
+
+    def problems(self) -> list[str]:
+        """Values that cannot run, as ``field must be ..., got ...`` (the check prefixes the section)."""
+        out = []
+        n = self.num_prompts
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_PROMPTS):
+            out.append(f"num_prompts must be an integer in 1..{MAX_PROMPTS} or null (the default), got {n!r}")
+        if self.deep_layers is not None and not (isinstance(self.deep_layers, int) and self.deep_layers >= 1):
+            out.append(f"deep_layers must be an integer >= 1 or null (all blocks), got {self.deep_layers!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            out.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init_fraction is not None and not 0 < self.init_fraction <= 1:
+            out.append(f"init_fraction must be in (0, 1] or null (all images), got {self.init_fraction!r}")
+        if self.init_max_images is not None and self.init_max_images < 1:
+            out.append(f"init_max_images must be >= 1 or null, got {self.init_max_images!r}")
+        return out
 
 
 register_settings(
@@ -207,7 +226,7 @@ def _builder(deep: bool):
         return PromptedViT(
             backbone,
             num_classes,
-            num_prompts=settings.num_prompts or (20 if deep else 100),
+            num_prompts=(20 if deep else 100) if settings.num_prompts is None else settings.num_prompts,
             deep=deep,
             deep_layers=settings.deep_layers,
             prompt_dropout=settings.dropout,

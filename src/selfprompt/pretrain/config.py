@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from selfprompt.config import OptimConfig, RunOptions
+from selfprompt.config import (
+    OptimConfig,
+    RunOptions,
+    batch_problems,
+    in_range,
+    optim_problems,
+    positive_int,
+    raise_problems,
+)
 
 
 @dataclass
@@ -93,3 +101,20 @@ class PretrainConfig(RunOptions):
     output_dir: str = "runs/pretrain"
     seed: int = 0
     eval_every: int = 10
+
+
+def check_pretrain_config(cfg: PretrainConfig) -> None:
+    """Refuse values that cannot run, before anything is created or written (ConfigError names them)."""
+    problems = batch_problems(cfg.data) + optim_problems(cfg.optim)
+    if cfg.data.max_images is not None and not positive_int(cfg.data.max_images):
+        problems.append(f"data.max_images must be an integer >= 1 or null, got {cfg.data.max_images!r}")
+    if not in_range(cfg.data.min_scale, 0, 1, low_open=True, high_open=False):
+        problems.append(f"data.min_scale must be in (0, 1], got {cfg.data.min_scale!r}")
+    if not in_range(cfg.mae.mask_ratio, 0, 1, low_open=True):
+        problems.append(f"mae.mask_ratio must be in (0, 1), got {cfg.mae.mask_ratio!r}")
+    for name in ("drop_path", "label_smoothing"):
+        if not in_range(getattr(cfg, name), 0, 1):
+            problems.append(f"{name} must be in [0, 1), got {getattr(cfg, name)!r}")
+    if not positive_int(cfg.eval_every):
+        problems.append(f"eval_every must be an integer >= 1, got {cfg.eval_every!r}")
+    raise_problems(problems)

@@ -14,13 +14,13 @@ from typing import Any
 from selfprompt.atomic import atomic_write
 from selfprompt.data import build_transform, data_config
 from selfprompt.engine.distributed import Context, setup, teardown
-from selfprompt.engine.loop import EpochLoop, LossFn, evaluate, training_loader
+from selfprompt.engine.loop import EpochLoop, LossFn, check_batch, evaluate, training_loader
 from selfprompt.engine.metrics import MetricsLog
 from selfprompt.engine.optim import warmup_cosine
-from selfprompt.engine.run import prepare_run_dir, run_environment
+from selfprompt.engine.run import claimed_run_dir, prepare_run_dir, run_environment
 from selfprompt.engine.rundir import RunDir
 from selfprompt.engine.state import load_state, save_state
-from selfprompt.pretrain.config import PretrainConfig
+from selfprompt.pretrain.config import PretrainConfig, check_pretrain_config
 from selfprompt.pretrain.data import pretrain_datasets
 from selfprompt.pretrain.mae import MaskedAutoencoder
 
@@ -80,6 +80,7 @@ def build_pretraining(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module, LossFn
 
 def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``cfg`` (single process, or one rank under torchrun) and return its summary."""
+    check_pretrain_config(cfg)
     ctx = setup(cfg.device)
     say = log if ctx.is_main else (lambda _: None)
     try:
@@ -91,12 +92,15 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[st
             encoder.reset_classifier(len(train.classes))
         else:
             evaluation = None  # MAE reports its reconstruction loss only
-        run = prepare_run_dir(cfg, ctx)
-        if ctx.is_main:
-            run.write_env(
-                run_environment(ctx) | {"data_fingerprint": train.fingerprint(), "images": len(train)}
-            )
-        return _train(cfg, ctx, model.to(ctx.device), encoder, compute_loss, train, evaluation, run, say)
+        data, accumulate = cfg.data, cfg.optim.accumulate
+        check_batch(len(train), data.batch_size, accumulate, ctx.world_size, "The pretraining set")
+        with claimed_run_dir(cfg, ctx):
+            run = prepare_run_dir(cfg, ctx, say)
+            if ctx.is_main:
+                run.write_env(
+                    run_environment(ctx) | {"data_fingerprint": train.fingerprint(), "images": len(train)}
+                )
+            return _train(cfg, ctx, model.to(ctx.device), encoder, compute_loss, train, evaluation, run, say)
     finally:
         teardown()
 
