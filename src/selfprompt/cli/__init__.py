@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from selfprompt.cli import apps, data, runs, train, zoo
+from selfprompt.cli import apps, data, runs, serve, train, zoo
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import UsageError, prepare_config_argv
 
 from jsonargparse import ArgumentParser
 
-COMMANDS: dict[str, Command] = {c.name: c for group in (train, runs, apps, zoo, data) for c in group.COMMANDS}
+COMMANDS: dict[str, Command] = {
+    c.name: c for group in (train, runs, apps, zoo, data, serve) for c in group.COMMANDS
+}
 
 
 def build_parser() -> ArgumentParser:
