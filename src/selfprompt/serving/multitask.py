@@ -1,0 +1,344 @@
+"""Many tasks on one frozen backbone: :class:`MultiTaskViT` runs a batch whose rows belong to different tasks.
+
+Prompt adapters (``PromptedViT``, shallow or deep, any ``num_prompts``, ``deep_layers``, pooling and class
+count) and linear probes (``ViTClassifier`` with a frozen backbone: zero prompts) share one pass through the
+backbone. Each row's prompts are gathered by its task id into a prompt slot as wide as the longest prompt in
+the batch; the slot's unused positions are padding, left out of every attention by a key mask (SDPA's boolean
+``attn_mask``, which timm's ``Block`` passes through) and out of ``mae`` pooling, so each row computes what
+its own model computes. Deep prompts replace the slot before each of their layers only in the rows whose
+task has prompts there. The heads run as one GEMM against the heads of the tasks present in the batch, and
+each row keeps its own task's logits.
+
+Methods that change the backbone's weights per task (``full``, ``bitfit``, any adapter holding
+``backbone.*`` tensors) or that are another model class (whose seams this module cannot know) cannot share
+the backbone's forward: their rows are grouped by task and run through that task's own model.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfprompt.adapter import WEIGHTS_NAME, check_signature
+from selfprompt.backbones import backbone_info
+from selfprompt.data.config import DataConfig
+from selfprompt.methods import load_pretrained
+from selfprompt.methods.prompt import PromptedViT
+from selfprompt.model import POOL_TYPES, ViTClassifier, check_backbone
+from selfprompt.serving.sources import AdapterSource, resolve_source
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+SHARED_CLASSES = ("ViTClassifier", "PromptedViT")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A served task.
+
+    Attributes:
+        name: What requests call it.
+        classes: Its class names, in logit order.
+        shared: True when its rows share the backbone's forward (prompts and linear probes); False when
+            they run through ``model`` (a method that changes backbone weights).
+        model: The task's own model (for a shared task: the wrapper its tensors were read from, on the shared
+            backbone).
+        source: Where it was loaded from.
+    """
+
+    name: str
+    classes: list[str]
+    shared: bool
+    model: ViTClassifier
+    source: AdapterSource
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.model.num_prompts if isinstance(self.model, PromptedViT) else 0
+
+    @property
+    def data(self) -> DataConfig | None:
+        return self.source.data
+
+
+class _Bank:
+    """The tensors of one snapshot of the shared tasks, stacked by task index (immutable once built).
+
+    ``prompts[i]``: (T, M_i, D), the layer-i prompts of every task (zeros past a task's own M, and for a task
+    without prompts at layer i); ``replaces[i]``: (T,) bool, the tasks whose prompts enter at layer i (all
+    prompted tasks at 0, deep ones at their first ``num_prompt_layers``); ``lengths``: (T,) prompts per
+    task; ``weight``/``bias``: (T, C, D)/(T, C) heads padded to the widest; ``pools``: (T,) index into
+    POOL_TYPES.
+    """
+
+    def __init__(
+        self, tasks: list[Task], depth: int, embed_dim: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.names = [t.name for t in tasks]
+        self.lengths_list = [t.num_prompts for t in tasks]
+        self.classes_list = [t.num_classes for t in tasks]
+        self.pools_list = [POOL_TYPES.index(t.model.config.pool) for t in tasks]
+        n = len(tasks)
+        self.prompts: list[torch.Tensor] = []
+        replaces = torch.zeros(depth, n, dtype=torch.bool)
+        for layer in range(depth):
+            width = 0
+            for k, task in enumerate(tasks):
+                if task.num_prompts and layer < task.model.num_prompt_layers:
+                    replaces[layer, k] = True
+                    width = max(width, task.num_prompts)
+            bank = torch.zeros(n, width, embed_dim, device=device, dtype=dtype)
+            for k, task in enumerate(tasks):
+                if replaces[layer, k]:
+                    bank[k, : task.num_prompts] = task.model.prompts[layer].detach()
+            self.prompts.append(bank)
+        self.replaces = replaces.to(device)
+        self.lengths = torch.tensor(self.lengths_list, dtype=torch.long, device=device)
+        self.classes = torch.tensor(self.classes_list, dtype=torch.long, device=device)
+        self.pools = torch.tensor(self.pools_list, dtype=torch.long, device=device)
+        width = max(self.classes_list, default=1)
+        self.weight = torch.zeros(n, width, embed_dim, device=device, dtype=dtype)
+        self.bias = torch.zeros(n, width, device=device, dtype=dtype)
+        for k, task in enumerate(tasks):
+            self.weight[k, : task.num_classes] = task.model.head.weight.detach()
+            self.bias[k, : task.num_classes] = task.model.head.bias.detach()
+        self.max_prompts = max(self.lengths_list, default=0)
+
+
+class MultiTaskViT(nn.Module):
+    """One frozen timm ``VisionTransformer`` and any number of task adapters, run in mixed-task batches.
+
+    Args:
+        backbone: The frozen backbone every adapter was trained on (checked against each adapter's saved
+            signature).
+        backbone_name: The name adapters recorded (default: the backbone's own, as ``selfprompt train``
+            saves it).
+        mask: ``True`` (default): one pass with padded prompt slots and a key mask. ``False``: rows grouped
+            by prompt length, one pass per length, no mask (the fallback for blocks without ``attn_mask``).
+
+    ``add_adapter``/``remove_adapter`` may run while another thread is in :meth:`forward`: a forward uses the
+    snapshot of tasks it started with.
+    """
+
+    def __init__(self, backbone: nn.Module, backbone_name: str | None = None, mask: bool = True) -> None:
+        super().__init__()
+        check_backbone(backbone)
+        self.backbone = backbone.requires_grad_(False).eval()
+        if backbone_name is None:
+            backbone_name = backbone_info(backbone).adapter_name
+        self.backbone_name = backbone_name
+        self.num_prefix_tokens: int = backbone.num_prefix_tokens
+        self.mask = mask and all(
+            "attn_mask" in inspect.signature(block.forward).parameters for block in backbone.blocks
+        )
+        self._lock = threading.Lock()
+        self._publish({})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ...: the tasks' own models and the stacked bank follow the backbone."""
+        super()._apply(fn, recurse)
+        with self._lock:
+            for task in self._tasks.values():
+                if not task.shared:
+                    task.model._apply(fn, recurse)
+                else:
+                    for param in (task.model.head.weight, task.model.head.bias, *_prompts(task.model)):
+                        param.data = fn(param.data)
+            self._publish(self._tasks)
+        return self
+
+    def train(self, mode: bool = True) -> MultiTaskViT:
+        return super().train(False)  # serving only: the backbone and every task stay in eval mode
+
+    # -- the task table ----------------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> dict[str, Task]:
+        return dict(self._tasks)
+
+    def add_adapter(
+        self,
+        name: str,
+        path: str | Path,
+        seed: int | None = None,
+        stage: str | None = None,
+        ema: bool = False,
+        replace: bool = False,
+    ) -> Task:
+        """Serve the adapter in ``path`` (an adapter folder or a run folder) as task ``name``.
+
+        Raises:
+            ValueError: The name is taken (and not ``replace``), the adapter was made for another backbone,
+                or its class is one no registered method builds.
+            FileNotFoundError: No adapter in ``path``.
+        """
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise ValueError(f"A task name is a non-empty string of at most 200 characters, got {name!r}.")
+        if name in self._tasks and not replace:
+            raise ValueError(f"A task named {name!r} is already served; remove it or pass replace=True.")
+        source = resolve_source(path, seed, stage, ema)
+        config = source.config
+        check_signature(config["backbone"], self.backbone, self.backbone_name, source.adapter)
+        shared = config["class"] in SHARED_CLASSES and not _holds_backbone_tensors(source.adapter)
+        # a method that changes backbone weights gets its own copy: the shared backbone never changes
+        backbone = self.backbone if shared else copy.deepcopy(self.backbone)
+        model = load_pretrained(source.adapter, backbone, self.backbone_name)
+        model.requires_grad_(False).eval()
+        if shared and type(model).__name__ not in SHARED_CLASSES:
+            raise ValueError(f"{source.adapter}: {type(model).__name__} cannot share the backbone.")
+        num_classes = model.config.num_classes
+        classes = source.classes if source.classes is not None else [f"class_{i}" for i in range(num_classes)]
+        if len(classes) != num_classes:
+            raise ValueError(
+                f"{source.adapter}: its head has {num_classes} classes, classes.json names {len(classes)}."
+            )
+        task = Task(name, list(classes), shared, model, source)
+        with self._lock:
+            tasks = {**self._tasks, name: task}
+            self._publish(tasks)
+        return task
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self._tasks:
+                raise KeyError(f"No task named {name!r}; tasks: {', '.join(self._tasks) or 'none'}.")
+            tasks = {k: v for k, v in self._tasks.items() if k != name}
+            self._publish(tasks)
+
+    def _publish(self, tasks: dict[str, Task]) -> None:
+        shared = [t for t in tasks.values() if t.shared]
+        param = next(self.backbone.parameters())
+        bank = _Bank(shared, len(self.backbone.blocks), self.backbone.embed_dim, param.device, param.dtype)
+        # one assignment: a forward reads the whole snapshot (tasks, bank, bank index) once
+        self._state = (tasks, bank, {t.name: i for i, t in enumerate(shared)})
+        self._tasks, self._bank = tasks, bank
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
+        """Logits of each row for its own task (row ``i`` of ``images`` belongs to ``tasks[i]``): a list of
+        ``(num_classes of tasks[i],)`` tensors."""
+        logits, counts = self.forward_padded(images, tasks)
+        return [row[:n] for row, n in zip(logits, counts, strict=True)]
+
+    @torch.no_grad()
+    def forward_padded(self, images: torch.Tensor, tasks: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+        """``(B, C_max)`` logits, ``-inf`` past each row's class count, and the class counts."""
+        table, bank, index = self._state
+        if len(tasks) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images and {len(tasks)} task names: one task per row.")
+        unknown = sorted({t for t in tasks if t not in table})
+        if unknown:
+            raise KeyError(f"Unknown task(s) {unknown}; tasks: {', '.join(table) or 'none'}.")
+        counts = [table[t].num_classes for t in tasks]
+        out = images.new_full((images.shape[0], max(counts)), float("-inf"))
+        shared_rows = [i for i, t in enumerate(tasks) if table[t].shared]
+        if shared_rows:
+            ids = torch.tensor([index[tasks[i]] for i in shared_rows], device=images.device)
+            rows = torch.tensor(shared_rows, device=images.device)
+            sub = images if len(shared_rows) == len(tasks) else images[rows]
+            if self.mask:
+                logits = self.forward_shared(sub, ids, bank)
+            else:
+                logits = sub.new_empty(len(shared_rows), bank.weight.shape[1])
+                for m in sorted({bank.lengths_list[k] for k in ids.tolist()}):
+                    group = (bank.lengths[ids] == m).nonzero().squeeze(1)
+                    logits[group] = self.forward_shared(sub[group], ids[group], bank)
+            width = min(logits.shape[1], out.shape[1])
+            out[rows, :width] = logits[:, :width].to(out.dtype)
+        for name in dict.fromkeys(t for t in tasks if not table[t].shared):
+            group = torch.tensor([i for i, t in enumerate(tasks) if t == name], device=images.device)
+            logits = table[name].model(images[group])
+            out[group, : logits.shape[1]] = logits.to(out.dtype)
+        return out, counts
+
+    def forward_shared(
+        self, images: torch.Tensor, ids: torch.Tensor, bank: _Bank | None = None, static: bool = False
+    ) -> torch.Tensor:
+        """Padded logits ``(B, C_bank)`` of rows whose tasks share the backbone, ``ids`` indexing the bank;
+        past a row's class count they are ``-inf``. ``static``: no Python decision depends on ``ids``
+        (traceable for export: the prompt slot is the widest of all tasks, every pooling is computed)."""
+        bank = bank if bank is not None else self._bank
+        bb, p = self.backbone, self.num_prefix_tokens
+        lengths = bank.lengths[ids]
+        if static:
+            width, pools, padded = bank.max_prompts, range(len(POOL_TYPES)), True
+        else:
+            present = sorted(set(ids.tolist()))
+            row_lengths = {bank.lengths_list[k] for k in present}
+            width, padded = max(row_lengths), len(row_lengths) > 1
+            pools = sorted({bank.pools_list[k] for k in present})
+
+        x = bb.patch_drop(bb._pos_embed(bb.patch_embed(images)))
+        batch, n_patches = x.shape[0], x.shape[1] - p
+        if width:
+            x = torch.cat([x[:, :p], bank.prompts[0][ids][:, :width], x[:, p:]], dim=1)
+        x = bb.norm_pre(x)
+        slot = torch.arange(width, device=x.device)
+        valid = slot[None, :] < lengths[:, None]  # (B, width): which slot positions are real prompts
+        mask = None
+        if padded and width:
+            ones = valid.new_ones(batch, 1)
+            keys = torch.cat([ones.expand(batch, p), valid, ones.expand(batch, n_patches)], dim=1)
+            mask = keys[:, None, None, :]  # (B, 1, 1, N): SDPA's boolean mask, True = attend
+        for layer, block in enumerate(bb.blocks):
+            if layer and width:
+                prompts = bank.prompts[layer]
+                k = min(width, prompts.shape[1])
+                if k:
+                    new = torch.where(
+                        bank.replaces[layer][ids][:, None, None], prompts[ids][:, :k], x[:, p : p + k]
+                    )
+                    x = torch.cat([x[:, :p], new, x[:, p + k :]], dim=1)
+            x = block(x, attn_mask=mask) if mask is not None else block(x)
+
+        features = x.new_zeros(batch, bb.embed_dim)
+        row_pools = bank.pools[ids]
+        for pool in pools:
+            kind = POOL_TYPES[pool]
+            if kind == "token":
+                pooled = bb.fc_norm(bb.norm(x[:, 0]))
+            elif kind == "avg":
+                pooled = bb.fc_norm(bb.norm(x[:, p + width :]).mean(dim=1))
+            else:  # mae: the mean over real prompts and patches, then the final norm
+                weights = torch.cat([valid.to(x.dtype), x.new_ones(batch, n_patches)], dim=1)
+                total = (x[:, p:] * weights[:, :, None]).sum(dim=1)
+                pooled = bb.fc_norm(bb.norm(total / (lengths + n_patches).to(x.dtype)[:, None]))
+            features = torch.where((row_pools == pool)[:, None], pooled, features)
+
+        # the heads of the tasks in this batch as one GEMM ((B, D) x (D, U*C)); each row keeps its own task's
+        # C columns (gathering a (B, C, D) weight per row instead costs B*C*D memory: 200 MB at C=1000)
+        if static:
+            used, inverse = torch.arange(bank.weight.shape[0], device=x.device), ids
+        else:
+            used, inverse = torch.unique(ids, return_inverse=True)
+        width_c = bank.weight.shape[1]
+        every = features @ bank.weight[used].reshape(-1, bb.embed_dim).T  # (B, U*C)
+        index = inverse[:, None, None].expand(batch, 1, width_c)
+        logits = every.view(batch, -1, width_c).gather(1, index).squeeze(1) + bank.bias[ids]
+        columns = torch.arange(logits.shape[1], device=x.device)
+        return logits.masked_fill(columns[None, :] >= bank.classes[ids][:, None], float("-inf"))
+
+
+def _prompts(model: ViTClassifier) -> list[torch.Tensor]:
+    return [model.prompts] if isinstance(model, PromptedViT) else []
+
+
+def _holds_backbone_tensors(adapter: Path) -> bool:
+    with safe_open(str(adapter / WEIGHTS_NAME), framework="pt") as weights:
+        return any(key.startswith("backbone.") for key in weights.keys())  # noqa: SIM118
