@@ -68,4 +68,5 @@ def test_bench_runs_cells_once_and_reports(tmp_path):
     assert again == rows and [p.stat().st_mtime_ns for p in records] == stamps  # nothing recomputed
     report = (Path(cfg.output_dir) / "results.md").read_text()
     assert VTAB_MEAN in report and "dsprites_location (structured)" in report
+    assert "## Paired differences" in report and "| linear - spt-deep | 1 |" in report
     assert (Path(cfg.output_dir) / "cells.csv").read_text().count("\n") == 4

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selfprompt.apps.report import write_report
+from selfprompt.apps.stats import paired_difference
 from selfprompt.atomic import write_json
 from selfprompt.config import MethodName
 from selfprompt.data import registry
@@ -70,6 +71,8 @@ class BenchConfig:
         device: auto, cpu, cuda or cuda:N, for every cell.
         num_workers: Data-loading worker processes per cell; None keeps the recipes' (2).
         stop_after_minutes: Start no new cell after this long (finished cells are kept; rerun to go on).
+        compare: Two variants A B: print their paired difference (mean, bootstrap 95% interval, wins) over
+            the cells both ran, per backbone.
     """
 
     root: str
@@ -90,6 +93,7 @@ class BenchConfig:
     device: str = "auto"
     num_workers: int | None = None
     stop_after_minutes: float | None = None
+    compare: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,8 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
 
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run the grid's unfinished cells, then write ``results.{md,csv}``, ``cells.csv`` and ``results.png``."""
+    if cfg.compare is not None and len(cfg.compare) != 2:
+        raise ValueError(f"--compare takes two variants, A and B, got {cfg.compare}.")
     cells = grid(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,4 +261,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str
         )
     for path in write_report(rows, out, cfg, cfg.benchmark):
         log(f"bench: wrote {path}")
+    if cfg.compare:
+        for backbone in dict.fromkeys(r["backbone"] for r in rows):
+            mine = [r for r in rows if r["backbone"] == backbone]
+            log(f"bench: {backbone}: {paired_difference(mine, *cfg.compare).describe()}")
     return rows

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.apps.paper import SOURCES, TASK_MEAN, quoted
+from selfprompt.apps.stats import comparison_table
 from selfprompt.atomic import write_text
 from selfprompt.data import registry
 
@@ -160,7 +161,9 @@ def write_report(rows: list[dict[str, Any]], out: Path, cfg: Any, benchmark: str
     settings = json.dumps(asdict(cfg))
     text = (
         f"# {TITLES[benchmark]} bench\n\n{len(rows)} cells; command `{command}`; resolved settings "
-        f"`{settings}`.\n\n{markdown(rows, benchmark)}"
+        f"`{settings}`.\n\n{markdown(rows, benchmark)}\n## Paired differences\n\nTest accuracy of a minus "
+        f"b on the cells both ran (backbone x task x seed), with a seeded percentile-bootstrap 95% interval "
+        f"over those cells (`selfprompt.apps.stats`).\n\n{comparison_table(rows)}\n"
     )
     for name, content in (("results.md", text), ("cells.csv", _csv(rows))):
         write_text(out / name, content)
