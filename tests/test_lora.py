@@ -4,6 +4,8 @@ ViT with the same logits, round-trips as an adapter, and leaves the backbone it 
 import copy
 
 import selfprompt as sp
+from selfprompt.apps.bench import RECIPES as PACKAGE_RECIPES
+from selfprompt.cli import main
 from selfprompt.config import TrainConfig
 from selfprompt.engine.build import build_model
 from selfprompt.methods.lora import LoRA
@@ -13,6 +15,7 @@ import pytest
 import timm
 import torch
 from conftest import tiny_vit
+from engine_helpers import LIST_SPLITS, make_dataset
 from timm.models.vision_transformer import VisionTransformer
 
 pytest.importorskip("peft")
@@ -153,3 +156,17 @@ def test_lora_trainable_parameters_of_vit_base_with_100_classes():
     model = build_model(cfg, backbone, 100)
     assert model.num_adapter_parameters() == 371_812
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 371_812
+
+
+def test_vtab_mini_recipe_trains_end_to_end(tmp_path, images):
+    """`selfprompt train` of the package's VTAB-mini recipe (zoo backbone), one epoch; the adapter loads."""
+    data, out = make_dataset(tmp_path / "data"), tmp_path / "run"
+    splits = [a for k, v in LIST_SPLITS.items() for a in (f"--data.{k}", v)]
+    argv = ["train", str(PACKAGE_RECIPES / "lora.yaml"), "--data.root", str(data), *splits,
+            "--data.batch_size", "8", "--data.eval_batch_size", "16", "--data.num_workers", "0",
+            "--optim.epochs", "1", "--stage", "final",
+            "--output_dir", str(out), "--progress", "false"]  # fmt: skip
+    assert main(argv) == 0
+    backbone = timm.create_model("vit_mini_patch4_32.mae_fmnist", pretrained=True, num_classes=0)
+    model = sp.load_pretrained(out / "seed0" / "final" / "adapter", backbone)
+    assert type(model) is LoRA and model.config.pool == "mae"
