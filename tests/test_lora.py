@@ -7,13 +7,15 @@ import selfprompt as sp
 from selfprompt.apps.bench import RECIPES as PACKAGE_RECIPES
 from selfprompt.cli import main
 from selfprompt.config import TrainConfig
-from selfprompt.engine.build import build_model
+from selfprompt.engine.build import build_model, method_settings
+from selfprompt.engine.run import config_dict
 from selfprompt.methods.lora import LoRA
 from selfprompt.model import ViTClassifier
 
 import pytest
 import timm
 import torch
+import yaml
 from conftest import tiny_vit
 from engine_helpers import LIST_SPLITS, make_dataset
 from timm.models.vision_transformer import VisionTransformer
@@ -139,6 +141,14 @@ def test_lora_adapter_round_trips(images, tmp_path):
     assert (reloaded.config.rank, reloaded.config.alpha, reloaded.config.targets) == (4, 8.0, ("qkv",))
     with torch.no_grad():
         assert torch.equal(reloaded(images), model(images))
+
+
+def test_a_saved_config_of_another_method_reads_back_with_lora_defaults():
+    """config.yaml holds every section; read back, the lora defaults must still count as unset."""
+    cfg = TrainConfig()
+    cfg.model.method = "linear"
+    saved = yaml.safe_load(yaml.safe_dump(config_dict(cfg)))
+    assert method_settings(TrainConfig.from_dict(saved))[0].name == "linear"
 
 
 def test_bad_settings_are_refused():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from selfprompt.methods.registry import register_method, register_settings
@@ -187,7 +187,7 @@ class LoraSettings:
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.1
-    targets: tuple[str, ...] = ("qkv",)
+    targets: list[str] = field(default_factory=lambda: ["qkv"])  # a list: what a saved config reads back
 
 
 register_settings("lora", LoraSettings, "LoRA settings of the lora method (rank, alpha, dropout, targets).")
