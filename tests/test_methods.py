@@ -18,15 +18,15 @@ from engine_helpers import tiny_config
 
 def test_the_six_original_names_and_bitfit_are_registered_in_order():
     original = ["linear", "full", "vpt-shallow", "vpt-deep", "spt-shallow", "spt-deep"]
-    assert method_names() == [*original, "bitfit"]
-    assert [get_method(n).default_init for n in method_names()] == [
+    assert method_names()[:7] == [*original, "bitfit"]  # then the later methods (tests/test_<method>.py)
+    assert [get_method(n).default_init for n in method_names()[:7]] == [
         None, None, "xavier", "xavier", "sample", "sample", None
     ]  # fmt: skip
 
 
 def test_unknown_and_duplicate_methods_are_refused():
-    with pytest.raises(ValueError, match="Unknown method 'lora'; methods: linear, full"):
-        get_method("lora")
+    with pytest.raises(ValueError, match="Unknown method 'lorra'; methods: linear, full"):
+        get_method("lorra")
     with pytest.raises(ValueError, match="already registered"):
         register_method("linear", "again", ViTClassifier, lambda *a, **k: None)
 

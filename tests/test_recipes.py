@@ -100,6 +100,18 @@ def test_recipe(recipe: Path):
         assert (o.lr, o.weight_decay, o.head_weight_decay) == deep
     elif name.endswith("shallow"):
         assert (o.lr, o.weight_decay, o.head_weight_decay) == (1e-5, 0.05, 1.0)
+    if name == "lora":  # NOAH's VTAB setting (METHODS.md 1)
+        lora = cfg.lora
+        assert (lora.rank, lora.alpha, lora.dropout, tuple(lora.targets)) == (8, 8.0, 0.1, ("qkv",))
+        assert (o.lr, o.weight_decay, o.head_weight_decay) == (1e-3, 1e-4, 1e-4)
+    elif name == "adaptformer":  # V-PETL's b=8, s=1.0; the official dropout (METHODS.md 3)
+        a = cfg.adaptformer
+        assert (a.bottleneck, a.scale, a.dropout) == (8, 1.0, 0.1)
+        assert (o.lr, o.weight_decay, o.head_weight_decay) == (1e-3, 1e-4, 1e-4)
+    elif name == "ssf":  # SSF's scripts (METHODS.md 4): CIFAR-100's lr, EMA on FGVC
+        assert (o.lr, o.weight_decay, o.head_weight_decay) == (5e-3, 5e-5, 5e-5)
+        assert o.ema_decay == (0.9998 if benchmark == "fgvc" else None)
+    assert o.ema_decay is None or name == "ssf", "only the SSF FGVC recipes keep an EMA"
 
 
 def test_override_beats_recipe():

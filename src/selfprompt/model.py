@@ -218,3 +218,32 @@ def residual_branches(
     if after_attn is not None:
         x = after_attn(x)
     return x + block.drop_path2(block.ls2((mlp or block.mlp)(block.norm2(x))))
+
+
+def private_copy(backbone: nn.Module) -> nn.Module:
+    """A copy of ``backbone``'s module tree that shares its parameter and buffer tensors: methods that hook or
+    replace modules (LoRA, SSF) do it on this copy, so the object they were given (and any deep copy of it)
+    stays a plain timm model, without duplicating the frozen weights in memory."""
+    import copy  # local: keeps this append-only addition to the module self-contained
+
+    shared = {id(t): t for t in (*backbone.parameters(), *backbone.buffers())}
+    return copy.deepcopy(backbone, memo=shared)
+
+
+def timm_classifier(model: ViTClassifier, backbone: VisionTransformer) -> VisionTransformer:
+    """``backbone`` (a merged copy of ``model.backbone``) made a plain timm ``VisionTransformer`` computing
+    ``model``'s logits: ``model``'s head, timm's pooling set to ``model``'s; for methods with no extra tokens.
+    ``mae`` pooling (final norm after the mean) becomes timm's ``avg`` with the final norm as ``fc_norm``."""
+    if model.num_extra_tokens:
+        raise ValueError("a model that inserts tokens has no plain timm equivalent.")
+    pool = model.config.pool
+    backbone.reset_classifier(model.config.num_classes, "token" if pool == "token" else "avg")
+    backbone.pool_include_prefix = False
+    if pool == "mae":  # timm's own layout for global_pool="avg" (norm: Identity, fc_norm: the LayerNorm)
+        after = backbone.fc_norm
+        backbone.fc_norm = (
+            backbone.norm if isinstance(after, nn.Identity) else nn.Sequential(backbone.norm, after)
+        )
+        backbone.norm = nn.Identity()
+    backbone.head.load_state_dict(model.head.state_dict())
+    return backbone.requires_grad_(False).eval()

@@ -1,0 +1,141 @@
+"""Training-step time of the weight-space PETL methods (LoRA, AdaptFormer, SSF) against linear probing,
+VPT-deep and the floor of ``benchmarks/prompt_overhead.py``; inference time of merged LoRA and
+re-parameterised SSF against their unmerged models.
+
+1. Training step (forward + backward + AdamW step over the method's adapter parameters) of every method,
+   each built with its settings section's defaults (VPT-deep with M prompts), against timm's own
+   VisionTransformer with ``reg_tokens=M`` and only those tokens + head trainable (the prompt floor). Steps
+   are interleaved round-robin so that machine drift hits all models alike; medians are reported.
+2. Inference (no-grad forward, eval mode) of LoRA and SSF before and after ``merged()``, and of the plain
+   backbone with the same head (linear probe), interleaved the same way.
+
+Random weights; CPU unless CUDA is there.
+
+    python benchmarks/method_step_time.py [--model vit_tiny_patch16_224] [--prompts 10] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import selfprompt as sp  # before timm (see README)
+from selfprompt.methods import settings_sections
+
+import timm
+import torch
+
+METHODS = ("linear", "vpt-deep", "lora", "adaptformer", "ssf")
+
+
+def build(name: str, model_name: str, prompts: int) -> sp.ViTClassifier:
+    method = sp.get_method(name)
+    settings = settings_sections()[method.settings].cls() if method.settings else None
+    if method.has_prompts:
+        settings.num_prompts = prompts
+    torch.manual_seed(0)
+    return method.create(timm.create_model(model_name, num_classes=0), 10, settings)
+
+
+def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], x, y) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    for call in calls.values():  # warm-up
+        call()
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def table(title: str, medians: dict[str, float], base: str, trainable: dict[str, int] | None = None) -> None:
+    """One row per model: (trainable parameters,) median seconds and the ratio to ``base``'s."""
+    print(f"\n{title}; ratios against {base}")
+    print(f"{'model':28s} {'trainable' if trainable else '':>10s} {'median s':>9s} {'ratio':>8s}")
+    for name, seconds in medians.items():
+        count = f"{trainable[name]:10,d}" if trainable else " " * 10
+        print(f"{name:28s} {count} {seconds:9.3f} {seconds / medians[base]:7.3f}x")
+
+
+def step_times(args: argparse.Namespace, device: torch.device) -> None:
+    x = torch.randn(args.batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    floor = timm.create_model(args.model, num_classes=10, reg_tokens=args.prompts).to(device).train()
+    for name, p in floor.named_parameters():
+        p.requires_grad_(name in ("reg_token", "head.weight", "head.bias"))
+    floor_params = [p for p in floor.parameters() if p.requires_grad]
+    steps = {"timm reg_tokens=M (floor)": train_step(floor, floor_params, x, y)}
+    trainable = {"timm reg_tokens=M (floor)": sum(p.numel() for p in floor_params)}
+    for name in METHODS:
+        model = build(name, args.model, args.prompts).to(device).train()
+        steps[name] = train_step(model, list(model.adapter_parameters().values()), x, y)
+        trainable[name] = model.num_adapter_parameters()
+    medians = interleaved(steps, args.rounds)
+    table(
+        f"Training step, {args.model}, batch {args.batch}, M={args.prompts}, median of {args.rounds} rounds",
+        medians,
+        "timm reg_tokens=M (floor)",
+        trainable,
+    )
+
+
+def inference_times(args: argparse.Namespace, device: torch.device) -> None:
+    x = torch.randn(args.batch, 3, 224, 224, device=device)
+    calls: dict[str, Callable[[], object]] = {}
+    worst = {}
+    for name in ("linear", "lora", "ssf"):
+        model = build(name, args.model, args.prompts).to(device).eval()
+        if name != "linear":
+            with torch.no_grad():  # away from the identity start, so a wrong merge would show
+                for p in model.adapter_parameters().values():
+                    p.add_(torch.randn_like(p) * 0.02)
+            merged = model.merged()
+            with torch.no_grad():
+                worst[name] = (merged(x) - model(x)).abs().max().item()
+            calls[f"{name} merged"] = lambda m=merged: m(x)
+        calls[name if name == "linear" else f"{name} unmerged"] = lambda m=model: m(x)
+    with torch.no_grad():
+        medians = interleaved(calls, args.rounds)
+    table(
+        f"Inference (no grad), {args.model}, batch {args.batch}, median of {args.rounds} rounds",
+        medians,
+        "linear",
+    )
+    print("max |logit difference| merged vs unmerged: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(
+        f"torch {torch.__version__}, timm {timm.__version__}, selfprompt {sp.__version__}, "
+        f"{platform.machine()}, {device}, {torch.get_num_threads()} threads"
+    )
+    step_times(args, device)
+    inference_times(args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""LoRA (Hu et al., ICLR 2022) on a frozen timm ViT, through huggingface ``peft`` (Apache-2.0; install with
+``pip install 'selfprompt[lora]'``). The ViT recipe follows NOAH (MIT) and peft's own custom-model use.
+
+A targeted ``nn.Linear`` computes ``y = W x + b + (alpha / rank) * B A drop(x)`` with W, b frozen,
+``A`` (rank x in) kaiming-uniform and ``B`` (out x rank) zero, so the model starts exactly at the linear
+probe. The default target is timm's fused ``attn.qkv``: one A shared by Q, K and V and one B for all three
+(NOAH's and peft's placement; V-PETL's variant adapts only the Q and V slices, same count). For
+``vit_base_patch16_224`` with 100 classes and rank 8: 12 * 8 * (768 + 2304) = 294,912 + 76,900 head =
+371,812 (METHODS.md 1).
+
+How it is built: ``peft.tuners.lora.LoraModel`` replaces each targeted Linear by peft's ``lora.Linear`` in
+a *private copy* of the backbone's module tree that shares the frozen weight tensors
+(:func:`~selfprompt.model.private_copy`), so the backbone object passed in is never changed and a second
+model built on a deep copy of it gets a plain timm ViT. timm's Attention still calls ``self.qkv(x)`` and
+then its fused ``scaled_dot_product_attention``. Targets are anchored to the blocks
+(``blocks.<i>.attn.qkv``): a bare ``proj`` would also match ``patch_embed.proj`` and is refused.
+
+The backbone stays in eval mode like every method here; LoRA's own dropout (inside peft's layers) follows
+the model's train/eval mode. The adapter holds the A/B tensors and the head (kilobytes), and
+:meth:`LoRA.merged` folds ``W <- W + s B A`` with peft's ``merge_and_unload`` into a plain timm
+``VisionTransformer`` with the head, which gives the same logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfprompt.methods.registry import register_method, register_settings
+from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier, private_copy, timm_classifier
+
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+#: What ``lora.targets`` accepts: the Linear layers of a timm pre-norm block, by their path inside it.
+TARGETS: dict[str, str] = {
+    "qkv": r"attn\.qkv",
+    "attn.proj": r"attn\.proj",
+    "mlp.fc1": r"mlp\.fc1",
+    "mlp.fc2": r"mlp\.fc2",
+}
+_ALIASES = {"attn.qkv": "qkv", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+def normalise_targets(targets: Any) -> tuple[str, ...]:
+    """``targets`` as canonical names (``qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``), duplicates
+    dropped; anything else is refused, a bare ``proj`` with the reason."""
+    if isinstance(targets, str):
+        targets = [targets]
+    names: list[str] = []
+    for target in targets:
+        if target == "proj":
+            raise ValueError(
+                "lora.targets: a bare 'proj' also matches the patch embedding's Conv2d (patch_embed.proj); "
+                "use 'attn.proj' for the attention output projection."
+            )
+        name = _ALIASES.get(target, target)
+        if name not in TARGETS:
+            raise ValueError(f"lora.targets: unknown target {target!r}; choose from {', '.join(TARGETS)}.")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError("lora.targets is empty; give at least one of " + ", ".join(TARGETS) + ".")
+    return tuple(names)
+
+
+def target_pattern(targets: tuple[str, ...]) -> str:
+    """The regular expression peft ``re.fullmatch``-es against module names: the targets inside a block."""
+    return r"blocks\.\d+\.(" + "|".join(TARGETS[t] for t in targets) + ")"
+
+
+@dataclass
+class LoRAConfig(ClassifierConfig):
+    """A ClassifierConfig plus LoRA's settings (see :class:`LoraSettings`)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("qkv",)
+
+
+class LoRA(ViTClassifier):
+    """A frozen timm ``VisionTransformer`` with LoRA on the chosen Linear layers of every block and a new
+    linear head; only the LoRA A/B matrices and the head train.
+
+    Args:
+        backbone: A timm ``VisionTransformer``; left unchanged (see the module docstring).
+        num_classes, pool, head_init_std, backbone_name: See :class:`~selfprompt.model.ViTClassifier`.
+        rank, alpha, dropout, targets: See :class:`LoraSettings`.
+    """
+
+    config_class = LoRAConfig
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        rank: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.1,
+        targets: tuple[str, ...] | list[str] = ("qkv",),
+        pool: PoolType | None = None,
+        head_init_std: float = 0.02,
+        train_backbone: bool = False,
+        backbone_name: str | None = None,
+    ) -> None:
+        if train_backbone:
+            raise ValueError("LoRA trains its low-rank matrices only; train_backbone must be False.")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"lora.rank must be an integer >= 1, got {rank!r}.")
+        if not alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0, got {alpha!r}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}.")
+        targets = normalise_targets(targets)
+        try:
+            from peft import LoraConfig
+            from peft.tuners.lora import LoraModel
+        except ImportError as error:
+            raise ImportError(
+                "method 'lora' needs huggingface peft: pip install 'selfprompt[lora]' (peft>=0.6)."
+            ) from error
+        super().__init__(
+            private_copy(backbone),
+            num_classes,
+            pool=pool,
+            head_init_std=head_init_std,
+            backbone_name=backbone_name,
+            rank=rank,
+            alpha=float(alpha),
+            dropout=dropout,
+            targets=targets,
+        )
+        peft_config = LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets)
+        )
+        # peft swaps the targeted Linear layers of self.backbone (the private copy) in place; its wrapper is
+        # kept outside the module tree (no second path to the same parameters) for merge_and_unload.
+        self.__dict__["_peft"] = LoraModel(self.backbone, peft_config, "default")
+        self.backbone.requires_grad_(False)
+        for param in self.lora_parameters().values():
+            param.requires_grad_(True)
+        self.train(self.training)
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        """The A and B matrices, by their name in this model."""
+        return {
+            f"backbone.{name}": param
+            for name, param in self.backbone.named_parameters()
+            if re.search(r"\.lora_[AB]\.", name)
+        }
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapter: every LoRA A and B matrix and the head."""
+        return {**self.lora_parameters(), **super().adapter_parameters()}
+
+    def train(self, mode: bool = True) -> LoRA:
+        """The backbone stays in eval mode; LoRA's dropout layers follow ``mode``."""
+        super().train(mode)
+        for name, module in self.backbone.named_modules():
+            if name.endswith(".lora_dropout"):
+                module.train(mode)
+        return self
+
+    def merged(self) -> VisionTransformer:
+        """A plain timm ``VisionTransformer`` with ``W + (alpha / rank) B A`` folded into each targeted Linear
+        (peft's ``merge_and_unload``, on a copy) and this model's head and pooling: the same logits, no extra
+        modules or FLOPs. This model and its backbone are left unchanged."""
+        backbone = copy.deepcopy(self.__dict__["_peft"]).merge_and_unload()
+        return timm_classifier(self, backbone)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA: rank, scale, dropout and which Linear layers of each block it adapts.
+
+    Attributes:
+        rank: Rank r of A (r x in) and B (out x r); 8 as NOAH, V-PETL and peft's default.
+        alpha: LoRA's scale is alpha / rank; 8 with rank 8 gives 1, NOAH's (no alpha) and peft's default.
+        dropout: Dropout on the LoRA branch's input while training (NOAH: 0.1; peft's default 0).
+        targets: Linear layers of every block: qkv (timm's fused Q/K/V projection, the default), attn.proj,
+            mlp.fc1, mlp.fc2.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.1
+    targets: list[str] = field(default_factory=lambda: ["qkv"])  # a list: what a saved config reads back
+
+
+register_settings("lora", LoraSettings, "LoRA settings of the lora method (rank, alpha, dropout, targets).")
+
+
+def _build(backbone, num_classes, settings: LoraSettings, **common: Any) -> LoRA:
+    return LoRA(
+        backbone,
+        num_classes,
+        rank=settings.rank,
+        alpha=settings.alpha,
+        dropout=settings.dropout,
+        targets=settings.targets,
+        **common,
+    )
+
+
+register_method(
+    "lora",
+    "LoRA (via peft) on the blocks' Linear layers (default the fused qkv); low-rank matrices and head train",
+    LoRA,
+    _build,
+    settings="lora",
+    order=20,
+)

@@ -1,0 +1,173 @@
+"""SSF: at scale 1 and shift 0 the model is the frozen backbone; each op is followed by its affine; only
+scales, shifts and head train; re-parameterised, it is a plain timm ViT with the same logits."""
+
+import copy
+
+import selfprompt as sp
+from selfprompt.apps.bench import RECIPES as PACKAGE_RECIPES
+from selfprompt.cli import main
+from selfprompt.config import TrainConfig
+from selfprompt.engine.build import build_model
+from selfprompt.methods.ssf import SSF
+from selfprompt.model import ViTClassifier
+
+import pytest
+import timm
+import torch
+from conftest import tiny_vit
+from engine_helpers import LIST_SPLITS, make_dataset
+from timm.models.vision_transformer import VisionTransformer
+
+BACKBONES = {"cls": {}, "registers_no_cls": {"class_token": False, "reg_tokens": 2, "global_pool": "avg"}}
+PLAIN = {"token": {}, "avg": {"global_pool": "avg", "fc_norm": False}, "mae": {"global_pool": "avg"}}
+OPS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+
+
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.adapter_parameters().values():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_ssf_at_identity_is_the_frozen_backbone(kind, images):
+    torch.manual_seed(0)
+    linear = ViTClassifier(tiny_vit(**BACKBONES[kind]), num_classes=5).eval()
+    torch.manual_seed(0)
+    model = SSF(tiny_vit(**BACKBONES[kind]), num_classes=5).eval()
+    scales = torch.cat([p for n, p in model.ssf_parameters().items() if n.endswith("scale")])
+    shifts = torch.cat([p for n, p in model.ssf_parameters().items() if n.endswith("shift")])
+    assert abs(scales.mean() - 1) < 0.01 and abs(scales.std() - 0.02) < 0.005  # N(1, 0.02^2)
+    assert abs(shifts.mean()) < 0.01 and abs(shifts.std() - 0.02) < 0.005  # N(0, 0.02^2)
+    model.reset_ssf(std=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), linear(images), rtol=0, atol=0)
+
+
+def test_each_op_is_followed_by_its_scale_and_shift():
+    model = perturbed(SSF(tiny_vit(), num_classes=5)).eval()
+    assert model.ssf_paths == (
+        "patch_embed.norm",
+        *(f"blocks.{i}.{op}" for i in range(3) for op in OPS),
+        "norm",
+    )
+    wrapper = model.backbone.blocks[0].attn.qkv
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), wrapper.op(x) * wrapper.scale + wrapper.shift)
+        assert wrapper.scale.shape == (96,)
+    assert model.backbone.blocks[0].attn.fused_attn, "timm's fused attention is kept"
+    assert model.backbone.patch_embed.patch_size == (4, 4), "patch_embed keeps its attributes"
+
+
+def test_ssf_trains_exactly_its_scales_shifts_and_the_head(images):
+    vit = tiny_vit()
+    state = copy.deepcopy(vit.state_dict())
+    model = SSF(vit, num_classes=5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(model.adapter_parameters())
+    assert trainable - {"head.weight", "head.bias"} == {
+        f"backbone.{path}.{kind}" for path in model.ssf_paths for kind in ("scale", "shift")
+    }
+    # per block 2 * (32 + 96 + 32 + 32 + 64 + 32), patch embedding and final norm 2 * 32 each, head 165
+    assert model.num_adapter_parameters() == 3 * 2 * 288 + 4 * 32 + 165
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    torch.nn.functional.cross_entropy(model(images), torch.arange(6) % 5).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    assert not model.backbone.training, "the backbone stays in eval mode"
+    assert type(vit.blocks[0].attn.qkv) is torch.nn.Linear, "the backbone given keeps its modules"
+    assert vit.state_dict().keys() == state.keys()
+    assert all(torch.equal(vit.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("pool", ["token", "avg", "mae"])
+def test_reparameterised_ssf_is_a_plain_timm_vit_with_the_same_logits(pool, images):
+    vit = tiny_vit()
+    model = perturbed(SSF(vit, num_classes=5, pool=pool)).eval()
+    merged = model.merged()
+    assert type(merged) is VisionTransformer
+    assert not any(
+        "ssf" in type(m).__name__.lower() or "ScaleShift" in type(m).__name__ for m in merged.modules()
+    )
+    assert set(dict(merged.named_parameters())) == set(
+        dict(tiny_vit(num_classes=5, **PLAIN[pool]).named_parameters())
+    )
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in vit.parameters()) + 165
+    with torch.no_grad():
+        unmerged = model(images)
+        assert (merged(images) - unmerged).abs().max() <= 1e-5
+        assert torch.equal(model(images), unmerged), "folding works on a copy"
+
+
+def test_reparameterisation_adds_a_bias_where_an_op_has_none(images):
+    """A qkv without bias (qkv_bias=False) and a patch embedding without one get the shift as their bias."""
+    vit = tiny_vit(qkv_bias=False)
+    vit.patch_embed.proj.bias = None
+    model = perturbed(SSF(vit, num_classes=5)).eval()
+    merged = model.merged()
+    assert merged.blocks[0].attn.qkv.bias is not None and merged.patch_embed.proj.bias is not None
+    with torch.no_grad():
+        assert (merged(images) - model(images)).abs().max() <= 1e-5
+    assert vit.blocks[0].attn.qkv.bias is None and vit.patch_embed.proj.bias is None
+
+
+def test_a_patch_embedding_with_its_own_norm_folds_into_that_norm(images):
+    vit = tiny_vit(embed_norm_layer="layernorm")
+    model = perturbed(SSF(vit, num_classes=5)).eval()
+    assert model.backbone.patch_embed.norm.scale.shape == (32,)
+    merged = model.merged()
+    assert isinstance(merged.patch_embed.norm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        assert (merged(images) - model(images)).abs().max() <= 1e-5
+
+
+def test_ssf_adapter_round_trips(images, tmp_path):
+    model = perturbed(SSF(tiny_vit(), num_classes=5)).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = sp.load_pretrained(tmp_path, tiny_vit()).eval()
+    assert type(reloaded) is SSF
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), model(images))
+
+
+def test_a_second_model_on_a_deep_copy_of_the_backbone_starts_alike(images):
+    vit = tiny_vit()
+    torch.manual_seed(3)
+    first = SSF(vit, num_classes=5).eval()
+    with torch.no_grad():
+        at_init = first(images)
+    perturbed(first).merged()
+    torch.manual_seed(3)
+    second = SSF(copy.deepcopy(vit), num_classes=5).eval()
+    assert second.ssf_paths == first.ssf_paths
+    with torch.no_grad():
+        assert torch.equal(second(images), at_init)
+
+
+def test_ssf_trainable_parameters_of_vit_base_with_100_classes():
+    """METHODS.md section 4: 12 * 2 * 11 * 768 + 4 * 768 = 205,824 + 76,900 head."""
+    backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    cfg = TrainConfig()
+    cfg.model.method = "ssf"
+    model = build_model(cfg, backbone, 100)
+    assert model.num_adapter_parameters() == 282_724
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 282_724
+
+
+def test_vtab_mini_recipe_trains_end_to_end(tmp_path, images):
+    """`selfprompt train` of the package's VTAB-mini recipe (zoo backbone), one epoch; the adapter loads."""
+    data, out = make_dataset(tmp_path / "data"), tmp_path / "run"
+    splits = [a for k, v in LIST_SPLITS.items() for a in (f"--data.{k}", v)]
+    argv = ["train", str(PACKAGE_RECIPES / "ssf.yaml"), "--data.root", str(data), *splits,
+            "--data.batch_size", "8", "--data.eval_batch_size", "16", "--data.num_workers", "0",
+            "--optim.epochs", "1", "--stage", "final",
+            "--output_dir", str(out), "--progress", "false"]  # fmt: skip
+    assert main(argv) == 0
+    backbone = timm.create_model("vit_mini_patch4_32.mae_fmnist", pretrained=True, num_classes=0)
+    model = sp.load_pretrained(out / "seed0" / "final" / "adapter", backbone)
+    assert type(model) is SSF and model.config.pool == "mae"
