@@ -18,8 +18,8 @@ from engine_helpers import tiny_config
 
 def test_the_six_original_names_and_bitfit_are_registered_in_order():
     original = ["linear", "full", "vpt-shallow", "vpt-deep", "spt-shallow", "spt-deep"]
-    assert method_names() == [*original, "bitfit"]
-    assert [get_method(n).default_init for n in method_names()] == [
+    assert method_names()[:7] == [*original, "bitfit"]  # later methods (gapt, ...) are listed after these
+    assert [get_method(n).default_init for n in method_names()[:7]] == [
         None, None, "xavier", "xavier", "sample", "sample", None
     ]  # fmt: skip
 
