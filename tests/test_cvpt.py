@@ -2,6 +2,7 @@
 
 import math
 
+from selfprompt.engine.build import method_settings
 from selfprompt.methods import get_method
 from selfprompt.methods.cvpt import CVPT
 from selfprompt.methods.prompt import PromptConfig
@@ -10,6 +11,7 @@ from selfprompt.model import ViTClassifier
 import pytest
 import torch
 from conftest import tiny_vit
+from engine_helpers import tiny_config
 from prompt_method_checks import (
     assert_rows_are_tokens,
     check_round_trip,
@@ -105,3 +107,13 @@ def test_spt_init_builds_prompts_from_the_post_attention_stream(images):
             x1 = x + block.attn(block.norm1(x))
             assert_rows_are_tokens(model.prompts[layer], x1[:, vit.num_prefix_tokens :])
             x = block(x)
+
+
+def test_prompt_statistics_tracking_is_refused_where_blocks_are_computed_from_their_parts(tmp_path):
+    """track.every reads block inputs through block pre-hooks: gapt, e2vpt (with key-value prompts) and cvpt
+    refuse it before anything runs; vfpt calls the blocks themselves and tracks."""
+    for name in ("cvpt", "gapt", "e2vpt"):
+        with pytest.raises(ValueError, match=f"{name}.*set track.every 0"):
+            method_settings(tiny_config(tmp_path, tmp_path, name, **{"track.every": 1}))
+    method_settings(tiny_config(tmp_path, tmp_path, "vfpt", **{"track.every": 1}))
+    method_settings(tiny_config(tmp_path, tmp_path, "e2vpt", **{"track.every": 1, "e2vpt.kv_length": 0}))

@@ -20,7 +20,13 @@ import math
 from typing import Any
 
 from selfprompt.methods.prompt import PromptedViT, prepare
-from selfprompt.methods.prompt_tools import as_grid, block_inputs, check_attention, cross_attention
+from selfprompt.methods.prompt_tools import (
+    as_grid,
+    block_inputs,
+    check_attention,
+    cross_attention,
+    refuse_tracking,
+)
 from selfprompt.methods.registry import register_method
 from selfprompt.model import residual_branches
 
@@ -82,6 +88,10 @@ class CVPT(PromptedViT):
         return grids
 
 
+def _check(settings: Any, cfg: Any) -> None:
+    refuse_tracking(cfg, "cvpt (whose prompts are not in the sequence)")
+
+
 def _build(backbone, num_classes, settings: Any, **common: Any) -> CVPT:
     return CVPT(
         backbone,
@@ -99,6 +109,7 @@ register_method(
     CVPT,
     _build,
     settings="prompt",
+    check=_check,
     default_init="xavier",
     prepare=prepare,
     order=23,

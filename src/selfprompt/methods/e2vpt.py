@@ -32,6 +32,7 @@ from selfprompt.methods.prompt_tools import (
     as_grid,
     block_inputs,
     check_attention,
+    refuse_tracking,
     self_attention,
     split_heads,
 )
@@ -166,7 +167,9 @@ def _refuse_shared(init: str) -> None:
     )
 
 
-def _check(settings: Any) -> None:
+def _check(settings: Any, cfg: Any) -> None:
+    if settings.e2vpt.kv_length:
+        refuse_tracking(cfg, "e2vpt with key-value prompts")
     if settings.e2vpt.share_kv and settings.e2vpt.kv_length and _token_init(settings.init):
         _refuse_shared(settings.init)
 

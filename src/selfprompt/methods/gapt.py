@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selfprompt.methods.prompt import PromptedViT, PromptedViTConfig, prepare
-from selfprompt.methods.prompt_tools import check_attention, self_attention
+from selfprompt.methods.prompt_tools import check_attention, refuse_tracking, self_attention
 from selfprompt.methods.registry import register_method, register_settings
 from selfprompt.model import residual_branches
 
@@ -102,7 +102,8 @@ class GaPTSettings:
 register_settings("gapt", GaPTSettings, "GaPT's gates (with the prompt section).")
 
 
-def _check(settings: Any) -> None:
+def _check(settings: Any, cfg: Any) -> None:
+    refuse_tracking(cfg, "gapt")
     if settings.deep_layers is not None:
         raise ValueError("gapt has one shallow prompt set; drop prompt.deep_layers.")
 

@@ -10,11 +10,22 @@ keeps its gradient.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
+
+
+def refuse_tracking(cfg: Any, method: str) -> None:
+    """``track.every`` records each block's input through block pre-hooks; a method that computes a block
+    from its parts (``residual_branches``) runs no hook, so its statistics would be empty."""
+    if cfg.track.every:
+        raise ValueError(
+            f"track.every: the prompt statistics are read at each block's input, which {method} computes "
+            f"inside the block; set track.every 0."
+        )
 
 
 def check_attention(attn: nn.Module, method: str) -> Attention:

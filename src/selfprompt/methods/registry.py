@@ -43,8 +43,8 @@ class Method:
         extra_settings: Further sections it reads besides ``settings`` (e.g. ``("gapt",)`` next to
             ``prompt``); ``build`` and ``prepare`` then get ``settings``'s fields plus each further section as
             an attribute of its name (:meth:`settings_of`).
-        check: ``check(settings)``: refuses a combination of settings the method cannot run (called by
-            :meth:`settings_of`, i.e. before anything is built).
+        check: ``check(settings, cfg)``: refuses a combination of settings (``cfg``: the whole TrainConfig)
+            the method cannot run; called by :meth:`settings_of`, i.e. before anything is built.
     """
 
     name: str
@@ -58,7 +58,7 @@ class Method:
     prepare: Preparer | None = None
     order: int = 100
     extra_settings: tuple[str, ...] = ()
-    check: Callable[[Any], None] | None = None
+    check: Callable[[Any, Any], None] | None = None
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -75,7 +75,7 @@ class Method:
             fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
             settings = SimpleNamespace(**fields, **{name: getattr(cfg, name) for name in self.extra_settings})
         if self.check is not None:
-            self.check(settings)
+            self.check(settings, cfg)
         return settings
 
     @property

@@ -111,7 +111,7 @@ def _token_init(init: str | None) -> bool:
     return init is not None and get_initializer(init).needs_tokens
 
 
-def _check(settings: Any) -> None:
+def _check(settings: Any, cfg: Any) -> None:
     num_prompts = settings.num_prompts or 10
     if _token_init(settings.init) and math.floor(settings.vfpt.fourier_share * num_prompts) >= num_prompts:
         _refuse_all_fourier(settings.init)
