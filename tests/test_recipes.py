@@ -27,6 +27,13 @@ BACKBONES = {
 }
 METHODS = tuple(name.replace("-", "_") for name in method_names())
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# prompt methods with their papers' prompt count and own-section settings (METHODS.md 5-8)
+PROMPT_METHODS = {
+    "gapt": (100, {"gate_init": 10.0}),
+    "e2vpt": (10, {"kv_length": 5, "share_kv": True}),
+    "vfpt": (10, {"fourier_share": 0.5}),
+    "cvpt": (10, {}),
+}
 
 
 def parse(recipe: Path, *overrides: str) -> TrainConfig:
@@ -70,12 +77,19 @@ def test_recipe(recipe: Path):
         assert p.num_prompts == 20
     elif name.endswith("shallow"):
         assert p.num_prompts == 100
+    elif name in PROMPT_METHODS:
+        assert p.num_prompts == PROMPT_METHODS[name][0]
     else:
         assert p.num_prompts is None
-    assert p.dropout == (0.1 if name == "vpt_deep" else 0.0)
+    assert p.dropout == (0.1 if name == "vpt_deep" or name in PROMPT_METHODS else 0.0)
     assert m.drop_path == (0.1 if name == "full" else 0.0)
     method, settings = method_settings(cfg)  # the recipe's settings are ones its method reads
-    expected_init = {"spt": "sample", "vpt": "xavier"}.get(name.split("_")[0])
+    expected_init = {"spt": "sample", "vpt": "xavier", **dict.fromkeys(PROMPT_METHODS, "xavier")}.get(
+        name.split("_")[0]
+    )
+    if name in PROMPT_METHODS:  # each paper's own settings, its own section
+        for key, value in PROMPT_METHODS[name][1].items():
+            assert getattr(getattr(cfg, name), key) == value, key
     assert (method.initializer(settings.init) if method.has_prompts else None) == expected_init
     if name.startswith("spt"):
         assert p.init == "sample"
@@ -93,14 +107,19 @@ def test_recipe(recipe: Path):
         assert splits == registry.tasks("fgvc")["cub"].splits
         assert (d.augment, d.crop_pct) == ("crop-flip", 0.875)
 
-    assert (d.batch_size, o.epochs, o.warmup_epochs, o.min_lr) == (32, 100, 10, 1e-8)
+    assert (d.batch_size, o.epochs, o.warmup_epochs, o.min_lr) == (
+        32,
+        100,
+        10,
+        1e-5 if name == "cvpt" else 1e-8,
+    )
     assert all(isinstance(v, float) for v in (o.lr, o.weight_decay, o.head_weight_decay, o.min_lr))
     if name.endswith("deep"):
         deep = (1e-3, 1e-2, 3.0) if backbone == "sup_in21k" else (5e-2, 1e-2, 0.5)
         assert (o.lr, o.weight_decay, o.head_weight_decay) == deep
     elif name.endswith("shallow"):
         assert (o.lr, o.weight_decay, o.head_weight_decay) == (1e-5, 0.05, 1.0)
-    if name == "lora":  # NOAH's VTAB setting (METHODS.md 1)
+    elif name == "lora":  # NOAH's VTAB setting (METHODS.md 1)
         lora = cfg.lora
         assert (lora.rank, lora.alpha, lora.dropout, tuple(lora.targets)) == (8, 8.0, 0.1, ("qkv",))
         assert (o.lr, o.weight_decay, o.head_weight_decay) == (1e-3, 1e-4, 1e-4)
@@ -111,6 +130,17 @@ def test_recipe(recipe: Path):
     elif name == "ssf":  # SSF's scripts (METHODS.md 4): CIFAR-100's lr, EMA on FGVC
         assert (o.lr, o.weight_decay, o.head_weight_decay) == (5e-3, 5e-5, 5e-5)
         assert o.ema_decay == (0.9998 if benchmark == "fgvc" else None)
+    elif name in ("e2vpt", "vfpt"):  # VPT-deep's AdamW values (their papers tuned SGD)
+        deep = (1e-3, 1e-2, 3.0) if backbone == "sup_in21k" else (5e-2, 1e-2, 0.5)
+        assert (o.lr, o.weight_decay, o.head_weight_decay) == deep
+    elif name == "gapt":  # its wd 0; AdamW rates of vpt_deep (GaPT tuned SGD)
+        assert (o.lr, o.weight_decay, o.head_weight_decay) == (
+            1e-3 if backbone == "sup_in21k" else 5e-2,
+            0,
+            0,
+        )
+    elif name == "cvpt":  # CVPT's own AdamW values
+        assert (o.lr, o.weight_decay, o.head_weight_decay) == (1e-3, 0.05, 0.05)
     assert o.ema_decay is None or name == "ssf", "only the SSF FGVC recipes keep an EMA"
 
 

@@ -41,7 +41,7 @@ def method_settings(cfg: TrainConfig) -> tuple[Method, Any]:
     defaults (a value set there would be silently ignored)."""
     method = get_method(cfg.model.method)
     for section in settings_sections().values():
-        if section.name == method.settings:
+        if section.name in method.sections:
             continue
         changed = [
             f.name
@@ -53,7 +53,7 @@ def method_settings(cfg: TrainConfig) -> tuple[Method, Any]:
             raise ValueError(
                 f"method {method.name!r} does not read the {section.name} settings; drop {fields}."
             )
-    settings = getattr(cfg, method.settings) if method.settings else None
+    settings = method.settings_of(cfg)
     if method.has_prompts:
         method.initializer(getattr(settings, "init", None))  # refuses an initializer the method does not take
     return method, settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 from selfprompt.init import methods as _methods  # noqa: F401 (registers the built-in initializers)
 from selfprompt.init.collect import image_batches, patch_tokens_by_layer
@@ -34,12 +35,16 @@ def init_prompts(
 
     Token-based methods run the frozen backbone *without prompts* over a seeded subset of the loader's
     images (drawn without replacement, re-read in a fixed order) and build each prompted layer's prompts
-    from that layer's patch tokens: the patch embedding for layer 0, block i's input for layer i.
+    from that layer's patch tokens: the patch embedding for layer 0, block i's input for layer i
+    (:func:`patch_tokens_by_layer`). A model whose prompts live in another space says which tokens each
+    layer's prompts are built from with a method ``prompt_tokens_by_layer(images, num_layers)`` returning
+    one ``(B, H, W, D)`` grid per layer (e.g. CVPT: the post-attention stream of each block).
     Memory stays bounded: at most ``max_tokens`` tokens per layer are kept (k-means), M for the others.
 
     Args:
         model: A model with prompts (``prompts`` of shape (layers, M, D), ``num_prompts``,
-            ``num_prompt_layers``, ``backbone``), e.g. a PromptedViT, whose prompts are set.
+            ``num_prompt_layers``, ``backbone``, optionally ``prompt_tokens_by_layer``), e.g. a PromptedViT,
+            whose prompts are set.
         loader: Batches of the task's training images (use eval transforms); a tensor, an
             ``(images, labels)`` pair or a dict with an ``image``/``pixel_values`` entry per batch.
         method: A registered initializer: see :func:`available_initializers`.
@@ -65,12 +70,13 @@ def init_prompts(
         if loader is None:
             raise ValueError(f"Method {method!r} builds prompts from the task's images: pass a loader.")
         reference = model.prompts
+        tokens_by_layer = getattr(model, "prompt_tokens_by_layer", None)
+        if tokens_by_layer is None:
+            tokens_by_layer = partial(patch_tokens_by_layer, model.backbone)
         seen = 0
         for images in image_batches(loader, fraction, max_images, generator):
             images = images.to(reference.device, reference.dtype)
-            for layer, tokens in zip(
-                layers, patch_tokens_by_layer(model.backbone, images, len(layers)), strict=True
-            ):
+            for layer, tokens in zip(layers, tokens_by_layer(images, len(layers)), strict=True):
                 layer.update(tokens.float())
             seen += len(images)
         if seen == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from selfprompt.model import PoolType, ViTClassifier
@@ -39,6 +40,11 @@ class Method:
             prompts from the training images (``loader``, eval transforms); None when nothing depends on
             the data.
         order: Position in listings (the built-ins first).
+        extra_settings: Further sections it reads besides ``settings`` (e.g. ``("gapt",)`` next to
+            ``prompt``); ``build`` and ``prepare`` then get ``settings``'s fields plus each further section as
+            an attribute of its name (:meth:`settings_of`).
+        check: ``check(settings, cfg)``: refuses a combination of settings (``cfg``: the whole TrainConfig)
+            the method cannot run; called by :meth:`settings_of`, i.e. before anything is built.
     """
 
     name: str
@@ -51,6 +57,26 @@ class Method:
     other_inits: str = ""
     prepare: Preparer | None = None
     order: int = 100
+    extra_settings: tuple[str, ...] = ()
+    check: Callable[[Any, Any], None] | None = None
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """Every config section it reads."""
+        return (self.settings, *self.extra_settings) if self.settings else ()
+
+    def settings_of(self, cfg: Any) -> Any:
+        """Its settings in ``cfg`` (a TrainConfig): the ``settings`` section, or with ``extra_settings`` a
+        namespace of that section's fields plus each further section by its name; checked by ``check``."""
+        if not self.settings:
+            return None
+        settings = getattr(cfg, self.settings)
+        if self.extra_settings:
+            fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+            settings = SimpleNamespace(**fields, **{name: getattr(cfg, name) for name in self.extra_settings})
+        if self.check is not None:
+            self.check(settings, cfg)
+        return settings
 
     @property
     def has_prompts(self) -> bool:
@@ -114,9 +140,9 @@ def register_method(
     """Add a method; ``options`` are the other :class:`Method` fields."""
     if name in _METHODS:
         raise ValueError(f"A method named {name!r} is already registered.")
-    settings = options.get("settings")
-    if settings is not None and settings not in _SETTINGS:
-        raise ValueError(f"Method {name!r} reads settings section {settings!r}: register it first.")
+    for settings in (options.get("settings"), *options.get("extra_settings", ())):
+        if settings is not None and settings not in _SETTINGS:
+            raise ValueError(f"Method {name!r} reads settings section {settings!r}: register it first.")
     method = Method(name, summary, model_class, build, **options)
     _METHODS[name] = method
     return method

@@ -1,0 +1,116 @@
+"""CVPT: cross visual prompt tuning (Huang et al., arXiv 2408.14961, ICCV 2025), written from METHODS.md
+section 8 (official code Lingyun0419/CVPT has no licence file; none of it is copied).
+
+Prompts never enter self-attention. In each prompted block, after the self-attention branch:
+``x1 = x + DP(attn(LN1 x))``; ``x2 = x1 + CA(x1, P_l)``; ``out = x2 + DP(mlp(LN2 x2))``, where CA is
+cross-attention with queries from x1 (every token) and keys and values from the layer's prompts, all through
+the block's own frozen ``attn.qkv`` rows (q | k | v) and ``attn.proj`` (views, no copies): no LayerNorm on
+x1 or the prompts, no drop-path or layer scale on CA. The sequence length is unchanged. Prompts: (L, M, D)
+with prompt dropout, xavier-uniform over the 3-D tensor (bound sqrt(6 / ((M + L) * D))). Trainable:
+12 * M * D + head (M=10 on ViT-B/16, 100 classes: 169,060).
+
+SPT initialisation (METHODS.md section 11): layer l's prompts from prototypes of x1 at block l, the
+post-self-attention stream of the frozen backbone without prompts (patch tokens; no LayerNorm, matching
+the raw prompts CA reads).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from selfprompt.methods.prompt import PromptedViT, prepare
+from selfprompt.methods.prompt_tools import (
+    as_grid,
+    block_inputs,
+    check_attention,
+    cross_attention,
+    refuse_tracking,
+)
+from selfprompt.methods.registry import register_method
+from selfprompt.model import residual_branches
+
+import torch
+from torch import nn
+
+
+class CVPT(PromptedViT):
+    """A frozen timm ``VisionTransformer`` whose tokens cross-attend to per-block prompts after
+    self-attention. Args: as :class:`PromptedViT` (``deep`` / ``deep_layers``: which blocks get prompts)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        num_prompts: int = 10,
+        prompt_dropout: float = 0.1,
+        deep: bool = True,
+        deep_layers: int | None = None,
+        **common: Any,
+    ) -> None:
+        if not deep:
+            raise ValueError("CVPT prompts every block (deep); deep must be True.")
+        for block in backbone.blocks:
+            check_attention(block.attn, "CVPT")
+        super().__init__(
+            backbone,
+            num_classes,
+            num_prompts=num_prompts,
+            deep=True,
+            deep_layers=deep_layers,
+            prompt_dropout=prompt_dropout,
+            **common,
+        )
+        self.num_extra_tokens = 0
+
+    def xavier_bound(self) -> float:
+        """Xavier-uniform over the (L, M, D) tensor: fan_in = M * D, fan_out = L * D."""
+        return math.sqrt(6.0 / ((self.num_prompts + self.num_prompt_layers) * self.embed_dim))
+
+    def insert_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if index >= self.num_prompt_layers:
+            return block(x)
+        prompts = self._layer_prompts(index, x.shape[0])
+        return residual_branches(
+            block, x, after_attn=lambda x1: x1 + cross_attention(block.attn, x1, prompts)
+        )
+
+    @torch.no_grad()
+    def prompt_tokens_by_layer(self, images: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
+        """What SPT builds layer l's prompts from: x1 = x + attn(LN1 x) at block l, patch tokens only."""
+        grids = []
+        for grid, block, x in block_inputs(self.backbone, images, num_layers):
+            x1 = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+            grids.append(as_grid(x1, grid, self.num_prefix_tokens))
+        return grids
+
+
+def _check(settings: Any, cfg: Any) -> None:
+    refuse_tracking(cfg, "cvpt (whose prompts are not in the sequence)")
+
+
+def _build(backbone, num_classes, settings: Any, **common: Any) -> CVPT:
+    return CVPT(
+        backbone,
+        num_classes,
+        num_prompts=settings.num_prompts or 10,
+        deep_layers=settings.deep_layers,
+        prompt_dropout=settings.dropout,
+        **common,
+    )
+
+
+register_method(
+    "cvpt",
+    "CVPT: tokens cross-attend to per-block prompts after self-attention (shared frozen weights)",
+    CVPT,
+    _build,
+    settings="prompt",
+    check=_check,
+    default_init="xavier",
+    prepare=prepare,
+    order=23,
+)
