@@ -1,6 +1,5 @@
-"""Training-step time of the weight-space PETL methods (LoRA, AdaptFormer, SSF) against linear probing,
-VPT-deep and the floor of ``benchmarks/prompt_overhead.py``; inference time of merged LoRA and
-re-parameterised SSF against their unmerged models.
+"""Training-step time of every registered method against the floor of ``benchmarks/prompt_overhead.py``;
+inference time of merged LoRA and re-parameterised SSF against their unmerged models.
 
 1. Training step (forward + backward + AdamW step over the method's adapter parameters) of every method,
    each built with its settings section's defaults (VPT-deep with M prompts), against timm's own
@@ -23,21 +22,20 @@ import time
 from collections.abc import Callable
 
 import selfprompt as sp  # before timm (see README)
-from selfprompt.methods import settings_sections
+from selfprompt.config import TrainConfig
 
 import timm
 import torch
 
-METHODS = ("linear", "vpt-deep", "lora", "adaptformer", "ssf")
-
 
 def build(name: str, model_name: str, prompts: int) -> sp.ViTClassifier:
-    method = sp.get_method(name)
-    settings = settings_sections()[method.settings].cls() if method.settings else None
+    """``name``'s model with its default settings (M prompts for methods with prompts)."""
+    method, cfg = sp.get_method(name), TrainConfig()
+    cfg.model.method = name
     if method.has_prompts:
-        settings.num_prompts = prompts
+        cfg.prompt.num_prompts = prompts
     torch.manual_seed(0)
-    return method.create(timm.create_model(model_name, num_classes=0), 10, settings)
+    return method.create(timm.create_model(model_name, num_classes=0), 10, method.settings_of(cfg))
 
 
 def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], x, y) -> Callable[[], None]:
@@ -83,7 +81,7 @@ def step_times(args: argparse.Namespace, device: torch.device) -> None:
     floor_params = [p for p in floor.parameters() if p.requires_grad]
     steps = {"timm reg_tokens=M (floor)": train_step(floor, floor_params, x, y)}
     trainable = {"timm reg_tokens=M (floor)": sum(p.numel() for p in floor_params)}
-    for name in METHODS:
+    for name in sp.method_names():
         model = build(name, args.model, args.prompts).to(device).train()
         steps[name] = train_step(model, list(model.adapter_parameters().values()), x, y)
         trainable[name] = model.num_adapter_parameters()

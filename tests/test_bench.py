@@ -70,3 +70,21 @@ def test_bench_runs_cells_once_and_reports(tmp_path):
     assert VTAB_MEAN in report and "dsprites_location (structured)" in report
     assert "## Paired differences" in report and "| linear - spt-deep | 1 |" in report
     assert (Path(cfg.output_dir) / "cells.csv").read_text().count("\n") == 4
+
+
+def test_cells_run_as_submitit_jobs_and_are_not_recomputed(tmp_path):
+    """The slurm code path through submitit's local executor (jobs on this machine)."""
+    root = tmp_path / "vtab-mini"
+    vtab_mini.prepare(root, ["dsprites_location"], log=lambda _: None)
+    cfg = BenchConfig(
+        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear"], seeds=[0, 1],
+        backbones=["vit_mini_patch4_32.mae_fmnist"], epochs=1, device="cpu", num_workers=0, workers=2,
+        launcher="submitit", slurm={"timeout_min": 10},
+    )  # fmt: skip
+    rows = bench(cfg, log=lambda _: None)
+    assert [r["seed"] for r in rows] == [0, 1] and all(0 <= r["test_acc"] <= 1 for r in rows)
+    assert len(list((tmp_path / "bench" / "jobs").glob("*/*_result.pkl"))) == 2  # submitit's own records
+    stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "bench").glob("cells/**/cell.json"))]
+    assert bench(cfg, log=lambda _: None) == rows
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "bench").glob("cells/**/cell.json"))] == stamps
+    assert len(list((tmp_path / "bench" / "jobs").glob("*/*_result.pkl"))) == 2, "no job for a finished cell"

@@ -71,6 +71,11 @@ class BenchConfig:
         device: auto, cpu, cuda or cuda:N, for every cell.
         num_workers: Data-loading worker processes per cell; None keeps the recipes' (2).
         stop_after_minutes: Start no new cell after this long (finished cells are kept; rerun to go on).
+        launcher: Where cells run: local (a process per cell on this machine), slurm (a SLURM job per cell,
+            through submitit; ``workers`` jobs at once) or submitit (submitit's local executor: the slurm code
+            path on this machine, for checking a setup).
+        slurm: submitit/SLURM parameters for every job, e.g. {"slurm_partition": "gpu", "gpus_per_node": 1,
+            "timeout_min": 60} (see submitit's ``update_parameters``).
         compare: Two variants A B: print their paired difference (mean, bootstrap 95% interval, wins) over
             the cells both ran, per backbone.
     """
@@ -94,6 +99,8 @@ class BenchConfig:
     num_workers: int | None = None
     stop_after_minutes: float | None = None
     compare: list[str] | None = None
+    launcher: Literal["local", "submitit", "slurm"] = "local"
+    slurm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -187,12 +194,10 @@ def cell_command(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list[
 
 
 def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str, Any]:
-    """Train one cell in its own process (or return its record if it already finished)."""
+    """Train one cell in its own process and write its record, ``cell.json``."""
     directory = cell.directory(out)
     run = RunDir(directory)
     record_path = directory / CELL_NAME
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
     resume = run.is_run()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.perf_counter()
@@ -221,6 +226,19 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
     return record
 
 
+def launcher(cfg: BenchConfig, out: Path) -> Callable[..., dict[str, Any]]:
+    """``launch(fn, *args)``: runs ``fn(*args)`` here (local) or as a submitit job (slurm, submitit) and
+    returns its result; a job's logs go to ``<output_dir>/jobs/``."""
+    if cfg.launcher == "local":
+        return lambda fn, *args: fn(*args)
+    import submitit  # the `sweep` extra
+
+    cluster = "slurm" if cfg.launcher == "slurm" else "local"
+    executor = submitit.AutoExecutor(folder=out / "jobs" / "%j", cluster=cluster)
+    executor.update_parameters(**cfg.slurm)
+    return lambda fn, *args: executor.submit(fn, *args).result()
+
+
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run the grid's unfinished cells, then write ``results.{md,csv}``, ``cells.csv`` and ``results.png``."""
     if cfg.compare is not None and len(cfg.compare) != 2:
@@ -241,7 +259,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str
             and not (cell.directory(out) / CELL_NAME).is_file()
         ):
             return
-        record = run_cell(cfg, cell, out, threads)
+        done = cell.directory(out) / CELL_NAME  # a finished cell is read, never run (nor queued) again
+        record = json.loads(done.read_text()) if done.is_file() else launch(run_cell, cfg, cell, out, threads)
         with lock:
             records[cell] = record
             elapsed = (time.monotonic() - started) / 60
@@ -250,6 +269,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str
                 f"seed {cell.seed}: test {100 * record['test_acc']:.2f}% ({record['seconds']:.0f} s)"
             )
 
+    launch = launcher(cfg, out)
     with ThreadPoolExecutor(cfg.workers) as pool:
         for future in [pool.submit(work, cell) for cell in cells]:
             future.result()

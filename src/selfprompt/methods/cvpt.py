@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from selfprompt.methods.prompt import PromptedViT, prepare
+from selfprompt.methods.prompt import PromptedViT, prepare, prompt_count
 from selfprompt.methods.prompt_tools import (
     as_grid,
     block_inputs,
@@ -96,7 +96,7 @@ def _build(backbone, num_classes, settings: Any, **common: Any) -> CVPT:
     return CVPT(
         backbone,
         num_classes,
-        num_prompts=settings.num_prompts or 10,
+        num_prompts=prompt_count(settings, 10),
         deep_layers=settings.deep_layers,
         prompt_dropout=settings.dropout,
         **common,

@@ -26,7 +26,7 @@ from typing import Any
 from selfprompt.init import init_prompts
 from selfprompt.init.registry import get_initializer
 from selfprompt.methods import prompt
-from selfprompt.methods.prompt import PromptConfig, PromptedViT, PromptedViTConfig
+from selfprompt.methods.prompt import PromptConfig, PromptedViT, PromptedViTConfig, prompt_count
 from selfprompt.methods.prompt_tools import (
     PromptPart,
     as_grid,
@@ -210,7 +210,7 @@ def _build(backbone, num_classes, settings: Any, **common: Any) -> E2VPT:
     return E2VPT(
         backbone,
         num_classes,
-        num_prompts=settings.num_prompts or 10,
+        num_prompts=prompt_count(settings, 10),
         kv_length=settings.e2vpt.kv_length,
         share_kv=settings.e2vpt.share_kv,
         deep_layers=settings.deep_layers,

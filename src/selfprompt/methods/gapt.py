@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from selfprompt.methods.prompt import PromptedViT, PromptedViTConfig, prepare
+from selfprompt.methods.prompt import PromptedViT, PromptedViTConfig, prepare, prompt_count
 from selfprompt.methods.prompt_tools import check_attention, refuse_tracking, self_attention
 from selfprompt.methods.registry import register_method, register_settings
 from selfprompt.model import residual_branches
@@ -112,7 +112,7 @@ def _build(backbone, num_classes, settings: Any, **common: Any) -> GaPT:
     return GaPT(
         backbone,
         num_classes,
-        num_prompts=settings.num_prompts or 100,
+        num_prompts=prompt_count(settings, 100),
         gate_init=settings.gapt.gate_init,
         prompt_dropout=settings.dropout,
         **common,

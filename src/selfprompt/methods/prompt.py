@@ -193,6 +193,11 @@ register_settings(
 )
 
 
+def prompt_count(settings: Any, default: int) -> int:
+    """``settings.num_prompts``, or the method's ``default`` when unset (0 is refused, not "unset")."""
+    return default if settings.num_prompts is None else settings.num_prompts
+
+
 def load_prompts_file(path: str, shape: torch.Size) -> torch.Tensor:
     """The prompts a ``selfprompt init-prompts`` file holds, checked against the model's shape."""
     prompts = load_file(path)["prompts"]
@@ -226,7 +231,7 @@ def _builder(deep: bool):
         return PromptedViT(
             backbone,
             num_classes,
-            num_prompts=(20 if deep else 100) if settings.num_prompts is None else settings.num_prompts,
+            num_prompts=prompt_count(settings, 20 if deep else 100),
             deep=deep,
             deep_layers=settings.deep_layers,
             prompt_dropout=settings.dropout,

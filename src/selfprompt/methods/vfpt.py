@@ -20,7 +20,7 @@ from typing import Any
 from selfprompt.init import init_prompts
 from selfprompt.init.registry import get_initializer
 from selfprompt.methods import prompt
-from selfprompt.methods.prompt import PromptConfig, PromptedViT, PromptedViTConfig
+from selfprompt.methods.prompt import PromptConfig, PromptedViT, PromptedViTConfig, prompt_count
 from selfprompt.methods.prompt_tools import PromptPart
 from selfprompt.methods.registry import Method, register_method, register_settings
 
@@ -112,7 +112,7 @@ def _token_init(init: str | None) -> bool:
 
 
 def _check(settings: Any, cfg: Any) -> None:
-    num_prompts = settings.num_prompts or 10
+    num_prompts = prompt_count(settings, 10)
     if _token_init(settings.init) and math.floor(settings.vfpt.fourier_share * num_prompts) >= num_prompts:
         _refuse_all_fourier(settings.init)
 
@@ -145,7 +145,7 @@ def _build(backbone, num_classes, settings: Any, **common: Any) -> VFPT:
     return VFPT(
         backbone,
         num_classes,
-        num_prompts=settings.num_prompts or 10,
+        num_prompts=prompt_count(settings, 10),
         fourier_share=settings.vfpt.fourier_share,
         deep_layers=settings.deep_layers,
         prompt_dropout=settings.dropout,
