@@ -116,7 +116,7 @@ def test_a_folder_in_use_is_refused_and_a_dead_holder_is_taken_over(data, tmp_pa
     out = tmp_path / "run"
     with RunDir(out).locked():
         code, err = train(capsys, data, out)
-        assert code == 1 and f"{out} is in use by another selfprompt process (PID {os.getpid()})" in err
+        assert code == 1 and f"{out} is in use by this process (PID {os.getpid()})" in err
         code, err = train(capsys, data, out, "--resume", "true")
         assert code == 1 and "in use" in err
     script = (

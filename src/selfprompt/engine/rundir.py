@@ -14,12 +14,13 @@
         adapter/, adapter_ema/        the trained adapter (and its EMA)
     <run>/encoder.safetensors         ``selfprompt pretrain``: the pretrained encoder (the run is its own
                                       TrainingDir: metrics and state.pt sit in <run>/)
-    <run>/.lock                       held (``flock``) by the process training in the folder, with its PID
+    <run>/.lock                       held (POSIX ``lockf``) by the process training in it, with its PID
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -49,6 +50,10 @@ def read_json(path: Path, fix: str = "restore it, or delete it and resume to wri
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}): the file is damaged; {fix}.") from None
+
+
+_HELD: set[Path] = set()  # lock files this process holds
+_IN_USE_FIX = "wait for it to finish or stop it, or pick another --output_dir."
 
 
 @dataclass(frozen=True)
@@ -168,19 +173,27 @@ class RunDir(TrainingDir):
         if fcntl is None:
             yield
             return
+        key = self.lock_file.resolve()
+        if key in _HELD:  # POSIX locks are per process: this process's own second claim is refused here
+            raise RunInUseError(f"{self.path} is in use by this process (PID {os.getpid()}); {_IN_USE_FIX}")
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            try:  # a POSIX lock: forked children (loader workers) do not inherit it, unlike flock's
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 raise RunInUseError(
-                    f"{self.path} is in use by another selfprompt process (PID {holder}); wait for it to "
-                    f"finish or stop it, or pick another --output_dir."
+                    f"{self.path} is in use by another selfprompt process (PID {holder}); {_IN_USE_FIX}"
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            yield
+            _HELD.add(key)
+            try:
+                yield
+            finally:
+                _HELD.discard(key)
         finally:
             os.close(fd)  # releases the lock; the file stays (removing it would race with a new holder)
 
