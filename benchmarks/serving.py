@@ -3,7 +3,8 @@
 (a) ``mixed``: a batch of B rows spread over T tasks (T = 1, 4, 16, 64; deep prompts, M = 10) through one
     :class:`MultiTaskViT` forward, against the same B rows of one task (one-task throughput) and against the
     same rows run task by task (each task's rows through its own ``PromptedViT``). Also rows with different
-    prompt lengths (M in 5, 10, 20, 50: padding + key mask). Images/s, best of ``--repeats``.
+    prompt lengths (M in 5, 10, 20, 50), and the one-pass alternative (``mask=True``: padding + key mask).
+    Images/s, best of ``--repeats``.
 (b) ``server``: ``selfprompt serve`` on 127.0.0.1 with 4 tasks (the zoo's 32x32 MAE ViT), requests/s and
     p50/p99 latency at concurrency 1, 8, 32 (``--requests`` each), then a load test (``--load`` requests, 8
     concurrent, mixed tasks): errors and the server's RSS (all its processes) before and after.
@@ -74,10 +75,14 @@ def bench_mixed(args, root: Path) -> None:
     images = torch.randn(args.batch, 3, *size)
     threads = torch.get_num_threads()
     print(f"(a) mixed-task batches: {args.backbone} at {size}, batch {args.batch}, {threads} threads")
-    print(f"{'T':>4} {'prompts':>10} {'one task':>10} {'mixed':>10} {'ratio':>7} {'task by task':>13}")
+    print(
+        f"{'T':>4} {'prompts':>10} {'one task':>10} {'mixed':>10} {'ratio':>7} {'task by task':>13} "
+        f"{'padded':>10}"
+    )
     for lengths in ([10], [5, 10, 20, 50]):
         for tasks in (1, 4, 16, 64):
-            multi = MultiTaskViT(_backbone(args.backbone))
+            multi = MultiTaskViT(_backbone(args.backbone))  # rows grouped by prompt length (the default)
+            padded = MultiTaskViT(_backbone(args.backbone), mask=True)
             singles = {}
             for t in range(tasks):
                 folder = root / f"{args.backbone}-{lengths[t % len(lengths)]}-{t}"
@@ -87,6 +92,7 @@ def bench_mixed(args, root: Path) -> None:
                         folder
                     )
                 multi.add_adapter(f"t{t}", folder)
+                padded.add_adapter(f"t{t}", folder)
                 singles[f"t{t}"] = multi.tasks[f"t{t}"].model
             names = [f"t{i % tasks}" for i in range(args.batch)]
             one = _rate(lambda multi=multi: multi(images, ["t0"] * args.batch), args.batch, args.repeats)
@@ -98,8 +104,12 @@ def bench_mixed(args, root: Path) -> None:
                     singles[name](images[rows])
 
             separate = _rate(by_task, args.batch, args.repeats)
+            one_pass = _rate(lambda g=padded, names=names: g(images, names), args.batch, args.repeats)
             label = "10" if len(lengths) == 1 else "5/10/20/50"
-            print(f"{tasks:>4} {label:>10} {one:>10.1f} {mixed:>10.1f} {mixed / one:>7.2f} {separate:>13.1f}")
+            print(
+                f"{tasks:>4} {label:>10} {one:>10.1f} {mixed:>10.1f} {mixed / one:>7.2f} {separate:>13.1f} "
+                f"{one_pass:>10.1f}"
+            )
 
 
 def _free_port() -> int:

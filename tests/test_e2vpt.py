@@ -87,10 +87,10 @@ def test_round_trip(images, tmp_path):
     assert (reloaded.config.kv_length, reloaded.config.share_kv) == (2, False)
 
 
-def test_vit_base_with_100_classes():
-    """METHODS.md section 6: 12 N_P D + 12 H L_kv d_h (x2 unshared) + head, N_P = 10, L_kv = 5."""
-    assert vit_base_count("e2vpt") == 92_160 + 46_080 + 76_900 == 215_140
-    assert vit_base_count("e2vpt", share_kv=False) == 261_220
+def test_vit_base_with_100_classes_unshared():
+    """METHODS.md section 6: unshared key and value prompts double the 46,080 (the shared count is in
+    test_methods)."""
+    assert vit_base_count("e2vpt", share_kv=False) == 92_160 + 2 * 46_080 + 76_900 == 261_220
 
 
 def test_spt_init_visual_prompts_from_patch_tokens_and_kv_from_keys_and_values(images):

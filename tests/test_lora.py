@@ -4,20 +4,16 @@ ViT with the same logits, round-trips as an adapter, and leaves the backbone it 
 import copy
 
 import selfprompt as sp
-from selfprompt.apps.bench import RECIPES as PACKAGE_RECIPES
-from selfprompt.cli import main
 from selfprompt.config import TrainConfig
-from selfprompt.engine.build import build_model, method_settings
+from selfprompt.engine.build import method_settings
 from selfprompt.engine.run import config_dict
 from selfprompt.methods.lora import LoRA
 from selfprompt.model import ViTClassifier
 
 import pytest
-import timm
 import torch
 import yaml
 from conftest import tiny_vit
-from engine_helpers import LIST_SPLITS, make_dataset
 from timm.models.vision_transformer import VisionTransformer
 
 pytest.importorskip("peft")
@@ -156,27 +152,3 @@ def test_bad_settings_are_refused():
         LoRA(tiny_vit(), num_classes=5, rank=0)
     with pytest.raises(ValueError, match="train_backbone must be False"):
         LoRA(tiny_vit(), num_classes=5, train_backbone=True)
-
-
-def test_lora_trainable_parameters_of_vit_base_with_100_classes():
-    """METHODS.md section 1: 12 * 8 * (768 + 2304) = 294,912 LoRA + 76,900 head."""
-    backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    cfg = TrainConfig()
-    cfg.model.method = "lora"
-    model = build_model(cfg, backbone, 100)
-    assert model.num_adapter_parameters() == 371_812
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 371_812
-
-
-def test_vtab_mini_recipe_trains_end_to_end(tmp_path, images):
-    """`selfprompt train` of the package's VTAB-mini recipe (zoo backbone), one epoch; the adapter loads."""
-    data, out = make_dataset(tmp_path / "data"), tmp_path / "run"
-    splits = [a for k, v in LIST_SPLITS.items() for a in (f"--data.{k}", v)]
-    argv = ["train", str(PACKAGE_RECIPES / "lora.yaml"), "--data.root", str(data), *splits,
-            "--data.batch_size", "8", "--data.eval_batch_size", "16", "--data.num_workers", "0",
-            "--optim.epochs", "1", "--stage", "final",
-            "--output_dir", str(out), "--progress", "false"]  # fmt: skip
-    assert main(argv) == 0
-    backbone = timm.create_model("vit_mini_patch4_32.mae_fmnist", pretrained=True, num_classes=0)
-    model = sp.load_pretrained(out / "seed0" / "final" / "adapter", backbone)
-    assert type(model) is LoRA and model.config.pool == "mae"

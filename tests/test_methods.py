@@ -1,8 +1,11 @@
 """The method registry, the classifier's seams, and BitFit (the first method added through the registry)."""
 
+import copy
 import dataclasses
 
 import selfprompt as sp
+from selfprompt.apps.bench import RECIPES
+from selfprompt.cli import main
 from selfprompt.config import TrainConfig, migrate
 from selfprompt.engine.build import build_model, method_settings
 from selfprompt.methods import get_method, method_names, register_method, settings_sections
@@ -13,7 +16,7 @@ import pytest
 import timm
 import torch
 from conftest import tiny_vit
-from engine_helpers import tiny_config
+from engine_helpers import LIST_SPLITS, make_dataset, tiny_config
 
 
 def test_the_six_original_names_and_bitfit_are_registered_in_order():
@@ -112,10 +115,55 @@ def test_bitfit_starts_as_the_linear_probe_and_round_trips(images, tmp_path):
         sp.PromptedViT.from_pretrained(tmp_path, tiny_vit())
 
 
-def test_bitfit_trainable_parameters_of_vit_base_with_100_classes():
-    """METHODS.md section 2: 102,912 biases + 76,900 head."""
-    backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+# METHODS.md section 10 (and SPT.md for VPT/SPT): trainable parameters on vit_base_patch16_224, 100 classes
+VIT_BASE_COUNTS = {
+    "linear": 76_900,
+    "full": 85_875_556,
+    "vpt-shallow": 100 * 768 + 76_900,
+    "vpt-deep": 12 * 20 * 768 + 76_900,
+    "spt-shallow": 100 * 768 + 76_900,
+    "spt-deep": 12 * 20 * 768 + 76_900,
+    "bitfit": 179_812,
+    "gapt": 153_723,
+    "lora": 371_812,
+    "adaptformer": 233_668,
+    "e2vpt": 215_140,
+    "ssf": 282_724,
+    "vfpt": 169_060,
+    "cvpt": 169_060,
+}
+
+
+def test_every_method_has_its_published_count():
+    assert set(VIT_BASE_COUNTS) == set(method_names())
+
+
+@pytest.fixture(scope="module")
+def vit_base():
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_trainable_parameters_of_vit_base_with_100_classes(method, vit_base):
     cfg = TrainConfig()
-    cfg.model.method = "bitfit"
-    model = build_model(cfg, backbone, 100)
-    assert model.num_adapter_parameters() == 179_812
+    cfg.model.method = method
+    model = build_model(cfg, copy.deepcopy(vit_base), 100)
+    assert model.num_adapter_parameters() == VIT_BASE_COUNTS[method]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == VIT_BASE_COUNTS[method]
+
+
+@pytest.mark.parametrize("method", method_names()[6:])  # the first six: tests/test_reference.py
+def test_package_recipe_trains_end_to_end_and_its_adapter_loads(method, tmp_path, images):
+    """`selfprompt train` of the method's VTAB-mini recipe (zoo backbone), one epoch; the adapter loads."""
+    data, out = make_dataset(tmp_path / "data"), tmp_path / "run"
+    splits = [a for k, v in LIST_SPLITS.items() for a in (f"--data.{k}", v)]
+    argv = ["train", str(RECIPES / f"{method.replace('-', '_')}.yaml"), "--data.root", str(data), *splits,
+            "--data.batch_size", "8", "--data.eval_batch_size", "16", "--data.num_workers", "0",
+            "--optim.epochs", "1", "--stage", "final",
+            "--output_dir", str(out), "--progress", "false"]  # fmt: skip
+    assert main(argv) == 0
+    backbone = timm.create_model("vit_mini_patch4_32.mae_fmnist", pretrained=True, num_classes=0)
+    model = sp.load_pretrained(out / "seed0" / "final" / "adapter", backbone).eval()
+    assert type(model) is get_method(method).model_class
+    with torch.no_grad():
+        assert model(images).shape == (len(images), 3)

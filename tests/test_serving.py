@@ -91,7 +91,7 @@ def test_every_kind_of_task_in_one_batch_matches_its_own_model(served):
     [
         ["deep3_avg", "deep3_mae", "deep3_avg"],  # one prompt length: no mask
         ["linear_token", "linear_mae"],  # no prompts at all
-        ["shallow5_token", "linear_token", "deep8_first2_mae", "shallow1_avg"],  # padding + mask
+        ["shallow5_token", "linear_token", "deep8_first2_mae", "shallow1_avg"],  # several prompt lengths
         ["bitfit", "bitfit"],  # grouped only
         ["shallow5_token"],
     ],
@@ -101,9 +101,10 @@ def test_subsets_of_tasks(served, tasks):
     _check_rows(multi, singles, _images(len(tasks), seed=len(tasks)), tasks)
 
 
-def test_grouping_by_prompt_length_instead_of_a_mask_gives_the_same_rows(served):
+def test_one_padded_pass_with_a_key_mask_gives_the_same_rows(served):
     multi, singles, kwargs = served
-    grouped = MultiTaskViT(tiny_vit(**kwargs), mask=False)
+    grouped = MultiTaskViT(tiny_vit(**kwargs), mask=True)
+    assert grouped.mask and not multi.mask
     for name, task in multi.tasks.items():
         grouped.add_adapter(name, task.source.adapter)
     tasks = list(singles) * 2
