@@ -8,6 +8,9 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+# "Starts equal to the backbone" within float32 rounding: two forwards of the same tiny ViT in one process
+# were seen to differ by 7e-8 (the first test of a full run), so exact equality of two passes is not asserted.
+FP32_ATOL = 1e-6
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0)
 
 
