@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from selfprompt.methods.registry import register_method, register_settings
+from selfprompt.methods.registry import register_method, register_settings, settings_builder
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier, residual_branches
 
 import torch
@@ -155,22 +154,11 @@ register_settings(
 )
 
 
-def _build(backbone, num_classes, settings: AdaptFormerSettings, **common: Any) -> AdaptFormer:
-    return AdaptFormer(
-        backbone,
-        num_classes,
-        bottleneck=settings.bottleneck,
-        scale=settings.scale,
-        dropout=settings.dropout,
-        **common,
-    )
-
-
 register_method(
     "adaptformer",
     "AdaptFormer: a bottleneck adapter beside every block's MLP; adapters and head train",
     AdaptFormer,
-    _build,
+    settings_builder(AdaptFormer),
     settings="adaptformer",
     order=21,
 )

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from selfprompt.methods.registry import register_method, register_settings
+from selfprompt.methods.registry import register_method, register_settings, settings_builder
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier, private_copy, timm_classifier
 
 from timm.models.vision_transformer import VisionTransformer
@@ -193,23 +193,11 @@ class LoraSettings:
 register_settings("lora", LoraSettings, "LoRA settings of the lora method (rank, alpha, dropout, targets).")
 
 
-def _build(backbone, num_classes, settings: LoraSettings, **common: Any) -> LoRA:
-    return LoRA(
-        backbone,
-        num_classes,
-        rank=settings.rank,
-        alpha=settings.alpha,
-        dropout=settings.dropout,
-        targets=settings.targets,
-        **common,
-    )
-
-
 register_method(
     "lora",
     "LoRA (via peft) on the blocks' Linear layers (default the fused qkv); low-rank matrices and head train",
     LoRA,
-    _build,
+    settings_builder(LoRA),
     settings="lora",
     order=20,
 )

@@ -130,6 +130,15 @@ class Settings:
     legacy: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+def settings_builder(model_class: type[ViTClassifier]) -> Builder:
+    """The ``build`` of a model whose keyword arguments are its settings section's field names."""
+
+    def build(backbone: nn.Module, num_classes: int, settings: Any, **common: Any) -> ViTClassifier:
+        return model_class(backbone, num_classes, **dataclasses.asdict(settings), **common)
+
+    return build
+
+
 _METHODS: dict[str, Method] = {}
 _SETTINGS: dict[str, Settings] = {}
 
