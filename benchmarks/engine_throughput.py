@@ -45,7 +45,7 @@ from typing import Any
 
 import selfprompt as sp  # before timm (see README)
 from selfprompt.data.synthetic import write_image_folder
-from selfprompt.methods import method_names
+from selfprompt.methods import get_method, method_names
 
 import timm
 import torch
@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2, help="data.num_workers for every method.")
     parser.add_argument("--compare-workers", type=int, nargs="*", default=[0], help="Also run these ...")
     parser.add_argument("--compare-methods", nargs="*", default=["linear"], help="... for these methods.")
-    parser.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
+    trainable = [m for m in method_names() if not get_method(m).condenses]  # pc needs a trained source run
+    parser.add_argument("--methods", nargs="+", default=trainable, choices=trainable)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep", action="store_true", help="Keep the dataset and run directories.")
     args = parser.parse_args()

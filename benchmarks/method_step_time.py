@@ -11,6 +11,7 @@ inference time of merged LoRA and re-parameterised SSF against their unmerged mo
 Random weights; CPU unless CUDA is there.
 
     python benchmarks/method_step_time.py [--model vit_tiny_patch16_224] [--prompts 10] [--rounds 10]
+        [--methods vpt-deep pc] [--no-inference]
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ from collections.abc import Callable
 
 import selfprompt as sp  # before timm (see README)
 from selfprompt.config import TrainConfig
+from selfprompt.methods.condensation import condense_at_random
 
 import timm
 import torch
 
 
 def build(name: str, model_name: str, prompts: int) -> sp.ViTClassifier:
-    """``name``'s model with its default settings (M prompts for methods with prompts)."""
+    """``name``'s model with its default settings (M prompts for methods with prompts); pc: its source
+    (vpt-deep, M prompts) with a random 30% of the prompts kept."""
     method, cfg = sp.get_method(name), TrainConfig()
+    if method.condenses:
+        return condense_at_random(build(method.condenses, model_name, prompts), 0.3)
     cfg.model.method = name
     if method.has_prompts:
         cfg.prompt.num_prompts = prompts
@@ -81,7 +86,7 @@ def step_times(args: argparse.Namespace, device: torch.device) -> None:
     floor_params = [p for p in floor.parameters() if p.requires_grad]
     steps = {"timm reg_tokens=M (floor)": train_step(floor, floor_params, x, y)}
     trainable = {"timm reg_tokens=M (floor)": sum(p.numel() for p in floor_params)}
-    for name in sp.method_names():
+    for name in args.methods:
         model = build(name, args.model, args.prompts).to(device).train()
         steps[name] = train_step(model, list(model.adapter_parameters().values()), x, y)
         trainable[name] = model.num_adapter_parameters()
@@ -125,6 +130,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--methods", nargs="+", default=sp.method_names(), choices=sp.method_names())
+    parser.add_argument("--no-inference", action="store_true", help="Only the training steps.")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
@@ -132,7 +139,8 @@ def main() -> None:
         f"{platform.machine()}, {device}, {torch.get_num_threads()} threads"
     )
     step_times(args, device)
-    inference_times(args, device)
+    if not args.no_inference:
+        inference_times(args, device)
 
 
 if __name__ == "__main__":

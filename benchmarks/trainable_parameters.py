@@ -1,5 +1,6 @@
 """Trainable parameters of every registered method on ``vit_base_patch16_224`` (random weights) with 100
-classes, at each method's default settings, as the README's method table quotes them.
+classes, at each method's default settings (pc: 30% of vpt-deep's kept), as the README's method table quotes
+them.
 
     python benchmarks/trainable_parameters.py [--backbone vit_base_patch16_224] [--classes 100]
 """
@@ -13,6 +14,7 @@ import selfprompt  # noqa: F401  (before timm, see README)
 from selfprompt.config import TrainConfig
 from selfprompt.engine.build import build_model
 from selfprompt.methods import get_method, method_names
+from selfprompt.methods.condensation import condense_at_random
 
 import timm
 
@@ -28,8 +30,10 @@ def main() -> None:
     print(f"{'method':14s} {'trainable':>12s} {'share':>8s}  summary")
     for name in method_names():
         cfg = TrainConfig()
-        cfg.model.method = name
+        cfg.model.method = get_method(name).condenses or name
         model = build_model(cfg, copy.deepcopy(backbone), args.classes)
+        if get_method(name).condenses:  # pc: 30% of its source's prompts kept
+            model = condense_at_random(model, 0.3)
         count = model.num_adapter_parameters()
         share = 100 * count / sum(p.numel() for p in model.parameters())
         print(f"{name:14s} {count:12,d} {share:7.3f}%  {get_method(name).summary}")

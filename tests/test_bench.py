@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 from pathlib import Path
 
-from selfprompt.apps.bench import BenchConfig, Cell, bench, grid
+from selfprompt.apps.bench import BenchConfig, Cell, bench, cell_search, grid
 from selfprompt.apps.report import TASK_MEAN, VTAB_MEAN, aggregate
+from selfprompt.cli import build_parser
 from selfprompt.data import vtab_mini
+from selfprompt.methods import get_method, method_names
 
 import pytest
 
@@ -48,18 +52,26 @@ def test_grid_sweeps_only_where_a_setting_applies(tmp_path):
     assert Cell("b", "dsprites_location", "spt-deep", 0, "mean_pool", 5).variant == "spt-deep[mean_pool,M=5]"
     with pytest.raises(FileNotFoundError, match="data prepare vtab-mini"):
         grid(BenchConfig(root=str(tmp_path), tasks=["mnist"]))
+    # pc: one cell per share kept, plus the vpt-deep cell it condenses, asked for or not; final stage only
+    pc = grid(BenchConfig(root=str(tmp_path), methods=["pc"], backbones=["b"], seeds=[0], keep=[0.5, 0.25]))
+    assert [c.variant for c in pc] == ["pc[keep=0.5]", "pc[keep=0.25]", "vpt-deep"]
+    assert {c.source for c in pc} == {Cell("b", "dsprites_location", "vpt-deep", 0), None}
+    with pytest.raises(ValueError, match="Run them with --stage final"):
+        grid(BenchConfig(root=str(tmp_path), methods=["pc"], backbones=["b"], stage="both"))
 
 
 def test_bench_runs_cells_once_and_reports(tmp_path):
     root = tmp_path / "vtab-mini"
     vtab_mini.prepare(root, ["dsprites_location"], log=lambda _: None)
     cfg = BenchConfig(
-        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear", "spt-deep", "bitfit"],
+        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear", "spt-deep", "bitfit", "pc"],
         backbones=["vit_mini_patch4_32.mae_fmnist"], seeds=[0], epochs=1, device="cpu", num_workers=0,
+        keep=[0.5],
     )  # fmt: skip
     lines: list[str] = []
     rows = bench(cfg, log=lines.append)
-    assert [r["variant"] for r in rows] == ["linear", "spt-deep", "bitfit"]
+    assert [r["variant"] for r in rows] == ["linear", "spt-deep", "bitfit", "pc[keep=0.5]", "vpt-deep"]
+    assert rows[3]["trainable_parameters"] == rows[4]["trainable_parameters"] - 6 * 10 * 128 // 2
     assert all(0 <= r["test_acc"] <= 1 and r["epochs"] == 1 for r in rows)
     assert rows[0]["trainable_parameters"] < rows[1]["trainable_parameters"] < rows[2]["trainable_parameters"]
     records = sorted(Path(cfg.output_dir).glob("cells/**/cell.json"))
@@ -69,7 +81,7 @@ def test_bench_runs_cells_once_and_reports(tmp_path):
     report = (Path(cfg.output_dir) / "results.md").read_text()
     assert VTAB_MEAN in report and "dsprites_location (structured)" in report
     assert "## Paired differences" in report and "| linear - spt-deep | 1 |" in report
-    assert (Path(cfg.output_dir) / "cells.csv").read_text().count("\n") == 4
+    assert (Path(cfg.output_dir) / "cells.csv").read_text().count("\n") == 6
 
 
 def test_cells_run_as_submitit_jobs_and_are_not_recomputed(tmp_path):
@@ -88,3 +100,52 @@ def test_cells_run_as_submitit_jobs_and_are_not_recomputed(tmp_path):
     assert bench(cfg, log=lambda _: None) == rows
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "bench").glob("cells/**/cell.json"))] == stamps
     assert len(list((tmp_path / "bench" / "jobs").glob("*/*_result.pkl"))) == 2, "no job for a finished cell"
+
+
+def test_search_grids_come_from_the_methods_or_the_command(tmp_path):
+    (tmp_path / "dsprites_location").mkdir()
+    (tmp_path / "dsprites_location" / "test.txt").write_text("")
+    cfg = BenchConfig(
+        root=str(tmp_path), methods=["linear", "lora"], backbones=["b"], seeds=[0], search="default"
+    )
+    cells = grid(cfg)
+    assert [cell_search(cfg, c) for c in cells] == [
+        get_method("linear").search.grid,
+        get_method("lora").search.grid,
+    ]
+    assert all(get_method(m).search.source for m in method_names() if get_method(m).search)
+    with pytest.raises(ValueError, match=r"\['pc'\] with --search"):
+        grid(BenchConfig(root=str(tmp_path), methods=["pc"], backbones=["b"], search={"optim.lr": [0.1]}))
+    per_method = {"linear": {"optim.lr": [0.1]}, "lora": {"optim.lr": [0.01, 0.001]}}
+    cfg = dataclasses.replace(cfg, search=per_method)
+    assert [cell_search(cfg, c) for c in grid(cfg)] == list(per_method.values())
+    with pytest.raises(ValueError, match=r"grids per method.*missing: \['lora'\]"):
+        grid(dataclasses.replace(cfg, search={"linear": {"optim.lr": [0.1]}}))
+    parsed = build_parser().parse_args(["bench", "--root", "r", "--search", "default"])
+    assert parsed.bench.search == "default"
+    parsed = build_parser().parse_args(["bench", "--root", "r", "--search", '{"optim.lr": [0.1, 0.01]}'])
+    assert parsed.bench.search == {"optim.lr": [0.1, 0.01]}
+    parsed = build_parser().parse_args(["bench", "--root", "r", "--search", json.dumps(per_method)])
+    assert parsed.bench.search == per_method
+
+
+def test_a_searched_cell_is_a_sweep_recorded_with_its_choice(tmp_path):
+    root = tmp_path / "vtab-mini"
+    vtab_mini.prepare(root, ["dsprites_location"], log=lambda _: None)
+    search = {"optim.lr": [0.05, 0.001]}
+    cfg = BenchConfig(
+        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear"], search=search,
+        backbones=["vit_mini_patch4_32.mae_fmnist"], seeds=[0], epochs=1, device="cpu", num_workers=0,
+    )  # fmt: skip
+    (row,) = bench(cfg, log=lambda _: None)
+    sweep = json.loads(
+        (
+            Path(cfg.output_dir) / "cells" / row["backbone"] / row["task"] / "linear" / "seed0" / "sweep.json"
+        ).read_text()
+    )
+    assert row["search"] == search and row["chosen"] == sweep["best"]["params"]
+    assert row["val_acc"] == sweep["best"]["val_acc"] and row["test_acc"] == sweep["final"]["test_acc"]
+    assert len(sweep["trials"]) == 2 and all(t["state"] == "COMPLETE" for t in sweep["trials"])
+    assert bench(cfg, log=lambda _: None) == [row]  # read, not recomputed
+    with pytest.raises(ValueError, match="use another --output_dir for another protocol"):
+        bench(dataclasses.replace(cfg, search=None), log=lambda _: None)

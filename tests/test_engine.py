@@ -18,7 +18,7 @@ from selfprompt.engine.distributed import Context
 from selfprompt.engine.optim import param_groups, warmup_cosine
 from selfprompt.engine.run import changed_fields, config_dict
 from selfprompt.engine.stage import StageOptions
-from selfprompt.methods import method_names
+from selfprompt.methods import get_method, method_names
 
 import pytest
 import torch
@@ -37,7 +37,8 @@ def quiet(_: str) -> None:
     pass
 
 
-@pytest.mark.parametrize("method", method_names())
+# pc fine-tunes a condensed run rather than starting from the backbone: tests/test_condensation.py
+@pytest.mark.parametrize("method", [m for m in method_names() if not get_method(m).condenses])
 def test_every_method_lowers_the_loss_and_only_full_moves_the_backbone(method, data, tmp_path):
     cfg = tiny_config(data, tmp_path, method, **{"optim.epochs": 4})
     backbone = create_backbone(cfg.model)

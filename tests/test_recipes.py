@@ -139,6 +139,9 @@ def test_recipe(recipe: Path):
             0,
             0,
         )
+    elif name == "pc":  # fine-tuning kept prompts: a fifth of vpt_deep's rate (ours)
+        deep = (2e-4, 1e-2, 3.0) if backbone == "sup_in21k" else (1e-2, 1e-2, 0.5)
+        assert (o.lr, o.weight_decay, o.head_weight_decay) == deep
     elif name == "cvpt":  # CVPT's own AdamW values
         assert (o.lr, o.weight_decay, o.head_weight_decay) == (1e-3, 0.05, 0.05)
     assert o.ema_decay is None or name == "ssf", "only the SSF FGVC recipes keep an EMA"

@@ -28,7 +28,7 @@ from selfprompt.apps.stats import paired_difference
 from selfprompt.atomic import write_json
 from selfprompt.config import MethodName
 from selfprompt.data import registry
-from selfprompt.engine.rundir import RunDir
+from selfprompt.engine.rundir import RunDir, read_json
 from selfprompt.methods import get_method, method_names
 from selfprompt.zoo.models import ZOO_TAGS
 
@@ -63,6 +63,8 @@ class BenchConfig:
         inits: Sweep the prompt initializer over these (methods that take any initializer, e.g. spt-*);
             None keeps the recipe's.
         num_prompts: Sweep the prompt length over these (methods with prompts); None keeps the recipe's.
+        keep: Shares of the prompts kept by the methods that condense another method's run (pc: its
+            ``vpt-deep`` cell, trained first and condensed by ``selfprompt condense``), one cell each.
         epochs: Training epochs of every cell; None keeps the recipes' (10).
         stage: final (train on train800val200 with the recipe's fixed settings, test once) or both
             (also the tune stage: train800 -> val200 curves).
@@ -78,6 +80,11 @@ class BenchConfig:
             "timeout_min": 60} (see submitit's ``update_parameters``).
         compare: Two variants A B: print their paired difference (mean, bootstrap 95% interval, wins) over
             the cells both ran, per backbone.
+        search: The protocol's search in every cell (``selfprompt sweep``: each setting's tune stage on
+            train -> val, the best by validation accuracy retrained on train+val and tested once): a grid
+            such as {"optim.lr": [0.05, 0.01]} for every method, a grid per method ({"full": {"optim.lr":
+            [1e-3, 1e-4]}, "vpt-deep": {...}}), or "default" for each method's own grid
+            (``selfprompt.methods``, tagged with its source); None trains each recipe's fixed settings.
     """
 
     root: str
@@ -91,6 +98,7 @@ class BenchConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     inits: list[str] | None = None
     num_prompts: list[int] | None = None
+    keep: list[float] = field(default_factory=lambda: [0.3])
     epochs: int | None = None
     stage: Literal["final", "both"] = "final"
     workers: int = 1
@@ -101,6 +109,7 @@ class BenchConfig:
     compare: list[str] | None = None
     launcher: Literal["local", "submitit", "slurm"] = "local"
     slurm: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, list[Any] | dict[str, list[Any]]] | Literal["default"] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,15 +120,36 @@ class Cell:
     seed: int
     init: str | None = None
     num_prompts: int | None = None
+    keep: float | None = None
 
     @property
     def variant(self) -> str:
-        """The method plus the swept settings, e.g. ``spt-deep[mean_pool,M=5]``."""
-        extra = [x for x in (self.init, None if self.num_prompts is None else f"M={self.num_prompts}") if x]
+        """The method plus the swept settings, e.g. ``spt-deep[mean_pool,M=5]`` or ``pc[keep=0.3]``."""
+        settings = (
+            self.init,
+            None if self.num_prompts is None else f"M={self.num_prompts}",
+            None if self.keep is None else f"keep={self.keep:g}",
+        )
+        extra = [x for x in settings if x]
         return f"{self.method}[{','.join(extra)}]" if extra else self.method
 
     def directory(self, out: Path) -> Path:
         return out / "cells" / self.backbone / self.task / self.variant / f"seed{self.seed}"
+
+    @property
+    def source(self) -> Cell | None:
+        """The cell whose trained run this one condenses (pc), else None."""
+        condenses = get_method(self.method).condenses
+        return Cell(self.backbone, self.task, condenses, self.seed) if condenses else None
+
+
+def cell_search(cfg: BenchConfig, cell: Cell) -> dict[str, list[Any]] | None:
+    """The grid a cell searches, or None when it trains its recipe's fixed settings."""
+    if cfg.search == "default":
+        return get_method(cell.method).search.grid
+    if cfg.search is not None and cell.method in cfg.search:
+        return cfg.search[cell.method]
+    return cfg.search
 
 
 def backbones(cfg: BenchConfig) -> list[str]:
@@ -151,12 +181,38 @@ def grid(cfg: BenchConfig) -> list[Cell]:
     unknown = [m for m in cfg.methods if m not in method_names()]
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; methods: {method_names()}.")
+    condensing = [m for m in cfg.methods if get_method(m).condenses]
+    if condensing and cfg.stage != "final":
+        raise ValueError(
+            f"{condensing} condense their source's final-stage model, trained on train+val: a tune stage "
+            "would score on images it trained on. Run them with --stage final."
+        )
+    if cfg.search is not None:
+        if condensing:
+            raise ValueError(
+                f"{condensing} with --search: their tune trials would need a source trained on train only; "
+                "run them without --search."
+            )
+        if cfg.search == "default":
+            ungridded = [m for m in cfg.methods if get_method(m).search is None]
+            if ungridded:
+                raise ValueError(f"{ungridded} have no default grid; pass --search as a grid for them.")
+        elif any(key in method_names() for key in cfg.search):
+            ungridded = [m for m in cfg.methods if m not in cfg.search]
+            if ungridded or not all(isinstance(v, dict) for v in cfg.search.values()):
+                raise ValueError(
+                    f"--search gives grids per method: give one (a mapping of fields to values) for each of "
+                    f"{cfg.methods}; missing: {ungridded}."
+                )
     cells = []
     for seed, backbone, task, name in itertools.product(cfg.seeds, backbones(cfg), tasks, cfg.methods):
         method = get_method(name)
         inits = cfg.inits if cfg.inits and method.has_prompts and method.inits is None else [None]
         lengths = cfg.num_prompts if cfg.num_prompts and method.has_prompts else [None]
-        cells += [Cell(backbone, task, name, seed, i, m) for i in inits for m in lengths]
+        keeps = cfg.keep if method.condenses else [None]
+        cells += [Cell(backbone, task, name, seed, i, m, k) for i in inits for m in lengths for k in keeps]
+    sources = [c.source for c in cells if c.source is not None]
+    cells = list(dict.fromkeys([*cells, *sources]))  # a condensed cell's source runs even if not asked for
     absent = sorted({str(recipe(cfg, c)) for c in cells if not recipe(cfg, c).is_file()})
     if absent:
         raise FileNotFoundError(
@@ -166,7 +222,25 @@ def grid(cfg: BenchConfig) -> list[Cell]:
     return cells
 
 
-def cell_command(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list[str]:
+def cell_commands(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list[list[str]]:
+    """The commands of one cell: its ``selfprompt train`` (``sweep`` with a search), after ``selfprompt
+    condense`` of its source's run for a method that condenses one."""
+    train = train_command(cfg, cell, out, resume)
+    search = cell_search(cfg, cell)
+    if search is not None:  # the sweep resumes its trials itself
+        return [[*train[:3], "sweep", *train[4:], "--search", json.dumps(search)]]
+    if cell.source is None:
+        return [train]
+    condensed = cell.directory(out) / "condensed"
+    condense = [
+        sys.executable, "-m", "selfprompt", "condense", str(cell.source.directory(out)),
+        "--keep", str(cell.keep), "--seed", str(cell.seed), "--device", cfg.device,
+        "--output", str(condensed),
+    ]  # fmt: skip
+    return [condense, [*train, "--condense.adapter", str(condensed)]]
+
+
+def train_command(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list[str]:
     if cfg.benchmark == "vtab-mini":
         data = ["--model.backbone", cell.backbone, "--model.pool", zoo_pool(cell.backbone)]
     else:
@@ -201,12 +275,19 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
     resume = run.is_run()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.perf_counter()
-    done = subprocess.run(cell_command(cfg, cell, out, resume), env=env, capture_output=True, text=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / LOG_NAME).open("a") as log:  # every attempt's output, kept beside its config.yaml
-        log.write(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"cell {directory} failed (exit {done.returncode}); see {directory / LOG_NAME}")
+    for command in cell_commands(cfg, cell, out, resume):
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        with (directory / LOG_NAME).open("a") as log:  # every attempt's output, kept beside its config.yaml
+            log.write(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"cell {directory} failed (exit {done.returncode}); see {directory / LOG_NAME}"
+            )
+    search = cell_search(cfg, cell)
+    if search is not None:
+        chosen = read_json(directory / "sweep.json")["best"]
+        run = RunDir(directory / "final")
     summary, env_info = run.read_summary(), run.read_env()
     final = next(r for r in summary["results"] if r["stage"] == "final")
     tune = next((r for r in summary["results"] if r["stage"] == "tune"), None)
@@ -214,7 +295,9 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
         "variant": cell.variant,
         "group": registry.task(cfg.benchmark, cell.task).group,
         "test_acc": final["last_test_acc"],
-        "val_acc": tune["last_val_acc"] if tune else None,
+        "val_acc": chosen["val_acc"] if search is not None else tune["last_val_acc"] if tune else None,
+        "search": search,
+        "chosen": chosen["params"] if search is not None else None,
         "trainable_parameters": final["trainable_parameters"],
         "trainable_share": final["trainable_share"],
         "epochs": final["epochs"],
@@ -261,6 +344,11 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str
             return
         done = cell.directory(out) / CELL_NAME  # a finished cell is read, never run (nor queued) again
         record = json.loads(done.read_text()) if done.is_file() else launch(run_cell, cfg, cell, out, threads)
+        if record.get("search") != cell_search(cfg, cell):
+            raise ValueError(
+                f"{done} was run with search {record.get('search')}, this bench asks for "
+                f"{cell_search(cfg, cell)}: use another --output_dir for another protocol."
+            )
         with lock:
             records[cell] = record
             elapsed = (time.monotonic() - started) / 60
@@ -270,9 +358,10 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str
             )
 
     launch = launcher(cfg, out)
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        for future in [pool.submit(work, cell) for cell in cells]:
-            future.result()
+    for phase in ([c for c in cells if c.source is None], [c for c in cells if c.source is not None]):
+        with ThreadPoolExecutor(cfg.workers) as pool:  # sources finish before the cells that condense them
+            for future in [pool.submit(work, cell) for cell in phase]:
+                future.result()
     rows = [records[c] for c in cells if c in records]
     if len(rows) < len(cells):
         log(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from selfprompt.apps.bench import BenchConfig, bench
-from selfprompt.apps.demo import demo
+from selfprompt.apps.demo import DEMO_EPOCHS, DEMO_TASK, demo
 from selfprompt.cli.command import Command
 from selfprompt.data import vtab_mini
 
@@ -29,8 +29,12 @@ def _demo_parser() -> ArgumentParser:
         prog="selfprompt demo", description="linear vs VPT-deep vs SPT-deep, offline, on CPU."
     )
     parser.add_argument("--output_dir", type=str | None, default=None, help="Default: runs/demo-<date-time>.")
-    parser.add_argument("--task", type=str, default="clevr_count", help="The VTAB-mini task.")
-    parser.add_argument("--epochs", type=int | None, default=None, help="Default: the recipes' (10).")
+    parser.add_argument(
+        "--task", type=str, default=DEMO_TASK, help="The VTAB-mini task (default: the rule in the README)."
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=DEMO_EPOCHS, help="Training epochs (the recipes train 10)."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of every run.")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N.")
     return parser
@@ -49,5 +53,10 @@ COMMANDS = [
         _bench_parser,
         _bench,
     ),
-    Command("demo", "The 3-minute offline demo: linear, VPT-deep, SPT-deep.", _demo_parser, _demo),
+    Command(
+        "demo",
+        "The offline demo (under 5 minutes on 2 cores): linear, VPT-deep, SPT-deep.",
+        _demo_parser,
+        _demo,
+    ),
 ]

@@ -1,4 +1,4 @@
-"""``selfprompt eval``, ``predict`` and ``analyze``: commands on trained runs."""
+"""``selfprompt eval``, ``predict``, ``analyze`` and ``condense``: commands on trained runs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.apps.analyze import analyze
+from selfprompt.apps.condense import condense_run
 from selfprompt.apps.predict import evaluate_run, predict_run
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import run_dir_parser
@@ -91,6 +92,26 @@ def _analyze(args: Namespace) -> None:
         print(f"Wrote {path}")
 
 
+def _condense_parser() -> ArgumentParser:
+    parser = run_dir_parser(
+        "selfprompt condense",
+        "Prompt Condensation: keep the best share of a vpt-*/spt-* run's prompts, ranked on its training "
+        "images, as an adapter that method pc fine-tunes (--condense.adapter).",
+    )
+    parser.add_argument("--keep", type=float, default=0.3, help="Share of the prompts kept, in (0, 1].")
+    parser.add_argument("--output", type=str, required=True, help="The folder of the condensed adapter.")
+    parser.add_argument(
+        "--max_batches", type=int | None, default=None, help="Score on this many batches (default: all)."
+    )
+    return parser
+
+
+def _condense(args: Namespace) -> None:
+    if args.ema:
+        raise ValueError("--ema: condense ranks the trained prompts themselves; drop --ema.")
+    condense_run(args.run_dir, args.keep, args.output, args.seed, args.stage, args.device, args.max_batches)
+
+
 COMMANDS = [
     Command("eval", "Evaluate a trained run on a split.", _eval_parser, _eval),
     Command("predict", "Classify images: class and probability per image.", _predict_parser, _predict),
@@ -99,5 +120,11 @@ COMMANDS = [
         "Plots of NMI, inertia, similarity and norms per layer over training.",
         _analyze_parser,
         _analyze,
+    ),
+    Command(
+        "condense",
+        "Prompt Condensation: keep a run's most important prompts for method pc.",
+        _condense_parser,
+        _condense,
     ),
 ]

@@ -224,8 +224,8 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             raise ValueError(
                 "tensorboard true needs the tensorboard package: pip install 'selfprompt[tensorboard]'"
             )
+        method, settings = method_settings(cfg)  # first: a method's own check says more than the generic one
         check_track(cfg.track, cfg.model.method)
-        method, settings = method_settings(cfg)
         init = method.initializer(getattr(settings, "init", None)) if method.has_prompts else None
         if init is not None:
             get_initializer(init)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from selfprompt.methods.registry import register_method, register_settings, settings_builder
+from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier, residual_branches
 
 import torch
@@ -161,4 +161,9 @@ register_method(
     settings_builder(AdaptFormer),
     settings="adaptformer",
     order=21,
+    search=Search(
+        {"optim.lr": [5e-3, 1e-3, 5e-4], "optim.weight_decay": [1e-4, 1e-2]},
+        "centred on NOAH's and V-PETL's AdamW lr 1e-3, weight_decay 1e-4 (METHODS.md 1, 3); the neighbours "
+        "are ours",
+    ),
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from selfprompt.methods.registry import register_method
+from selfprompt.methods.registry import Search, register_method
 from selfprompt.model import ViTClassifier
 
 from torch import nn
@@ -42,4 +42,14 @@ def _build(backbone, num_classes, settings, **common) -> BitFit:
     return BitFit(backbone, num_classes, **common)
 
 
-register_method("bitfit", "backbone biases and head train", BitFit, _build, order=10)
+register_method(
+    "bitfit",
+    "backbone biases and head train",
+    BitFit,
+    _build,
+    order=10,
+    search=Search(
+        {"optim.lr": [5e-3, 1e-3, 5e-4]},
+        "ours: the adapters' rates (METHODS.md 1, 3); biases take no weight decay",
+    ),
+)

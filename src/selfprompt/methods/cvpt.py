@@ -27,7 +27,7 @@ from selfprompt.methods.prompt_tools import (
     cross_attention,
     refuse_tracking,
 )
-from selfprompt.methods.registry import register_method
+from selfprompt.methods.registry import Search, register_method
 from selfprompt.model import residual_branches
 
 import torch
@@ -113,4 +113,8 @@ register_method(
     default_init="xavier",
     prepare=prepare,
     order=23,
+    search=Search(
+        {"optim.lr": [5e-3, 1e-3, 5e-4], "optim.weight_decay": [5e-2, 1e-4]},
+        "centred on CVPT's own AdamW lr 1e-3, weight_decay 0.05 (METHODS.md 8); the neighbours are ours",
+    ),
 )

@@ -26,7 +26,13 @@ from typing import Any
 from selfprompt.init import init_prompts
 from selfprompt.init.registry import get_initializer
 from selfprompt.methods import prompt
-from selfprompt.methods.prompt import PromptConfig, PromptedViT, PromptedViTConfig, prompt_count
+from selfprompt.methods.prompt import (
+    PROMPT_SEARCH,
+    PromptConfig,
+    PromptedViT,
+    PromptedViTConfig,
+    prompt_count,
+)
 from selfprompt.methods.prompt_tools import (
     PromptPart,
     as_grid,
@@ -229,5 +235,6 @@ register_method(
     check=_check,
     default_init="xavier",
     prepare=prepare,
+    search=PROMPT_SEARCH,
     order=21,
 )

@@ -3,7 +3,7 @@ only)."""
 
 from __future__ import annotations
 
-from selfprompt.methods.registry import register_method
+from selfprompt.methods.registry import Search, register_method
 from selfprompt.model import ViTClassifier
 
 
@@ -11,4 +11,14 @@ def _build(backbone, num_classes, settings, **common) -> ViTClassifier:
     return ViTClassifier(backbone, num_classes, train_backbone=True, **common)
 
 
-register_method("full", "everything trains", ViTClassifier, _build, order=1)
+register_method(
+    "full",
+    "everything trains",
+    ViTClassifier,
+    _build,
+    order=1,
+    search=Search(
+        {"optim.lr": [1e-3, 5e-4, 1e-4], "optim.weight_decay": [5e-2, 1e-4]},
+        "ours: AdamW fine-tuning rates a decade below the prompts' (every weight trains)",
+    ),
+)

@@ -21,7 +21,7 @@ from typing import Any
 
 from selfprompt.methods.prompt import PromptedViT, PromptedViTConfig, prepare, prompt_count
 from selfprompt.methods.prompt_tools import check_attention, refuse_tracking, self_attention
-from selfprompt.methods.registry import register_method, register_settings
+from selfprompt.methods.registry import Search, register_method, register_settings
 from selfprompt.model import residual_branches
 
 import torch
@@ -130,4 +130,8 @@ register_method(
     default_init="xavier",
     prepare=prepare,
     order=20,
+    search=Search(
+        {"optim.lr": [5e-2, 1e-2, 5e-3, 1e-3]},
+        "lr: the prompt methods' grid (SPT.md 4); weight_decay stays GaPT's 0 (METHODS.md 5)",
+    ),
 )

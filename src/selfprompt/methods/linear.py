@@ -3,7 +3,7 @@ trains."""
 
 from __future__ import annotations
 
-from selfprompt.methods.registry import register_method
+from selfprompt.methods.registry import Search, register_method
 from selfprompt.model import ViTClassifier
 
 
@@ -11,4 +11,15 @@ def _build(backbone, num_classes, settings, **common) -> ViTClassifier:
     return ViTClassifier(backbone, num_classes, **common)
 
 
-register_method("linear", "frozen backbone, new linear head", ViTClassifier, _build, order=0)
+register_method(
+    "linear",
+    "frozen backbone, new linear head",
+    ViTClassifier,
+    _build,
+    order=0,
+    search=Search(
+        {"optim.lr": [5e-2, 1e-2, 5e-3, 1e-3], "optim.head_weight_decay": [0.5, 1e-4]},
+        "ours: the prompt methods' rates (only the head trains); head_weight_decay: SPT's MAE wd_head 0.5 "
+        "(SPT.md 4) or almost none",
+    ),
+)

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from selfprompt.methods.registry import register_method, register_settings, settings_builder
+from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier, private_copy, timm_classifier
 
 from timm.models.vision_transformer import VisionTransformer
@@ -200,4 +200,9 @@ register_method(
     settings_builder(LoRA),
     settings="lora",
     order=20,
+    search=Search(
+        {"optim.lr": [5e-3, 1e-3, 5e-4], "optim.weight_decay": [1e-4, 1e-2]},
+        "centred on NOAH's and V-PETL's AdamW lr 1e-3, weight_decay 1e-4 (METHODS.md 1, 3); the neighbours "
+        "are ours",
+    ),
 )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selfprompt.init import init_prompts
-from selfprompt.methods.registry import Method, register_method, register_settings
+from selfprompt.methods.registry import Method, Search, register_method, register_settings
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier
 
 import torch
@@ -133,6 +133,11 @@ class PromptedViT(ViTClassifier):
         return {"prompts": self.prompts, **super().adapter_parameters()}
 
 
+PROMPT_SEARCH = Search(
+    {"optim.lr": [5e-2, 1e-2, 5e-3, 1e-3], "optim.weight_decay": [1e-2, 1e-4]},
+    "lr: SPT README's AdamW rates 5e-2 (MAE) and 1e-3 (supervised), BPT's 5e-3 (SPT.md 4), 1e-2 ours "
+    "between; weight_decay: two of the VPT-family grid's {1e-2, 1e-3, 1e-4, 0} (METHODS.md 0)",
+)
 MAX_PROMPTS = 1024  # per layer; the papers use at most 200, and attention grows with their square
 
 
@@ -263,4 +268,5 @@ for _order, (_name, _deep, _init) in enumerate(
         other_inits=f"spt-{_placement}",
         prepare=prepare,
         order=2 + _order,
+        search=PROMPT_SEARCH,
     )

@@ -19,6 +19,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 Builder = Callable[..., ViTClassifier]
+
+
+@dataclass(frozen=True)
+class Search:
+    """A method's default hyperparameter grid for ``selfprompt bench --search default`` and its source.
+
+    Attributes:
+        grid: Dotted config field -> values (``{"optim.lr": [...], "optim.weight_decay": [...]}``).
+        source: Where the values come from (paper, official code, or "ours"), as the recipes tag theirs.
+    """
+
+    grid: dict[str, list[Any]]
+    source: str
+
+
 Preparer = Callable[["Method", ViTClassifier, Any, DataLoader, int], None]
 
 
@@ -45,6 +60,9 @@ class Method:
             an attribute of its name (:meth:`settings_of`).
         check: ``check(settings, cfg)``: refuses a combination of settings (``cfg``: the whole TrainConfig)
             the method cannot run; called by :meth:`settings_of`, i.e. before anything is built.
+        condenses: The method whose trained run ``selfprompt condense`` turns into this one's start (``pc``:
+            ``vpt-deep``); ``bench`` trains that cell first. Empty for methods that start from the backbone.
+        search: Its default grid for the protocol's search (``bench --search default``), None without one.
     """
 
     name: str
@@ -59,6 +77,8 @@ class Method:
     order: int = 100
     extra_settings: tuple[str, ...] = ()
     check: Callable[[Any, Any], None] | None = None
+    condenses: str = ""
+    search: Search | None = None
 
     @property
     def sections(self) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from selfprompt.methods.registry import register_method
+from selfprompt.methods.registry import Search, register_method
 from selfprompt.model import ViTClassifier, private_copy, timm_classifier
 
 import torch
@@ -167,4 +167,8 @@ register_method(
     SSF,
     _build,
     order=22,
+    search=Search(
+        {"optim.lr": [1e-2, 5e-3, 1e-3], "optim.weight_decay": [5e-5]},
+        "centred on SSF's scripts' lr 5e-3, weight_decay 5e-5 (METHODS.md 4); the neighbours are ours",
+    ),
 )
