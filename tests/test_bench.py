@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import statistics
 from pathlib import Path
 
+from selfprompt.apps import report
 from selfprompt.apps.bench import BenchConfig, Cell, bench, cell_search, grid
 from selfprompt.apps.report import TASK_MEAN, VTAB_MEAN, aggregate
 from selfprompt.cli import build_parser
@@ -149,3 +152,13 @@ def test_a_searched_cell_is_a_sweep_recorded_with_its_choice(tmp_path):
     assert bench(cfg, log=lambda _: None) == [row]  # read, not recomputed
     with pytest.raises(ValueError, match="use another --output_dir for another protocol"):
         bench(dataclasses.replace(cfg, search=None), log=lambda _: None)
+
+
+def test_cells_of_an_older_release_and_new_columns_share_one_csv():
+    older = {"variant": "linear", "test_acc": 0.5}
+    newer = {"variant": "pc[keep=0.3]", "test_acc": 0.6, "keep": 0.3}
+    rows = list(csv.DictReader(io.StringIO(report._csv([older, newer]))))
+    assert rows == [
+        {"variant": "linear", "test_acc": "0.5", "keep": ""},
+        {**newer, "test_acc": "0.6", "keep": "0.3"},
+    ]

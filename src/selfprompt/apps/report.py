@@ -114,8 +114,9 @@ def markdown(rows: list[dict[str, Any]], benchmark: str = "vtab-mini") -> str:
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
+    """Every column any row has (cells written by an older selfprompt lack the newer ones: left blank)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
