@@ -30,7 +30,7 @@ import yaml
 DEMO_METHODS = ("linear", "vpt-deep", "spt-deep")
 DEMO_BACKBONE = "vit_mini_patch4_32.mae_fmnist"
 DEMO_TASK = "clevr_distance"  # the rule: see the module's docstring
-DEMO_EPOCHS = 8  # the recipes' 10 would not fit 5 minutes from a fresh clone on 2 cores, install included
+DEMO_EPOCHS = 6  # the recipes train 10; 8 did not fit 5 minutes from a fresh clone (2 cores, with install)
 NOISE_POINTS = 2.0  # one seed: differences below this are not findings (docs/results.md, noise floor)
 
 
