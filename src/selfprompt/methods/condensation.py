@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfprompt.methods.prompt import PromptedViT
+from selfprompt.methods.prompt import PromptedViT, check_prompt_dropout
 from selfprompt.methods.registry import register_method, register_settings
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier
 
@@ -79,8 +79,7 @@ class CondensedViT(ViTClassifier):
             raise ValueError(f"layer_counts must be integers >= 0 with at least one prompt, got {counts!r}.")
         if len(counts) > depth:
             raise ValueError(f"layer_counts names {len(counts)} layers; the backbone has {depth} blocks.")
-        if not 0.0 <= prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}.")
+        check_prompt_dropout(prompt_dropout)
         super().__init__(
             backbone,
             num_classes,

@@ -39,6 +39,11 @@ class PromptedViTConfig(ClassifierConfig):
     prompt_dropout: float = 0.0
 
 
+def check_prompt_dropout(value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"prompt_dropout must be in [0, 1), got {value}.")
+
+
 class PromptedViT(ViTClassifier):
     """A frozen timm ``VisionTransformer`` with learnable prompt tokens and a new linear head.
 
@@ -73,8 +78,7 @@ class PromptedViT(ViTClassifier):
             raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}.")
         if deep_layers is not None and not deep:
             raise ValueError("deep_layers applies only to deep prompts; pass deep=True or drop deep_layers.")
-        if not 0.0 <= prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}.")
+        check_prompt_dropout(prompt_dropout)
         super().__init__(
             backbone,
             num_classes,
