@@ -90,12 +90,16 @@ class CondensedViT(ViTClassifier):
             layer_counts=counts,
             prompt_dropout=prompt_dropout,
         )
-        self.layer_counts = counts
         self.offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
         self.num_extra_tokens = counts[-1]
         device = next(backbone.parameters()).device
         self.prompts = nn.Parameter(torch.zeros(sum(counts), self.embed_dim, device=device))
         self.prompt_dropout = nn.Dropout(prompt_dropout)
+
+    @property
+    def layer_counts(self) -> list[int]:
+        """Prompts kept at each prompted layer (the config's record)."""
+        return self.config.layer_counts
 
     def layer_prompts(self, layer: int) -> torch.Tensor:
         """The kept prompts of one layer, ``(layer_counts[layer], D)``."""
