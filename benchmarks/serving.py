@@ -3,13 +3,15 @@
 (a) ``mixed``: a batch of B rows spread over T tasks (T = 1, 4, 16, 64; deep prompts, M = 10) through one
     :class:`MultiTaskViT` forward, against the same B rows of one task (one-task throughput) and against the
     same rows run task by task (each task's rows through its own ``PromptedViT``). Also rows with different
-    prompt lengths (M in 5, 10, 20, 50), and the one-pass alternative (``mask=True``: padding + key mask).
-    Images/s, best of ``--repeats``.
+    prompt lengths (M in 5, 10, 20, 50), the one-pass alternative (``mask=True``: padding + key mask), and
+    "equal M": B rows of one task whose M is the batch's mean (the same tokens per row on average).
 (b) ``server``: ``selfprompt serve`` on 127.0.0.1 with 4 tasks (the zoo's 32x32 MAE ViT), requests/s and
     p50/p99 latency at concurrency 1, 8, 32 (``--requests`` each), then a load test (``--load`` requests, 8
     concurrent, mixed tasks): errors and the server's RSS (all its processes) before and after.
-(c) ``onnx``: one deep-prompted task exported with ``selfprompt.serving.export``, onnxruntime vs PyTorch
-    eager, images/s at batch ``--batch``.
+(c) ``onnx``: one deep-prompted task exported with ``selfprompt.serving.export``, onnxruntime (as exported,
+    and after ``onnxruntime.transformers.optimizer``'s fusions) vs PyTorch eager, images/s at ``--batch``.
+Images/s at the median of ``--repeats`` interleaved rounds (each round times every variant once, in a rotating
+order); ratios are medians of the per-round paired ratios.
 
     python benchmarks/serving.py [--parts mixed server onnx] [--backbone vit_tiny_patch16_224] [--img-size N]
         [--batch 64] [--repeats 3] [--requests 200] [--load 2000]
@@ -57,16 +59,39 @@ def _backbone(name: str):
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
 
 
-def _rate(fn, images: int, repeats: int) -> float:
-    fn()  # warm-up
-    best = min(_timed(fn) for _ in range(repeats))
-    return images / best
+def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function over ``repeats`` rounds, every round timing each once in a rotating
+    order, so that drifts in the machine's speed fall on all of them alike (after one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(_timed(fns[name]))
+    return times
+
+
+def _rate(times: list[float], images: int) -> float:
+    """Images/s at the median time."""
+    return images / statistics.median(times)
+
+
+def _speedup(times: dict[str, list[float]], fast: str, slow: str) -> float:
+    """Median over rounds of ``slow``'s time over ``fast``'s (a paired ratio: > 1 when ``fast`` is faster)."""
+    return statistics.median(b / a for a, b in zip(times[fast], times[slow], strict=True))
 
 
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def _adapter(root: Path, backbone: str, num_prompts: int, index: int) -> Path:
+    folder = root / f"{backbone}-{num_prompts}-{index}"
+    if not folder.exists():
+        PromptedViT(_backbone(backbone), 10, num_prompts=num_prompts, deep=True).save_pretrained(folder)
+    return folder
 
 
 @torch.no_grad()
@@ -76,39 +101,41 @@ def bench_mixed(args, root: Path) -> None:
     threads = torch.get_num_threads()
     print(f"(a) mixed-task batches: {args.backbone} at {size}, batch {args.batch}, {threads} threads")
     print(
-        f"{'T':>4} {'prompts':>10} {'one task':>10} {'mixed':>10} {'ratio':>7} {'task by task':>13} "
-        f"{'padded':>10}"
+        f"{'T':>4} {'prompts':>10} {'one task':>10} {'mixed':>10} {'ratio':>7} {'equal M':>10} {'ratio':>7} "
+        f"{'task by task':>13} {'padded':>10}"
     )
     for lengths in ([10], [5, 10, 20, 50]):
         for tasks in (1, 4, 16, 64):
             multi = MultiTaskViT(_backbone(args.backbone))  # rows grouped by prompt length (the default)
             padded = MultiTaskViT(_backbone(args.backbone), mask=True)
-            singles = {}
             for t in range(tasks):
-                folder = root / f"{args.backbone}-{lengths[t % len(lengths)]}-{t}"
-                if not folder.exists():
-                    m = lengths[t % len(lengths)]
-                    PromptedViT(_backbone(args.backbone), 10, num_prompts=m, deep=True).save_pretrained(
-                        folder
-                    )
+                folder = _adapter(root, args.backbone, lengths[t % len(lengths)], t)
                 multi.add_adapter(f"t{t}", folder)
                 padded.add_adapter(f"t{t}", folder)
-                singles[f"t{t}"] = multi.tasks[f"t{t}"].model
             names = [f"t{i % tasks}" for i in range(args.batch)]
-            one = _rate(lambda multi=multi: multi(images, ["t0"] * args.batch), args.batch, args.repeats)
-            mixed = _rate(lambda multi=multi, names=names: multi(images, names), args.batch, args.repeats)
+            mean_m = round(statistics.mean(multi.tasks[n].model.num_prompts for n in names))
+            multi.add_adapter("equal", _adapter(root, args.backbone, mean_m, -1))
 
-            def by_task(names=names, singles=singles):
+            def by_task(names=names, multi=multi):
                 for name in dict.fromkeys(names):
-                    rows = [i for i, n in enumerate(names) if n == name]
-                    singles[name](images[rows])
+                    multi.tasks[name].model(images[[i for i, n in enumerate(names) if n == name]])
 
-            separate = _rate(by_task, args.batch, args.repeats)
-            one_pass = _rate(lambda g=padded, names=names: g(images, names), args.batch, args.repeats)
+            times = _interleaved(
+                {
+                    "one": lambda multi=multi: multi(images, ["t0"] * args.batch),
+                    "mixed": lambda multi=multi, names=names: multi(images, names),
+                    "equal": lambda multi=multi: multi(images, ["equal"] * args.batch),
+                    "by_task": by_task,
+                    "padded": lambda g=padded, names=names: g(images, names),
+                },
+                args.repeats,
+            )
+            rate = {name: _rate(t, args.batch) for name, t in times.items()}
             label = "10" if len(lengths) == 1 else "5/10/20/50"
             print(
-                f"{tasks:>4} {label:>10} {one:>10.1f} {mixed:>10.1f} {mixed / one:>7.2f} {separate:>13.1f} "
-                f"{one_pass:>10.1f}"
+                f"{tasks:>4} {label:>10} {rate['one']:>10.1f} {rate['mixed']:>10.1f} "
+                f"{_speedup(times, 'mixed', 'one'):>7.2f} {rate['equal']:>10.1f} "
+                f"{_speedup(times, 'mixed', 'equal'):>7.2f} {rate['by_task']:>13.1f} {rate['padded']:>10.1f}"
             )
 
 
@@ -236,19 +263,45 @@ def bench_server(args, root: Path) -> None:
 @torch.no_grad()
 def bench_onnx(args, root: Path) -> None:
     import onnxruntime
+    from onnxruntime.transformers.optimizer import optimize_model
 
     folder = root / f"{args.backbone}-onnx"
     PromptedViT(_backbone(args.backbone), 10, num_prompts=10, deep=True).save_pretrained(folder)
     model = load_pretrained(folder, _backbone(args.backbone)).eval()
     size = tuple(model.backbone.patch_embed.img_size)
     path = export_single(model, root / "model.onnx", size, [str(i) for i in range(10)])
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    heads = model.backbone.blocks[0].attn.num_heads
+    fused = optimize_model(str(path), "vit", num_heads=heads, hidden_size=model.embed_dim, opt_level=0)
+    fused.save_model_to_file(str(root / "fused.onnx"))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
     images = torch.randn(args.batch, 3, *size)
     feed = {"images": images.numpy()}
-    eager = _rate(lambda: model(images), args.batch, args.repeats)
-    ort = _rate(lambda: session.run(None, feed), args.batch, args.repeats)
-    print(f"(c) {args.backbone}, deep prompts M=10, batch {args.batch}: PyTorch eager {eager:.1f} images/s, "
-          f"onnxruntime {ort:.1f} images/s, ratio {ort / eager:.2f}")  # fmt: skip
+    sessions = {
+        name: onnxruntime.InferenceSession(str(root / name), options, providers=["CPUExecutionProvider"])
+        for name in ("model.onnx", "fused.onnx")
+    }
+    expected = model(images)
+    for name, session in sessions.items():
+        diff = (torch.from_numpy(session.run(None, feed)[0]) - expected).abs().max().item()
+        print(f"(c) {name}: max |onnxruntime - PyTorch| {diff:.1e}")
+    times = _interleaved(
+        {
+            "eager": lambda: model(images),
+            "ort": lambda: sessions["model.onnx"].run(None, feed),
+            "fused": lambda: sessions["fused.onnx"].run(None, feed),
+        },
+        args.repeats,
+    )
+    rate = {name: _rate(t, args.batch) for name, t in times.items()}
+    threads = options.intra_op_num_threads
+    print(
+        f"(c) {args.backbone}, deep prompts M=10, batch {args.batch}, {threads} threads: PyTorch eager "
+        f"{rate['eager']:.1f} images/s, onnxruntime {rate['ort']:.1f} "
+        f"({_speedup(times, 'ort', 'eager'):.2f}x), "
+        f"onnxruntime after its transformer fusions (SkipLayerNorm, BiasGelu) {rate['fused']:.1f} "
+        f"({_speedup(times, 'fused', 'eager'):.2f}x)"
+    )
 
 
 def main() -> None:

@@ -8,6 +8,7 @@
 #   cvpt_lr   CVPT at vpt_deep.yaml's rates (its paper's lr 1e-3 underfits in 10 epochs), xavier and kmeans
 #   science   {vpt-deep, spt-deep}, each with its own lr search on val, seeds 0-2,
 #             on dsprites_location and clevr_distance
+#   methods_sup  the methods grid without pc on the supervised zoo backbone
 # Finished cells are never rerun: running it again goes on where it stopped.
 # Usage: scripts/bench_methods.sh VTAB_MINI_ROOT OUT_DIR [extra selfprompt-bench arguments...]
 set -euo pipefail
@@ -26,3 +27,6 @@ bench --output_dir "$out/cvpt_lr_cpu" --tasks "$three" --seeds '[0]' --methods '
     --overrides '[--optim.lr, "5e-2", --optim.weight_decay, "1e-2", --optim.head_weight_decay, "0.5"]'
 bench --output_dir "$out/science_mae" --tasks '[dsprites_location,clevr_distance]' --seeds '[0,1,2]' \
     --methods "[vpt-deep,spt-deep]" --search '{"optim.lr": [5e-2, 1e-2, 1e-3]}'
+bench --output_dir "$out/methods_sup_cpu" --tasks "$three" --seeds '[0]' \
+    --backbones '[vit_mini_patch4_32.sup_fmnist]' \
+    --methods '[linear,vpt-deep,bitfit,lora,adaptformer,ssf,gapt,e2vpt,vfpt,cvpt]'

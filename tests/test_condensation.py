@@ -143,7 +143,7 @@ def test_condense_then_fine_tune_end_to_end(tmp_path, capsys):
         run(tiny_config(data, tmp_path / "pc-none", method="pc"))
     with pytest.raises(ValueError, match=r"track\.every: pc's prompt count differs per layer"):
         run(tiny_config(data, tmp_path / "pc-track", method="pc", **pc, **{"track.every": 1}))
-    with pytest.raises(ValueError, match=r"condensed from a model trained on train\+val, so a tune stage"):
+    with pytest.raises(ValueError, match=r"scored from a model trained on train\+val, so a tune stage"):
         run(tiny_config(data, tmp_path / "pc-both", method="pc", **{**pc, "stage": "both"}))
     linear = tmp_path / "linear"
     run(tiny_config(data, linear, method="linear"))

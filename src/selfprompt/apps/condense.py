@@ -6,14 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from selfprompt.apps.scoring import reusable, scoring_source
 from selfprompt.atomic import write_json
-from selfprompt.data.splits import build_splits
-from selfprompt.engine.rundir import read_json
-from selfprompt.engine.trained import load_run_model
 from selfprompt.methods.condensation import RECORD, check_keep, condense, kept_mask, prompt_importance
 from selfprompt.methods.prompt import PromptedViT
-
-from torch.utils.data import DataLoader
 
 
 def condense_run(
@@ -29,30 +25,20 @@ def condense_run(
     transforms), keep the best ``keep`` share and write the condensed adapter into ``output``; an ``output``
     condensed from the same run, seed, stage and data is reused. Returns the record."""
     check_keep(keep)
-    cfg, model, _ = load_run_model(run_dir, seed, stage, device)
-    if not isinstance(model, PromptedViT):
-        raise ValueError(
-            f"{run_dir} trained {cfg.model.method}; condense a vpt-deep or spt-deep run (its prompts are "
-            "what Prompt Condensation ranks)."
-        )
-    splits = build_splits(cfg.data, model.backbone)
-    data = splits.init_trainval if stage == "final" else splits.init_train
-    key = {
-        "source": str(Path(run_dir).resolve()),
-        "method": cfg.model.method,
-        "seed": cfg.seeds[0] if seed is None else seed,
-        "stage": stage,
-        "keep": keep,
-        "max_batches": max_batches,
-        "data": data.fingerprint(),
-    }
+    _, model, loader, key = scoring_source(
+        run_dir,
+        seed,
+        stage,
+        device,
+        PromptedViT,
+        "condense a vpt-deep or spt-deep run (its prompts are what Prompt Condensation ranks)",
+    )
+    key |= {"keep": keep, "max_batches": max_batches}
     out = Path(output)
-    if (out / RECORD).is_file() and (out / "adapter_config.json").is_file():
-        record = read_json(out / RECORD)
-        if {k: record.get(k) for k in key} == key:
-            print(f"reused {out} (condensed from the same run, seed, stage and data)")
-            return record
-    loader = DataLoader(data, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    record = reusable(out / RECORD, key)
+    if record is not None and (out / "adapter_config.json").is_file():
+        print(f"reused {out} (condensed from the same run, seed, stage and data)")
+        return record
     scores = prompt_importance(model, loader, max_batches)
     mask = kept_mask(scores, keep)
     model.requires_grad_(False)

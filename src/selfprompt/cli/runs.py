@@ -1,4 +1,4 @@
-"""``selfprompt eval``, ``predict``, ``analyze`` and ``condense``: commands on trained runs."""
+"""``selfprompt eval``, ``predict``, ``analyze``, ``condense`` and ``prune``: commands on trained runs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from selfprompt.apps.analyze import analyze
 from selfprompt.apps.condense import condense_run
 from selfprompt.apps.predict import evaluate_run, predict_run
+from selfprompt.apps.prune import prune_run
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import run_dir_parser
 
@@ -100,6 +101,10 @@ def _condense_parser() -> ArgumentParser:
     )
     parser.add_argument("--keep", type=float, default=0.3, help="Share of the prompts kept, in (0, 1].")
     parser.add_argument("--output", type=str, required=True, help="The folder of the condensed adapter.")
+    return _max_batches(parser)
+
+
+def _max_batches(parser: ArgumentParser) -> ArgumentParser:
     parser.add_argument(
         "--max_batches", type=int | None, default=None, help="Score on this many batches (default: all)."
     )
@@ -110,6 +115,23 @@ def _condense(args: Namespace) -> None:
     if args.ema:
         raise ValueError("--ema: condense ranks the trained prompts themselves; drop --ema.")
     condense_run(args.run_dir, args.keep, args.output, args.seed, args.stage, args.device, args.max_batches)
+
+
+def _prune_parser() -> ArgumentParser:
+    parser = run_dir_parser(
+        "selfprompt prune",
+        "E2VPT pruning: score the token and segment masks of an e2vpt run's visual prompts on its training "
+        "images, for a run that retrains from its initial values with them pruned (--e2vpt.pruning FILE "
+        "--e2vpt.prune_tokens T --e2vpt.prune_segments S).",
+    )
+    parser.add_argument("--output", type=str, required=True, help="The file of the scores (JSON).")
+    return _max_batches(parser)
+
+
+def _prune(args: Namespace) -> None:
+    if args.ema:
+        raise ValueError("--ema: prune scores the trained prompts themselves; drop --ema.")
+    prune_run(args.run_dir, args.output, args.seed, args.stage, args.device, args.max_batches)
 
 
 COMMANDS = [
@@ -126,5 +148,11 @@ COMMANDS = [
         "Prompt Condensation: keep a run's most important prompts for method pc.",
         _condense_parser,
         _condense,
+    ),
+    Command(
+        "prune",
+        "E2VPT pruning: score an e2vpt run's prompt masks for a pruned, rewound run.",
+        _prune_parser,
+        _prune,
     ),
 ]

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.methods.prompt import PromptedViT, check_prompt_dropout
+from selfprompt.methods.prompt_tools import prompt_saliency, refuse_trainval_source
 from selfprompt.methods.registry import register_method, register_settings
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -125,19 +125,9 @@ class CondensedViT(ViTClassifier):
 def prompt_importance(model: PromptedViT, loader: DataLoader, max_batches: int | None = None) -> torch.Tensor:
     """Each prompt's score ``sum over batches |<dL/dp, p>|``, ``(layers, M)``: the first-order change of the
     mean cross-entropy when the prompt is zeroed, computed in eval mode on ``loader``'s (images, labels)."""
-    was_training = model.training
-    model.eval()
-    device = model.prompts.device
     scores = torch.zeros(model.prompts.shape[:2], dtype=torch.float64)
-    try:
-        for batch, (images, labels) in enumerate(loader):
-            if max_batches is not None and batch >= max_batches:
-                break
-            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
-            (grad,) = torch.autograd.grad(loss, model.prompts)
-            scores += (grad * model.prompts.detach()).sum(-1).abs().double().cpu()
-    finally:
-        model.train(was_training)
+    for saliency in prompt_saliency(model, loader, max_batches):
+        scores += saliency.sum(-1).abs().double().cpu()
     return scores
 
 
@@ -231,12 +221,8 @@ def _check(settings: CondenseConfig, cfg: Any) -> None:
             "track.every: pc's prompt count differs per layer, which tracking does not read; set 0."
         )
     record = Path(settings.adapter or "") / RECORD
-    if cfg.stage != "final" and record.is_file() and json.loads(record.read_text()).get("stage") == "final":
-        raise ValueError(
-            f"{settings.adapter} was condensed from a model trained on train+val, so a tune stage would "
-            "score it on images it trained on: run --stage final, or condense the source's tune stage "
-            "(--stage tune)."
-        )
+    if record.is_file():
+        refuse_trainval_source(json.loads(record.read_text()), cfg, settings.adapter)
 
 
 register_method(

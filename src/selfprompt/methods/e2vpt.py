@@ -8,7 +8,22 @@ section 6 (official code ChengHan111/E2VPT, CC BY-NC 4.0; none of it is copied).
     SHARE_PARAM_KV) one tensor per block serves as both P_k and P_v; init kaiming-uniform (bound
     sqrt(6 / (L_kv * d_h))), no dropout.
 Trainable on ViT-B/16 with 100 classes, N_P=10, L_kv=5: 92,160 + 46,080 + 76,900 = 215,140 (unshared
-261,220). (c) The pruning + rewind second stage is not implemented.
+261,220).
+(c) Pruning and rewind, the optional second stage: ``selfprompt prune RUN --output F`` scores a trained
+    run's visual prompts (:func:`mask_importance`); a run with ``--e2vpt.pruning F --e2vpt.prune_tokens t
+    --e2vpt.prune_segments s`` trains E2VPT again from its initial values with 0/1 masks, frozen, on the
+    visual prompts: a token mask (N_P) and a segment mask (N_P x 16, dim d in segment d mod 16), one pair
+    shared by every layer (:func:`pruning_masks`). ``selfprompt sweep`` over the two shares picks a pair on
+    val, as the official code retrains every candidate pair and keeps the best on val.
+
+Our choices in (c), each where the official code differs: the score of a mask entry is ``sum over batches
+|dL/dm|`` at m = 1 (Michel et al. 2019's absolute first-order estimate; the code ranks the signed gradient
+ascending, which by first order prunes first the tokens whose removal raises the loss most), computed in
+eval mode without optimizer steps (the code steps the optimizer during its scoring pass); the source run
+trains no masks (at m = 1 the gradient equals ``sum over layers <dL/dp, p>``, so masks need not exist
+while training); a share prunes ``floor(share * count)`` entries at once (the code's cascade over 10..90%
+with fixed scores prunes the same entries); the rewind restarts from the seed's initial values, which are
+the source's when its seed and ``prompt.init`` match (the code re-draws an unseeded init).
 
 SPT initialisation (METHODS.md section 11): the visual prompts exactly as spt-deep; unshared key and value
 prompts from prototypes of block i's keys (LN1(x) W_k + b_k after k-norm) and values of the frozen backbone
@@ -18,9 +33,11 @@ cannot sit in both spaces, so a token initializer needs ``e2vpt.share_kv false``
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from selfprompt.init import init_prompts
@@ -38,7 +55,9 @@ from selfprompt.methods.prompt_tools import (
     as_grid,
     block_inputs,
     check_attention,
+    prompt_saliency,
     refuse_tracking,
+    refuse_trainval_source,
     self_attention,
     split_heads,
 )
@@ -49,13 +68,47 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+SEGMENTS = 16  # official CLS_TOKEN_P_PIECES_NUM: each visual prompt's dims in 16 strided segments
+MIN_SEGMENTS = 4  # official MIN_NUMBER_CLS_TOKEN_PIECE: segments every kept token keeps
+PRUNING_RECORD = "pruning.json"  # the scores ``selfprompt prune`` writes, the file e2vpt.pruning names
+
 
 @dataclass
 class E2VPTConfig(PromptedViTConfig):
-    """PromptedViTConfig (deep) plus the key-value prompts' length and sharing."""
+    """PromptedViTConfig (deep) plus the key-value prompts' length and sharing and the pruning masks.
+
+    Attributes:
+        token_mask: 0/1 per visual prompt (N_P), None without pruning.
+        segment_mask: 0/1 per visual prompt and segment (N_P x 16), None without pruning.
+    """
 
     kv_length: int = 5
     share_kv: bool = True
+    token_mask: list[int] | None = None
+    segment_mask: list[list[int]] | None = None
+
+
+def _check_masks(token_mask: Any, segment_mask: Any, num_prompts: int) -> torch.Tensor | None:
+    """The (N_P, 16) 0/1 keep-mask of both masks, or None without them."""
+    if token_mask is None and segment_mask is None:
+        return None
+    try:
+        tokens = torch.tensor(token_mask, dtype=torch.float32)
+        segments = torch.tensor(segment_mask, dtype=torch.float32)
+    except (TypeError, ValueError):
+        tokens = segments = torch.empty(0)
+    if (
+        tokens.shape != (num_prompts,)
+        or segments.shape != (num_prompts, SEGMENTS)
+        or not all(bool(((t == 0) | (t == 1)).all()) for t in (tokens, segments))
+        or tokens.sum() < 1
+    ):
+        raise ValueError(
+            f"token_mask and segment_mask must be 0/1 lists of shape ({num_prompts},) and ({num_prompts}, "
+            f"{SEGMENTS}) keeping at least one token (pruning_masks makes them), got {token_mask!r} and "
+            f"{segment_mask!r}."
+        )
+    return tokens[:, None] * segments
 
 
 class E2VPT(PromptedViT):
@@ -76,8 +129,11 @@ class E2VPT(PromptedViT):
         prompt_dropout: float = 0.1,
         deep: bool = True,
         deep_layers: int | None = None,
+        token_mask: list[int] | None = None,
+        segment_mask: list[list[int]] | None = None,
         **common: Any,
     ) -> None:
+        keep = _check_masks(token_mask, segment_mask, num_prompts)
         if not deep:
             raise ValueError("E2VPT's visual prompts are deep; deep must be True.")
         if not isinstance(kv_length, int) or kv_length < 0:
@@ -92,7 +148,14 @@ class E2VPT(PromptedViT):
             **common,
         )
         self.config.kv_length, self.config.share_kv = kv_length, share_kv
+        self.config.token_mask, self.config.segment_mask = token_mask, segment_mask
         self.kv_length, self.share_kv = kv_length, share_kv
+        self.prompt_mask: torch.Tensor | None
+        if keep is None:
+            self.prompt_mask = None
+        else:  # (N_P, D): dim d of prompt j kept where token j and its segment d mod 16 are
+            dims = torch.arange(self.embed_dim) % SEGMENTS
+            self.register_buffer("prompt_mask", keep[:, dims].to(self.prompts.device), persistent=False)
         self.kv_prompts = nn.ParameterDict()
         if kv_length:
             attn = check_attention(self.backbone.blocks[0].attn, "E2VPT")
@@ -102,6 +165,20 @@ class E2VPT(PromptedViT):
             for name in ("kv",) if share_kv else ("key", "value"):
                 self.kv_prompts[name] = nn.Parameter(torch.empty(shape, device=self.prompts.device))
             self.reset_kv_prompts()
+
+    def _layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
+        """The layer's visual prompts with the pruning masks applied (pruned values are zeros)."""
+        prompts = self.prompts[layer]
+        if self.prompt_mask is not None:
+            prompts = prompts * self.prompt_mask
+        return self.prompt_dropout(prompts.expand(batch, -1, -1))
+
+    def num_adapter_parameters(self) -> int:
+        """The adapter's values less the pruned visual prompt values (zeros in the forward, no gradient)."""
+        if self.prompt_mask is None:
+            return super().num_adapter_parameters()
+        pruned = int((self.prompt_mask == 0).sum()) * self.num_prompt_layers
+        return super().num_adapter_parameters() - pruned
 
     def kaiming_bound(self) -> float:
         """The official key-value init: kaiming-uniform with fan_in = L_kv * d_h."""
@@ -146,6 +223,63 @@ class E2VPT(PromptedViT):
         return {**kv, **super().adapter_parameters()}
 
 
+def mask_importance(
+    model: E2VPT, loader: DataLoader, max_batches: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the token mask ``(N_P,)`` and the segment mask ``(N_P, 16)``: ``sum over batches |dL/dm|``
+    at m = 1, each mask entry shared by every layer (eval mode, the mean cross-entropy of each batch)."""
+    tokens = torch.zeros(model.num_prompts, dtype=torch.float64)
+    segments = torch.zeros(model.num_prompts, SEGMENTS, dtype=torch.float64)
+    dims = torch.arange(model.embed_dim) % SEGMENTS
+    for saliency in prompt_saliency(model, loader, max_batches):  # dL/dp * p, (layers, N_P, D)
+        per_dim = saliency.sum(0).double().cpu()
+        tokens += per_dim.sum(-1).abs()
+        segments += torch.zeros_like(segments).index_add_(1, dims, per_dim).abs()
+    return tokens, segments
+
+
+def _pruned(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """0/1 keeping all but the ``count`` lowest scores along the last dim (ties prune the later index)."""
+    order = torch.sort(-scores, dim=-1, stable=True).indices
+    keep = torch.zeros_like(scores, dtype=torch.int64)
+    return keep.scatter_(-1, order[..., : scores.shape[-1] - count], 1)
+
+
+def _share_problem(name: str, share: Any) -> str | None:
+    if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 <= share < 1):
+        return f"{name} must be the share pruned, in [0, 1), got {share!r}"
+    return None
+
+
+def pruning_masks(
+    token_scores: torch.Tensor, segment_scores: torch.Tensor, prune_tokens: float, prune_segments: float
+) -> tuple[list[int], list[list[int]]]:
+    """The token and segment masks that prune ``floor(share * count)`` of the lowest-scored tokens (at least
+    one token kept) and of each token's lowest-scored segments (at least 4 of 16 kept)."""
+    for name, share in (("prune_tokens", prune_tokens), ("prune_segments", prune_segments)):
+        problem = _share_problem(name, share)
+        if problem:
+            raise ValueError(f"{problem}.")
+    count = token_scores.numel()
+    tokens = _pruned(token_scores, min(math.floor(prune_tokens * count), count - 1))
+    segments = _pruned(segment_scores, min(math.floor(prune_segments * SEGMENTS), SEGMENTS - MIN_SEGMENTS))
+    return tokens.tolist(), segments.tolist()
+
+
+def read_pruning(path: str | Path) -> dict[str, Any]:
+    """The record ``selfprompt prune`` wrote, checked for the scores it must hold."""
+    try:
+        record = json.loads(Path(path).read_text())
+        scores = torch.tensor(record["token_scores"]), torch.tensor(record["segment_scores"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path} is not a pruning record ({error}); write one with selfprompt prune RUN --output FILE."
+        ) from None
+    if scores[1].shape != (scores[0].numel(), SEGMENTS):
+        raise ValueError(f"{path}: segment_scores must be ({scores[0].numel()}, {SEGMENTS}); rewrite it.")
+    return record
+
+
 @dataclass
 class E2VPTSettings:
     """E2VPT's own settings (the visual prompts' count, init and dropout are the ``prompt`` section's).
@@ -153,10 +287,29 @@ class E2VPTSettings:
     Attributes:
         kv_length: Key-value prompts per block (L_kv; official VTAB runs 1-10); 0 turns them off.
         share_kv: One tensor as both key and value prompts (the official default); set false for SPT inits.
+        pruning: The scores ``selfprompt prune RUN --output FILE`` wrote from a trained e2vpt run: this run
+            retrains from its initial values with the visual prompts pruned by the two shares below.
+        prune_tokens: Share of the visual prompt tokens pruned (official candidates 0.1-0.9; one is kept).
+        prune_segments: Share of each token's 16 segments pruned (official 0.1-0.9; 4 are kept).
     """
 
     kv_length: int = 5
     share_kv: bool = True
+    pruning: str | None = None
+    prune_tokens: float = 0.0
+    prune_segments: float = 0.0
+
+    def problems(self) -> list[str]:
+        out = [_share_problem(name, getattr(self, name)) for name in ("prune_tokens", "prune_segments")]
+        out = [problem for problem in out if problem]
+        if self.pruning is None and (self.prune_tokens or self.prune_segments):
+            out.append(
+                "prune_tokens and prune_segments need pruning: the file selfprompt prune RUN --output FILE "
+                "writes from a trained e2vpt run"
+            )
+        if self.pruning is not None and not Path(self.pruning).is_file():
+            out.append(f"pruning must be a file written by selfprompt prune, got {self.pruning!r}")
+        return out
 
 
 register_settings("e2vpt", E2VPTSettings, "E2VPT's key-value prompts (with the prompt section).")
@@ -176,6 +329,8 @@ def _refuse_shared(init: str) -> None:
 def _check(settings: Any, cfg: Any) -> None:
     if settings.e2vpt.kv_length:
         refuse_tracking(cfg, "e2vpt with key-value prompts")
+    if settings.e2vpt.pruning is not None:
+        refuse_trainval_source(read_pruning(settings.e2vpt.pruning), cfg, settings.e2vpt.pruning)
     if settings.e2vpt.share_kv and settings.e2vpt.kv_length and _token_init(settings.init):
         _refuse_shared(settings.init)
 
@@ -212,15 +367,33 @@ def prepare(method: Method, model: E2VPT, settings: PromptConfig, loader: DataLo
             model.kv_prompts[name].copy_(values)
 
 
+def _masks(settings: Any, num_prompts: int) -> dict[str, Any]:
+    """The ``token_mask`` / ``segment_mask`` arguments from ``e2vpt.pruning`` and its shares."""
+    e2vpt = settings.e2vpt
+    if e2vpt.pruning is None:
+        return {}
+    record = read_pruning(e2vpt.pruning)
+    scores = torch.tensor(record["token_scores"]), torch.tensor(record["segment_scores"])
+    if scores[0].numel() != num_prompts:
+        raise ValueError(
+            f"{e2vpt.pruning} scores {scores[0].numel()} visual prompts and this run has {num_prompts}: set "
+            f"prompt.num_prompts {scores[0].numel()} (the source run's) to rewind it."
+        )
+    tokens, segments = pruning_masks(*scores, e2vpt.prune_tokens, e2vpt.prune_segments)
+    return {"token_mask": tokens, "segment_mask": segments}
+
+
 def _build(backbone, num_classes, settings: Any, **common: Any) -> E2VPT:
+    num_prompts = prompt_count(settings, 10)
     return E2VPT(
         backbone,
         num_classes,
-        num_prompts=prompt_count(settings, 10),
+        num_prompts=num_prompts,
         kv_length=settings.e2vpt.kv_length,
         share_kv=settings.e2vpt.share_kv,
         deep_layers=settings.deep_layers,
         prompt_dropout=settings.dropout,
+        **_masks(settings, num_prompts),
         **common,
     )
 

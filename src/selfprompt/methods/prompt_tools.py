@@ -28,6 +28,34 @@ def refuse_tracking(cfg: Any, method: str) -> None:
         )
 
 
+def refuse_trainval_source(record: dict[str, Any], cfg: Any, path: Any) -> None:
+    """A record scored on a final-stage model (trained on train+val) cannot feed a tune stage: its val
+    images would be images the scores were learnt on."""
+    if cfg.stage != "final" and record.get("stage") == "final":
+        raise ValueError(
+            f"{path} was scored from a model trained on train+val, so a tune stage would select on images it "
+            "trained on: run --stage final, or score the source's tune stage (--stage tune)."
+        )
+
+
+def prompt_saliency(model: nn.Module, loader: Any, max_batches: int | None = None) -> Iterator[torch.Tensor]:
+    """Per batch of ``loader``'s (images, labels), ``dL/dP * P`` for ``model.prompts`` (eval mode, the mean
+    cross-entropy): summed over any set of prompt values, minus the first-order change of the loss when
+    those values are zeroed."""
+    was_training = model.training
+    model.eval()
+    device = model.prompts.device
+    try:
+        for batch, (images, labels) in enumerate(loader):
+            if max_batches is not None and batch >= max_batches:
+                break
+            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+            (grad,) = torch.autograd.grad(loss, model.prompts)
+            yield grad * model.prompts.detach()
+    finally:
+        model.train(was_training)
+
+
 def check_attention(attn: nn.Module, method: str) -> Attention:
     if not isinstance(attn, Attention):
         raise TypeError(
