@@ -70,7 +70,6 @@ from torch.utils.data import DataLoader
 
 SEGMENTS = 16  # official CLS_TOKEN_P_PIECES_NUM: each visual prompt's dims in 16 strided segments
 MIN_SEGMENTS = 4  # official MIN_NUMBER_CLS_TOKEN_PIECE: segments every kept token keeps
-PRUNING_RECORD = "pruning.json"  # the scores ``selfprompt prune`` writes, the file e2vpt.pruning names
 
 
 @dataclass
@@ -266,18 +265,18 @@ def pruning_masks(
     return tokens.tolist(), segments.tolist()
 
 
-def read_pruning(path: str | Path) -> dict[str, Any]:
-    """The record ``selfprompt prune`` wrote, checked for the scores it must hold."""
+def read_pruning(path: str | Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The record ``selfprompt prune`` wrote and its token and segment scores, checked."""
     try:
         record = json.loads(Path(path).read_text())
-        scores = torch.tensor(record["token_scores"]), torch.tensor(record["segment_scores"])
+        tokens, segments = torch.tensor(record["token_scores"]), torch.tensor(record["segment_scores"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"{path} is not a pruning record ({error}); write one with selfprompt prune RUN --output FILE."
         ) from None
-    if scores[1].shape != (scores[0].numel(), SEGMENTS):
-        raise ValueError(f"{path}: segment_scores must be ({scores[0].numel()}, {SEGMENTS}); rewrite it.")
-    return record
+    if tokens.ndim != 1 or segments.shape != (tokens.numel(), SEGMENTS):
+        raise ValueError(f"{path}: scores must be (N_P,) and (N_P, {SEGMENTS}); rerun selfprompt prune.")
+    return record, tokens, segments
 
 
 @dataclass
@@ -330,7 +329,7 @@ def _check(settings: Any, cfg: Any) -> None:
     if settings.e2vpt.kv_length:
         refuse_tracking(cfg, "e2vpt with key-value prompts")
     if settings.e2vpt.pruning is not None:
-        refuse_trainval_source(read_pruning(settings.e2vpt.pruning), cfg, settings.e2vpt.pruning)
+        refuse_trainval_source(read_pruning(settings.e2vpt.pruning)[0], cfg, settings.e2vpt.pruning)
     if settings.e2vpt.share_kv and settings.e2vpt.kv_length and _token_init(settings.init):
         _refuse_shared(settings.init)
 
@@ -372,14 +371,14 @@ def _masks(settings: Any, num_prompts: int) -> dict[str, Any]:
     e2vpt = settings.e2vpt
     if e2vpt.pruning is None:
         return {}
-    record = read_pruning(e2vpt.pruning)
-    scores = torch.tensor(record["token_scores"]), torch.tensor(record["segment_scores"])
-    if scores[0].numel() != num_prompts:
+    _, token_scores, segment_scores = read_pruning(e2vpt.pruning)
+    scored = token_scores.numel()
+    if scored != num_prompts:
         raise ValueError(
-            f"{e2vpt.pruning} scores {scores[0].numel()} visual prompts and this run has {num_prompts}: set "
-            f"prompt.num_prompts {scores[0].numel()} (the source run's) to rewind it."
+            f"{e2vpt.pruning} scores {scored} visual prompts and this run has {num_prompts}: set "
+            f"prompt.num_prompts {scored} (the source run's) to rewind it."
         )
-    tokens, segments = pruning_masks(*scores, e2vpt.prune_tokens, e2vpt.prune_segments)
+    tokens, segments = pruning_masks(token_scores, segment_scores, e2vpt.prune_tokens, e2vpt.prune_segments)
     return {"token_mask": tokens, "segment_mask": segments}
 
 
