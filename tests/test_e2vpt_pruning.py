@@ -172,7 +172,7 @@ def test_prune_then_rewind_end_to_end(tmp_path, capsys):
         )
     damaged = tmp_path / "damaged.json"
     damaged.write_text('{"stage": "tune"}')
-    with pytest.raises(ValueError, match="is not a pruning record .* selfprompt prune RUN --output FILE"):
+    with pytest.raises(ValueError, match=r"is not a pruning record .* selfprompt prune RUN --output FILE"):
         run(tiny_config(data, tmp_path / "w", method="e2vpt", **{**shares, "e2vpt.pruning": str(damaged)}))
     with pytest.raises(ValueError, match=r"set prompt\.num_prompts 4"):
         run(tiny_config(data, tmp_path / "y", method="e2vpt", **{**shares, "prompt.num_prompts": 3}))
