@@ -1,6 +1,7 @@
-"""The tables of docs/results.md's sections on every method, SPT initialisation for the other prompt methods,
-Prompt Condensation and the per-method searches, from the cells in docs/bench/*.csv (each a copy of a bench
-output folder's cells.csv, written by scripts/bench_methods.sh and scripts/bench_grids.sh).
+"""The tables of docs/results.md's sections on every method (MAE and supervised backbones), SPT
+initialisation for the other prompt methods, Prompt Condensation and the per-method searches, from the cells
+in docs/bench/*.csv (each a copy of a bench output folder's cells.csv, written by scripts/bench_methods.sh
+and scripts/bench_grids.sh).
 
     python scripts/results_tables.py [--bench docs/bench]
 """
@@ -16,6 +17,7 @@ from typing import Any
 from selfprompt.apps.stats import paired_difference
 
 MAE = "vit_mini_patch4_32.mae_fmnist"
+SUP = "vit_mini_patch4_32.sup_fmnist"
 TASKS = ["mnist", "dsprites_location", "clevr_distance"]
 SCIENCE_TASKS = ["dsprites_location", "clevr_distance"]
 METHODS = ["linear", "vpt-deep", "spt-deep", "bitfit", "lora", "adaptformer", "ssf", "gapt", "e2vpt", "vfpt"]
@@ -26,12 +28,12 @@ CVPT_FAST = {"cvpt[xavier]": "cvpt (lr 5e-2)", "cvpt[kmeans]": "cvpt (lr 5e-2)[k
 PC_ROWS = [(1.0, "vpt-deep[M=10]"), (0.5, "vpt-deep[M=5]"), (0.3, "vpt-deep[M=3]"), (0.1, "vpt-deep[M=1]")]
 
 
-def cells(path: Path, tasks: list[str] = TASKS) -> list[dict[str, Any]]:
-    """The MAE cells of ``tasks`` in one cells.csv, with numbers as numbers."""
+def cells(path: Path, tasks: list[str] = TASKS, backbone: str = MAE) -> list[dict[str, Any]]:
+    """The cells of ``backbone`` and ``tasks`` in one cells.csv, with numbers as numbers."""
     if not path.is_file():
         return []
     with path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r["backbone"] == MAE and r["task"] in tasks]
+        rows = [r for r in csv.DictReader(f) if r["backbone"] == backbone and r["task"] in tasks]
     for r in rows:
         r["test_acc"], r["seed"] = float(r["test_acc"]), int(r["seed"])
         r["trainable_parameters"] = int(r["trainable_parameters"])
@@ -69,22 +71,33 @@ def mean_over_tasks(rows: list[dict[str, Any]], variant: str, tasks: list[str]) 
     return f"{statistics.mean(values):.2f}"
 
 
-def methods_table(bench: Path) -> str:
-    """Every method, seed 0; spt-deep's seed-0 cells from the two-seed CPU grid."""
+def mae_methods(bench: Path) -> list[dict[str, Any]]:
+    """Every method on the MAE backbone, seed 0; spt-deep's seed-0 cells from the two-seed CPU grid."""
     spt = [r for r in cells(bench / "cpu_deep_cells.csv") if r["variant"] == "spt-deep" and r["seed"] == 0]
-    rows = merged(cells(bench / "methods_cpu_cells.csv"), spt, cvpt_fast(bench))
-    lines = [
-        f"| method | trainable (mean over tasks) | {' | '.join(TASKS)} | mean |",
-        "|---|---:|" + "---:|" * (len(TASKS) + 1),
-    ]
+    return merged(cells(bench / "methods_cpu_cells.csv"), spt, cvpt_fast(bench))
+
+
+def methods_table(bench: Path, rows: list[dict[str, Any]] | None = None) -> str:
+    """Every method, seed 0 (the MAE cells unless ``rows`` are given), and with other rows the MAE mean."""
+    mae = mae_methods(bench)
+    other = rows is not None
+    rows = rows if other else mae
+    header = f"| method | trainable (mean over tasks) | {' | '.join(TASKS)} | mean |"
+    lines = [header + (" MAE mean |" if other else ""), "|---|---:|" + "---:|" * (len(TASKS) + 1 + other)]
     for variant in METHODS:
         params = [r["trainable_parameters"] for r in rows if r["variant"] == variant]
         if not params:
             continue
         accs = " | ".join(accuracy(rows, variant, t) for t in TASKS)
         mean = mean_over_tasks(rows, variant, TASKS)
-        lines.append(f"| {variant} | {round(statistics.mean(params)):,} | {accs} | {mean} |")
+        beside = f" {mean_over_tasks(mae, variant, TASKS)} |" if other else ""
+        lines.append(f"| {variant} | {round(statistics.mean(params)):,} | {accs} | {mean} |{beside}")
     return "\n".join(lines)
+
+
+def sup_methods_table(bench: Path) -> str:
+    """Every method but pc on the supervised backbone, seed 0, beside its MAE mean."""
+    return methods_table(bench, cells(bench / "methods_sup_cpu_cells.csv", backbone=SUP))
 
 
 def spt_init_table(bench: Path) -> str:
@@ -157,6 +170,7 @@ def main() -> None:
     args = parser.parse_args()
     for title, render in (
         ("Every method (seed 0)", methods_table),
+        ("Every method on the supervised backbone (seed 0)", sup_methods_table),
         ("SPT initialisation for every prompt method", spt_init_table),
         ("Prompt Condensation against VPT from scratch", pc_table),
         ("Each method's own search (val), over seeds", science_table),
