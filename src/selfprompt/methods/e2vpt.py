@@ -166,11 +166,10 @@ class E2VPT(PromptedViT):
             self.reset_kv_prompts()
 
     def _layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
-        """The layer's visual prompts with the pruning masks applied (pruned values are zeros)."""
-        prompts = self.prompts[layer]
-        if self.prompt_mask is not None:
-            prompts = prompts * self.prompt_mask
-        return self.prompt_dropout(prompts.expand(batch, -1, -1))
+        """The layer's visual prompts with the pruning masks applied (pruned values are zeros; a 0/1 mask
+        commutes with dropout)."""
+        prompts = super()._layer_prompts(layer, batch)
+        return prompts if self.prompt_mask is None else prompts * self.prompt_mask
 
     def num_adapter_parameters(self) -> int:
         """The adapter's values less the pruned visual prompt values (zeros in the forward, no gradient)."""
