@@ -3,8 +3,10 @@
 (a) ``mixed``: a batch of B rows spread over T tasks (T = 1, 4, 16, 64; deep prompts, M = 10) through one
     :class:`MultiTaskViT` forward, against the same B rows of one task (one-task throughput) and against the
     same rows run task by task (each task's rows through its own ``PromptedViT``). Also rows with different
-    prompt lengths (M in 5, 10, 20, 50), the one-pass alternative (``mask=True``: padding + key mask), and
-    "equal M": B rows of one task whose M is the batch's mean (the same tokens per row on average).
+    prompt lengths (M in 5, 10, 20, 50), grouped by length and packed into one call per block (the default),
+    "unpacked" (the length groups run one after another), the one-pass alternative (``mask=True``: padding +
+    key mask), and "equal M": B rows of one task whose M is the batch's mean (the same tokens per row on
+    average).
 (b) ``server``: ``selfprompt serve`` on 127.0.0.1 with 4 tasks (the zoo's 32x32 MAE ViT), requests/s and
     p50/p99 latency at concurrency 1, 8, 32 (``--requests`` each), then a load test (``--load`` requests, 8
     concurrent, mixed tasks): errors and the server's RSS (all its processes) before and after.
@@ -102,16 +104,18 @@ def bench_mixed(args, root: Path) -> None:
     print(f"(a) mixed-task batches: {args.backbone} at {size}, batch {args.batch}, {threads} threads")
     print(
         f"{'T':>4} {'prompts':>10} {'one task':>10} {'mixed':>10} {'ratio':>7} {'equal M':>10} {'ratio':>7} "
-        f"{'task by task':>13} {'padded':>10}"
+        f"{'task by task':>13} {'unpacked':>9} {'padded':>10}"
     )
     for lengths in ([10], [5, 10, 20, 50]):
         for tasks in (1, 4, 16, 64):
             multi = MultiTaskViT(_backbone(args.backbone))  # rows grouped by prompt length (the default)
             padded = MultiTaskViT(_backbone(args.backbone), mask=True)
+            unpacked = MultiTaskViT(_backbone(args.backbone))
+            unpacked.packed = False
             for t in range(tasks):
                 folder = _adapter(root, args.backbone, lengths[t % len(lengths)], t)
-                multi.add_adapter(f"t{t}", folder)
-                padded.add_adapter(f"t{t}", folder)
+                for model in (multi, padded, unpacked):
+                    model.add_adapter(f"t{t}", folder)
             names = [f"t{i % tasks}" for i in range(args.batch)]
             mean_m = round(statistics.mean(multi.tasks[n].model.num_prompts for n in names))
             multi.add_adapter("equal", _adapter(root, args.backbone, mean_m, -1))
@@ -126,6 +130,7 @@ def bench_mixed(args, root: Path) -> None:
                     "mixed": lambda multi=multi, names=names: multi(images, names),
                     "equal": lambda multi=multi: multi(images, ["equal"] * args.batch),
                     "by_task": by_task,
+                    "unpacked": lambda g=unpacked, names=names: g(images, names),
                     "padded": lambda g=padded, names=names: g(images, names),
                 },
                 args.repeats,
@@ -135,7 +140,8 @@ def bench_mixed(args, root: Path) -> None:
             print(
                 f"{tasks:>4} {label:>10} {rate['one']:>10.1f} {rate['mixed']:>10.1f} "
                 f"{_speedup(times, 'mixed', 'one'):>7.2f} {rate['equal']:>10.1f} "
-                f"{_speedup(times, 'mixed', 'equal'):>7.2f} {rate['by_task']:>13.1f} {rate['padded']:>10.1f}"
+                f"{_speedup(times, 'mixed', 'equal'):>7.2f} {rate['by_task']:>13.1f} "
+                f"{rate['unpacked']:>9.1f} {rate['padded']:>10.1f}"
             )
 
 

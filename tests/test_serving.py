@@ -7,6 +7,7 @@ from selfprompt.methods.bitfit import BitFit
 from selfprompt.methods.prompt import PromptedViT
 from selfprompt.model import ViTClassifier
 from selfprompt.serving import MultiTaskViT
+from selfprompt.serving.packed import packable, packed_block
 
 import pytest
 import torch
@@ -199,3 +200,36 @@ def test_to_dtype_moves_the_bank_and_the_grouped_models(tmp_path):
     multi.to(torch.float64)
     rows = multi(_images(2).double(), ["deep3_avg", "bitfit"])
     assert all(r.dtype == torch.float64 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"init_values": 0.1, "qk_norm": True}, {"reg_tokens": 2, "no_embed_class": True}]
+)
+def test_packed_block_equals_the_block_on_each_length(kwargs):
+    block = tiny_vit(**kwargs).blocks[0]
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 65), (1, 70), (4, 80)]
+    xs = [torch.randn(b, n, block.norm1.normalized_shape[0], generator=g) for b, n in shapes]
+    assert packable([block])
+    with torch.no_grad():
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+        packed = packed_block(block, flat, shapes)
+        assert packed is flat  # in place
+        for x, y in zip(xs, packed.split([b * n for b, n in shapes]), strict=True):
+            assert (y.view(x.shape) - block(x)).abs().max().item() <= 1e-5
+
+
+def test_blocks_other_than_timm_s_plain_block_run_one_length_at_a_time(tmp_path):
+    class Custom(type(tiny_vit().blocks[0])):
+        pass
+
+    backbone = tiny_vit()
+    backbone.blocks[1].__class__ = Custom
+    multi = MultiTaskViT(backbone)
+    assert not multi.packed and MultiTaskViT(tiny_vit()).packed
+    singles = {}
+    for name, m in [("a", 2), ("b", 5)]:
+        model = _randomize_head(PromptedViT(tiny_vit(), 3, num_prompts=m, deep=True), m)
+        multi.add_adapter(name, model.save_pretrained(tmp_path / name))
+        singles[name] = model.eval()
+    _check_rows(multi, singles, _images(4), ["a", "b", "b", "a"])

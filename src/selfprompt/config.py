@@ -66,6 +66,10 @@ class OptimConfig:
         accumulate: Micro-batches per optimizer step (the global batch stays data.batch_size).
         ema_decay: Keep an exponential moving average of the trained parameters with this decay and evaluate
             it (reported beside the raw model); None disables EMA.
+        subspace_rank: SubPT: after ``subspace_steps`` optimizer steps, project each prompted layer's prompt
+            gradient onto the top ``subspace_rank`` directions (in the D-dimensional token space) of the
+            gradients of those first steps (methods with prompts only); None disables the projection.
+        subspace_steps: The early optimizer steps whose gradients define the subspace.
     """
 
     lr: float = 1e-3
@@ -78,6 +82,8 @@ class OptimConfig:
     grad_clip: float | None = None
     accumulate: int = 1
     ema_decay: float | None = None
+    subspace_rank: int | None = None
+    subspace_steps: int = 20
 
 
 @dataclass
@@ -240,6 +246,10 @@ def optim_problems(optim: OptimConfig) -> list[str]:
         out.append(f"optim.accumulate must be an integer >= 1, got {optim.accumulate!r}")
     if optim.ema_decay is not None and not in_range(optim.ema_decay, 0, 1, low_open=True):
         out.append(f"optim.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {optim.ema_decay!r}")
+    if optim.subspace_rank is not None and not positive_int(optim.subspace_rank):
+        out.append(f"optim.subspace_rank must be an integer >= 1 or null (off), got {optim.subspace_rank!r}")
+    if not positive_int(optim.subspace_steps):
+        out.append(f"optim.subspace_steps must be an integer >= 1, got {optim.subspace_steps!r}")
     return out
 
 

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-from selfprompt.atomic import atomic_write
 from selfprompt.config import TrainConfig
 from selfprompt.data.splits import build_splits, eval_transform
 from selfprompt.engine.build import backbone_name, build_model, create_backbone, method_settings
 from selfprompt.init import init_prompts
 from selfprompt.methods import get_method, method_names
+from selfprompt.methods.prompt import prompts_file_metadata, save_prompts_file
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 
 def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tensor:
@@ -44,7 +41,7 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
         "preprocessing": repr(eval_transform(cfg.data, backbone)),
     }
     out = Path(output)
-    cached = out.is_file() and _metadata(out) == key
+    cached = out.is_file() and prompts_file_metadata(out) == key
     if cached:
         prompts = load_file(str(out))["prompts"]
     else:
@@ -57,9 +54,7 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
             max_images=key["max_images"],
             seed=seed,
         ).cpu()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"selfprompt": json.dumps(key)}
-        atomic_write(out, lambda p: save_file({"prompts": prompts.contiguous()}, str(p), metadata=metadata))
+        save_prompts_file(out, prompts, key)
     print(
         f"{'reused cached' if cached else 'computed'} {key['method']} prompts {tuple(prompts.shape)} -> {out}"
     )
@@ -69,9 +64,3 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
         off_diagonal = (cos.sum() - cos.diagonal().sum()) / max(1, len(p) * (len(p) - 1))
         print(f"{layer:5d} {p.norm(dim=1).mean():10.3f} {off_diagonal:21.3f}")
     return prompts
-
-
-def _metadata(path: Path) -> dict[str, Any] | None:
-    with safe_open(str(path), "pt") as f:
-        raw = (f.metadata() or {}).get("selfprompt")
-    return json.loads(raw) if raw else None

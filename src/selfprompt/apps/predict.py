@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from selfprompt.data.splits import build_splits, eval_transform
 from selfprompt.engine.distributed import Context
 from selfprompt.engine.loop import evaluate
 from selfprompt.engine.trained import load_run_model
+from selfprompt.tta import PromptTuner, TPTConfig
 
 import torch
 
@@ -18,8 +21,16 @@ PROTOCOL_SPLITS = ("train", "val", "trainval", "test")
 
 
 def evaluate_run(
-    run_dir: str | Path, split: str, seed: int | None, stage: str, device: str, ema: bool = False
+    run_dir: str | Path,
+    split: str,
+    seed: int | None,
+    stage: str,
+    device: str,
+    ema: bool = False,
+    tpt: TPTConfig | None = None,
 ) -> dict[str, Any]:
+    """Accuracy and loss of a run's model on one of its splits; with ``tpt``, under test-time prompt tuning
+    (and its seconds per image)."""
     if split not in PROTOCOL_SPLITS:
         raise ValueError(
             f"split must be one of {PROTOCOL_SPLITS} (the run's configured splits), got {split!r}."
@@ -27,8 +38,17 @@ def evaluate_run(
     cfg, model, _ = load_run_model(run_dir, seed, stage, device, ema)
     dataset = getattr(build_splits(cfg.data, model.backbone), split)
     ctx = Context(rank=0, world_size=1, device=next(model.parameters()).device)
-    scores = evaluate(model, dataset, ctx, cfg.data.eval_batch_size, cfg.precision, cfg.data.num_workers)
-    return {"run": str(run_dir), "split": split, "stage": stage, "images": len(dataset), **scores}
+    net = PromptTuner(model, tpt) if tpt is not None else model
+    started = time.perf_counter()
+    scores = evaluate(net, dataset, ctx, cfg.data.eval_batch_size, cfg.precision, cfg.data.num_workers)
+    row = {"run": str(run_dir), "split": split, "stage": stage, "images": len(dataset), **scores}
+    if tpt is not None:
+        row |= {
+            "tta": "tpt",
+            **asdict(tpt),
+            "seconds_per_image": (time.perf_counter() - started) / len(dataset),
+        }
+    return row
 
 
 def _image_files(inputs: list[str]) -> list[Path]:
@@ -55,8 +75,10 @@ def predict_run(
     ema: bool = False,
     topk: int = 1,
     batch_size: int = 64,
+    tpt: TPTConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k classes and probabilities for each image file (folders are searched recursively).
+    """Top-k classes and probabilities for each image file (folders are searched recursively); with ``tpt``,
+    each image's prompts are first tuned on its own views (:mod:`selfprompt.tta`).
 
     A file that cannot be read as an image does not stop the others: its row holds ``path`` and ``error``
     (what is wrong and the fix) and no classes; when any file failed, every row has an ``error`` column.
@@ -68,6 +90,7 @@ def predict_run(
     files = _image_files(inputs)
     cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema)
     transform = eval_transform(cfg.data, model.backbone)
+    net = PromptTuner(model, tpt) if tpt is not None else model
     device_ = next(model.parameters()).device
     rows: dict[Path, dict[str, Any]] = {}
     readable: list[tuple[Path, torch.Tensor]] = []
@@ -79,7 +102,7 @@ def predict_run(
         if len(readable) == batch_size or (path is files[-1] and readable):
             chunk, images = zip(*readable, strict=True)
             readable = []
-            probs = model(torch.stack(images).to(device_)).float().softmax(dim=1)
+            probs = net(torch.stack(images).to(device_)).float().softmax(dim=1)
             top = probs.topk(min(topk, len(classes)), dim=1)
             for file, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
                 row: dict[str, Any] = {"path": str(file)}

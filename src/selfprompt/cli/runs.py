@@ -1,10 +1,12 @@
-"""``selfprompt eval``, ``predict``, ``analyze``, ``condense`` and ``prune``: commands on trained runs."""
+"""``selfprompt eval``, ``predict``, ``analyze``, ``condense``, ``prune`` and ``transfer-prompts``: commands
+on trained runs."""
 
 from __future__ import annotations
 
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,32 @@ from selfprompt.apps.analyze import analyze
 from selfprompt.apps.condense import condense_run
 from selfprompt.apps.predict import evaluate_run, predict_run
 from selfprompt.apps.prune import prune_run
+from selfprompt.apps.transfer_prompts import COMBINE, transfer_prompts
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import run_dir_parser
+from selfprompt.tta import TPTConfig
 
 from jsonargparse import ArgumentParser, Namespace
+
+
+def _tta(parser: ArgumentParser) -> ArgumentParser:
+    parser.add_argument(
+        "--tta", type=str | None, default=None, help="Test-time adaptation: tpt (test-time prompt tuning)."
+    )
+    parser.add_class_arguments(TPTConfig, "tpt", help="TPT's settings (with --tta tpt).")
+    return parser
+
+
+def _tpt(args: Namespace) -> TPTConfig | None:
+    """The TPT settings when ``--tta tpt`` (refusing other values, and TPT settings without it)."""
+    settings = TPTConfig(**args.tpt.as_dict())
+    if args.tta is None:
+        if settings != TPTConfig():
+            raise ValueError("--tpt.* settings need --tta tpt.")
+        return None
+    if args.tta != "tpt":
+        raise ValueError(f"--tta must be tpt (test-time prompt tuning), got {args.tta!r}.")
+    return settings
 
 
 def _eval_parser() -> ArgumentParser:
@@ -23,11 +47,11 @@ def _eval_parser() -> ArgumentParser:
     parser.add_argument(
         "--split", type=str, default="test", help="The split to evaluate (a data split name)."
     )
-    return parser
+    return _tta(parser)
 
 
 def _eval(args: Namespace) -> None:
-    scores = evaluate_run(args.run_dir, args.split, args.seed, args.stage, args.device, args.ema)
+    scores = evaluate_run(args.run_dir, args.split, args.seed, args.stage, args.device, args.ema, _tpt(args))
     print(json.dumps(scores, indent=2))
 
 
@@ -38,13 +62,19 @@ def _predict_parser() -> ArgumentParser:
         "--output", type=str | None, default=None, help="Write a .csv or .json (default: stdout)."
     )
     parser.add_argument("--topk", type=int, default=1, help="Classes reported per image.")
-    return parser
+    return _tta(parser)
 
 
 def _predict(args: Namespace) -> None:
     if args.output is not None and not args.output.endswith((".csv", ".json")):
         raise ValueError(f"--output must end in .csv or .json, got {args.output}")
-    rows = predict_run(args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk)
+    tpt = _tpt(args)
+    started = time.perf_counter()
+    rows = predict_run(
+        args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk, tpt=tpt
+    )
+    if tpt is not None:
+        print(f"TPT: {(time.perf_counter() - started) / len(rows):.3f} s per image", file=sys.stderr)
     write_predictions(rows, args.output)
     failed = [row for row in rows if row.get("error")]
     for row in failed:
@@ -134,6 +164,38 @@ def _prune(args: Namespace) -> None:
     prune_run(args.run_dir, args.output, args.seed, args.stage, args.device, args.max_batches)
 
 
+def _transfer_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="selfprompt transfer-prompts",
+        description="A prompts file from trained prompts of other tasks on the same backbone, for a run that "
+        "starts from them (--prompt.file FILE).",
+    )
+    parser.add_argument("sources", nargs="+", type=str, help="Run folders, adapter folders or prompts files.")
+    parser.add_argument("--output", type=str, required=True, help="The prompts file to write (.safetensors).")
+    parser.add_argument(
+        "--combine", type=str, default="mean", help=f"Several sources: {' or '.join(COMBINE)} (see the docs)."
+    )
+    parser.add_argument(
+        "--num_prompts", type=int | None, default=None, help="Prompts per layer (default: the sources')."
+    )
+    parser.add_argument(
+        "--layers", type=int | None, default=None, help="Prompted layers kept (default: the first source's)."
+    )
+    parser.add_argument(
+        "--seed", type=int | None, default=None, help="A run folder's seed (default: its first)."
+    )
+    parser.add_argument(
+        "--stage", type=str | None, default=None, help="A run folder's stage (default: final, else tune)."
+    )
+    return parser
+
+
+def _transfer(args: Namespace) -> None:
+    transfer_prompts(
+        args.sources, args.output, args.combine, args.num_prompts, args.layers, args.seed, args.stage
+    )
+
+
 COMMANDS = [
     Command("eval", "Evaluate a trained run on a split.", _eval_parser, _eval),
     Command("predict", "Classify images: class and probability per image.", _predict_parser, _predict),
@@ -154,5 +216,11 @@ COMMANDS = [
         "E2VPT pruning: score an e2vpt run's prompt masks for a pruned, rewound run.",
         _prune_parser,
         _prune,
+    ),
+    Command(
+        "transfer-prompts",
+        "Initial prompts from runs of other tasks (PPT-style transfer), for --prompt.file.",
+        _transfer_parser,
+        _transfer,
     ),
 ]

@@ -1,8 +1,9 @@
-"""``selfprompt train``, ``init-prompts`` and ``pretrain``: the recipe-driven commands."""
+"""``selfprompt train``, ``init-prompts``, ``meta-prompts`` and ``pretrain``: the recipe-driven commands."""
 
 from __future__ import annotations
 
 from selfprompt.apps.init_prompts import init_prompts_command
+from selfprompt.apps.meta_prompts import meta_prompts
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import config_from, config_parser
 from selfprompt.config import TrainConfig
@@ -13,6 +14,7 @@ from selfprompt.pretrain.run import pretrain
 from jsonargparse import ArgumentParser
 
 INIT_EXTRAS = ("--output", "--seed")
+META_EXTRAS = ("--sources", "--output", "--iterations", "--inner_steps", "--meta_lr", "--seed")
 
 
 def _init_parser() -> ArgumentParser:
@@ -24,6 +26,36 @@ def _init_parser() -> ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initialisation.")
     return parser
+
+
+def _meta_parser() -> ArgumentParser:
+    parser = config_parser(
+        "selfprompt meta-prompts",
+        "Meta-learn a recipe's initial prompts across source tasks (Reptile) into a prompts file for "
+        "--prompt.file. The recipe's data settings apply to every source; data.root is each source's.",
+        TrainConfig,
+    )
+    parser.add_argument("--sources", type=list[str], required=True, help="The source tasks' data roots.")
+    parser.add_argument("--output", type=str, required=True, help="Where to write the prompts.")
+    parser.add_argument("--iterations", type=int, default=200, help="Reptile iterations (one task each).")
+    parser.add_argument("--inner_steps", type=int, default=5, help="Training steps per iteration.")
+    parser.add_argument(
+        "--meta_lr", type=float, default=1.0, help="Reptile's step size, decayed linearly to 0."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the initial draw, order and batches.")
+    return parser
+
+
+def _meta(args) -> None:
+    meta_prompts(
+        config_from(args, TrainConfig, META_EXTRAS),
+        args.sources,
+        args.output,
+        args.iterations,
+        args.inner_steps,
+        args.meta_lr,
+        args.seed,
+    )
 
 
 COMMANDS = [
@@ -47,6 +79,14 @@ COMMANDS = [
         ),
         config=TrainConfig,
         extras=INIT_EXTRAS,
+    ),
+    Command(
+        "meta-prompts",
+        "Meta-learn initial prompts across source tasks (Reptile), for --prompt.file.",
+        _meta_parser,
+        _meta,
+        config=TrainConfig,
+        extras=META_EXTRAS,
     ),
     Command(
         "pretrain",

@@ -27,6 +27,7 @@ from typing import Any
 from selfprompt.engine.distributed import Context, ShardSampler, all_reduce_sum
 from selfprompt.engine.ema import ParameterEMA
 from selfprompt.engine.metrics import MetricsLog
+from selfprompt.engine.subspace import GradientSubspace
 
 import torch
 import torch.nn.functional as F
@@ -185,6 +186,7 @@ def train_epoch(
     accumulate: int = 1,
     grad_clip: float | None = None,
     ema: ParameterEMA | None = None,
+    subspace: GradientSubspace | None = None,
     bar: tqdm | None = None,
 ) -> tuple[torch.Tensor, float]:
     """``steps`` optimizer steps of ``accumulate`` micro-batches each (DDP syncs on the last one only).
@@ -209,6 +211,8 @@ def train_epoch(
                     loss = compute_loss(net, images, labels)
                 (loss / accumulate).backward()
             loss_sum += loss.detach() / accumulate
+        if subspace is not None:
+            subspace.step()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
@@ -261,6 +265,7 @@ class EpochLoop:
     accumulate: int = 1
     grad_clip: float | None = None
     ema: ParameterEMA | None = None
+    subspace: GradientSubspace | None = None
     progress: bool = True
 
     def run(
@@ -288,7 +293,7 @@ class EpochLoop:
             loss_sum, data_time = train_epoch(
                 self.net, iter(self.loader), self.steps, self.compute_loss, self.optimizer, self.scheduler,
                 self.ctx, self.precision, accumulate=self.accumulate, grad_clip=self.grad_clip, ema=self.ema,
-                bar=bar,
+                subspace=self.subspace, bar=bar,
             )  # fmt: skip
             bar.close()
             train_loss = checked_loss(loss_sum, self.steps, self.ctx, self.label, epoch)

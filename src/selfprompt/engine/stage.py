@@ -16,6 +16,7 @@ from selfprompt.engine.metrics import MetricsLog
 from selfprompt.engine.optim import build_optimizer, warmup_cosine
 from selfprompt.engine.rundir import RunDir, TrainingDir
 from selfprompt.engine.state import load_state, save_state
+from selfprompt.engine.subspace import gradient_subspace
 from selfprompt.engine.tracking import PromptTracker, probe_batch
 from selfprompt.model import ViTClassifier
 
@@ -100,6 +101,7 @@ def train_stage(
     optimizer = build_optimizer(model, opt)
     scheduler = warmup_cosine(optimizer, opt.warmup_epochs * steps, opt.epochs * steps, opt.lr, opt.min_lr)
     ema = ParameterEMA(model.adapter_parameters(), opt.ema_decay) if opt.ema_decay else None
+    subspace = gradient_subspace(model, opt)
     metrics = MetricsLog(folder, run.tensorboard) if ctx.is_main else None
     tracker = None
     if options.track.every and ctx.is_main:  # the main process only
@@ -110,6 +112,8 @@ def train_stage(
         state = load_state(folder.state, ctx, model.adapter_parameters(), optimizer, scheduler)
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if subspace is not None:
+            subspace.load_state_dict(state["subspace"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         if metrics is not None:
             metrics.restore(state["history"])
@@ -161,6 +165,7 @@ def train_stage(
             optimizer,
             scheduler,
             ema=ema.state_dict() if ema is not None else None,
+            subspace=subspace.state_dict() if subspace is not None else None,
             best=best,
             history=metrics.rows if metrics is not None else None,
             analysis=tracker.log.rows if tracker is not None else None,
@@ -169,7 +174,7 @@ def train_stage(
     loop = EpochLoop(
         net, model, loader, sampler, steps, classification_loss, optimizer, scheduler, ctx, run.precision,
         label, log, metrics, accumulate=opt.accumulate, grad_clip=opt.grad_clip, ema=ema,
-        progress=run.progress,
+        subspace=subspace, progress=run.progress,
     )  # fmt: skip
     epoch_times = loop.run(start_epoch, opt.epochs, evaluate_epoch, end_epoch)
 

@@ -8,16 +8,20 @@ train the same model; only the initializer differs, so they are one module with 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from selfprompt.atomic import atomic_write
 from selfprompt.init import init_prompts
 from selfprompt.methods.registry import Method, Search, register_method, register_settings
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -205,6 +209,23 @@ register_settings(
 def prompt_count(settings: Any, default: int) -> int:
     """``settings.num_prompts``, or the method's ``default`` when unset (0 is refused, not "unset")."""
     return default if settings.num_prompts is None else settings.num_prompts
+
+
+def save_prompts_file(path: str | Path, prompts: torch.Tensor, metadata: dict[str, Any]) -> Path:
+    """Write a prompts file (``prompts`` (layers, M, D) and JSON ``metadata``), the format ``prompt.file``
+    reads, atomically."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"selfprompt": json.dumps(metadata)}
+    atomic_write(out, lambda p: save_file({"prompts": prompts.contiguous()}, str(p), metadata=meta))
+    return out
+
+
+def prompts_file_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a prompts file ({} when it has none)."""
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("selfprompt")
+    return json.loads(raw) if raw else {}
 
 
 def load_prompts_file(path: str, shape: torch.Size) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Prompt adapters (``PromptedViT``, shallow or deep, any ``num_prompts``, ``deep_layers``, pooling and class
 count) and linear probes (``ViTClassifier`` with a frozen backbone: zero prompts) share one pass through the
-backbone: the rows are grouped by prompt length (one pass per distinct length, and each pass gathers every
-row's prompts by its task id), which measured faster on CPU than one padded pass (README, Serving). With
+backbone: the rows are grouped by prompt length (each group gathers every row's prompts by its task id) and
+the groups go through each block together, the token-wise layers once over all their tokens and attention
+per group (:mod:`selfprompt.serving.packed`; blocks other than timm's plain ``Block`` run one group at a
+time), which measured faster on CPU than one padded pass (README, Serving). With
 ``mask=True`` a batch is one pass instead: each row's prompts go into a slot as wide as the longest prompt
 in the batch, the slot's unused positions left out of every attention by a key mask (SDPA's boolean
 ``attn_mask``, which timm's ``Block`` passes through) and out of ``mae`` pooling. Either way each row
@@ -31,6 +33,7 @@ from selfprompt.data.config import DataConfig
 from selfprompt.methods import load_pretrained
 from selfprompt.methods.prompt import PromptedViT
 from selfprompt.model import POOL_TYPES, ViTClassifier, check_backbone
+from selfprompt.serving.packed import packable, packed_block
 from selfprompt.serving.sources import AdapterSource, resolve_source
 
 import torch
@@ -125,8 +128,9 @@ class MultiTaskViT(nn.Module):
             signature).
         backbone_name: The name adapters recorded (default: the backbone's own, as ``selfprompt train``
             saves it).
-        mask: ``False`` (default): rows grouped by prompt length, one pass per length, no mask. ``True``: one
-            pass with padded prompt slots and a key mask (blocks must accept ``attn_mask``).
+        mask: ``False`` (default): rows grouped by prompt length, no mask, the groups packed into one call
+            per block (``packed``: timm's plain blocks) or run one after the other. ``True``: one pass with
+            padded prompt slots and a key mask (blocks must accept ``attn_mask``).
 
     ``add_adapter``/``remove_adapter`` may run while another thread is in :meth:`forward`: a forward uses the
     snapshot of tasks it started with.
@@ -143,6 +147,7 @@ class MultiTaskViT(nn.Module):
         self.mask = mask and all(
             "attn_mask" in inspect.signature(block.forward).parameters for block in backbone.blocks
         )
+        self.packed = packable(backbone.blocks)
         self._lock = threading.Lock()
         self._publish({})
 
@@ -254,13 +259,13 @@ class MultiTaskViT(nn.Module):
             ids = torch.tensor([index[tasks[i]] for i in shared_rows], device=images.device)
             rows = torch.tensor(shared_rows, device=images.device)
             sub = images if len(shared_rows) == len(tasks) else images[rows]
-            if self.mask:
-                logits = self.forward_shared(sub, ids, bank)
-            else:
-                logits = sub.new_empty(len(shared_rows), bank.weight.shape[1])
-                for m in sorted({bank.lengths_list[k] for k in ids.tolist()}):
-                    group = (bank.lengths[ids] == m).nonzero().squeeze(1)
-                    logits[group] = self.forward_shared(sub[group], ids[group], bank)
+            groups = None
+            if not self.mask:
+                lengths = bank.lengths[ids]
+                distinct = sorted(set(lengths.tolist()))
+                if len(distinct) > 1:
+                    groups = [(lengths == m).nonzero().squeeze(1) for m in distinct]
+            logits = self.forward_shared(sub, ids, bank, groups=groups)
             width = min(logits.shape[1], out.shape[1])
             out[rows, :width] = logits[:, :width].to(out.dtype)
         for name in dict.fromkeys(t for t in tasks if not table[t].shared):
@@ -270,12 +275,49 @@ class MultiTaskViT(nn.Module):
         return out, counts
 
     def forward_shared(
-        self, images: torch.Tensor, ids: torch.Tensor, bank: _Bank | None = None, static: bool = False
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        bank: _Bank | None = None,
+        static: bool = False,
+        groups: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Padded logits ``(B, C_bank)`` of rows whose tasks share the backbone, ``ids`` indexing the bank;
-        past a row's class count they are ``-inf``. ``static``: no Python decision depends on ``ids``
-        (traceable for export: the prompt slot is the widest of all tasks, every pooling is computed)."""
+        past a row's class count they are ``-inf``. ``groups``: row indices run as separate sequences (each
+        of one prompt length, so unmasked), their blocks packed into one call where the blocks allow it;
+        ``None``: one pass. ``static``: one pass in which no Python decision depends on ``ids`` (traceable
+        for export: the prompt slot is the widest of all tasks, every pooling is computed)."""
         bank = bank if bank is not None else self._bank
+        bb = self.backbone
+        tokens = bb.patch_drop(bb._pos_embed(bb.patch_embed(images)))
+        if groups is None:
+            passes = [self._enter(tokens, ids, bank, static)]
+        else:
+            passes = [self._enter(tokens[g], ids[g], bank, static) for g in groups]
+        if groups is not None and self.packed:
+            xs = self._packed(passes, bank)
+        else:
+            xs = [rows.x for rows in passes]
+            for layer, block in enumerate(bb.blocks):
+                if layer:
+                    xs = [
+                        self._replace(layer, x, r, bank, inplace=not static)
+                        for x, r in zip(xs, passes, strict=True)
+                    ]
+                xs = [
+                    block(x) if r.mask is None else block(x, attn_mask=r.mask)
+                    for x, r in zip(xs, passes, strict=True)
+                ]
+        logits = [self._exit(x, rows, bank, static) for x, rows in zip(xs, passes, strict=True)]
+        if groups is None:
+            return logits[0]
+        out = tokens.new_empty(len(ids), bank.weight.shape[1])
+        for group, part in zip(groups, logits, strict=True):
+            out[group] = part
+        return out
+
+    def _enter(self, tokens: torch.Tensor, ids: torch.Tensor, bank: _Bank, static: bool) -> _Pass:
+        """A pass's embedded patch tokens, with their first prompts in a slot of the pass's width."""
         bb, p = self.backbone, self.num_prefix_tokens
         lengths = bank.lengths[ids]
         if static:
@@ -285,12 +327,10 @@ class MultiTaskViT(nn.Module):
             row_lengths = {bank.lengths_list[k] for k in present}
             width, padded = max(row_lengths), len(row_lengths) > 1
             pools = sorted({bank.pools_list[k] for k in present})
-
-        x = bb.patch_drop(bb._pos_embed(bb.patch_embed(images)))
+        x = tokens
         batch, n_patches = x.shape[0], x.shape[1] - p
         if width:
-            x = torch.cat([x[:, :p], bank.prompts[0][ids][:, :width], x[:, p:]], dim=1)
-        x = bb.norm_pre(x)
+            x = torch.cat([x[:, :p], bank.prompts[0][:, :width][ids], x[:, p:]], dim=1)
         slot = torch.arange(width, device=x.device)
         valid = slot[None, :] < lengths[:, None]  # (B, width): which slot positions are real prompts
         mask = None
@@ -298,29 +338,52 @@ class MultiTaskViT(nn.Module):
             ones = valid.new_ones(batch, 1)
             keys = torch.cat([ones.expand(batch, p), valid, ones.expand(batch, n_patches)], dim=1)
             mask = keys[:, None, None, :]  # (B, 1, 1, N): SDPA's boolean mask, True = attend
-        for layer, block in enumerate(bb.blocks):
-            if layer and width:
-                prompts = bank.prompts[layer]
-                k = min(width, prompts.shape[1])
-                if k:
-                    new = torch.where(
-                        bank.replaces[layer][ids][:, None, None], prompts[ids][:, :k], x[:, p : p + k]
-                    )
-                    x = torch.cat([x[:, :p], new, x[:, p + k :]], dim=1)
-            x = block(x, attn_mask=mask) if mask is not None else block(x)
+        return _Pass(bb.norm_pre(x), ids, lengths, width, valid, mask, pools)
 
+    def _packed(self, passes: list[_Pass], bank: _Bank) -> list[torch.Tensor]:
+        """The blocks over every pass at once (:func:`packed_block`); each pass's final tokens."""
+        shapes = [tuple(rows.x.shape[:2]) for rows in passes]
+        flat = torch.cat([rows.x.reshape(-1, rows.x.shape[-1]) for rows in passes])
+        parts = flat.split([b * n for b, n in shapes])
+        xs = [part.view(*shape, -1) for part, shape in zip(parts, shapes, strict=True)]
+        for layer, block in enumerate(self.backbone.blocks):
+            if layer:
+                for x, rows in zip(xs, passes, strict=True):
+                    self._replace(layer, x, rows, bank, inplace=True)
+            packed_block(block, flat, shapes)
+        return xs
+
+    def _replace(self, layer: int, x: torch.Tensor, rows: _Pass, bank: _Bank, inplace: bool) -> torch.Tensor:
+        """Deep prompts: the slot replaced before ``layer`` in the rows whose task has prompts there, in
+        ``x`` itself (inference) or in a new tensor (``inplace=False``: traceable for export)."""
+        p, prompts = self.num_prefix_tokens, bank.prompts[layer]
+        k = min(rows.width, prompts.shape[1])
+        if not k:
+            return x
+        new = torch.where(
+            bank.replaces[layer][rows.ids][:, None, None], prompts[:, :k][rows.ids], x[:, p : p + k]
+        )
+        if inplace:
+            x[:, p : p + k] = new
+            return x
+        return torch.cat([x[:, :p], new, x[:, p + k :]], dim=1)
+
+    def _exit(self, x: torch.Tensor, rows: _Pass, bank: _Bank, static: bool) -> torch.Tensor:
+        """Each row's pooling and head."""
+        bb, p, ids, width = self.backbone, self.num_prefix_tokens, rows.ids, rows.width
+        batch, n_patches = x.shape[0], x.shape[1] - p - width
         features = x.new_zeros(batch, bb.embed_dim)
         row_pools = bank.pools[ids]
-        for pool in pools:
+        for pool in rows.pools:
             kind = POOL_TYPES[pool]
             if kind == "token":
                 pooled = bb.fc_norm(bb.norm(x[:, 0]))
             elif kind == "avg":
                 pooled = bb.fc_norm(bb.norm(x[:, p + width :]).mean(dim=1))
             else:  # mae: the mean over real prompts and patches, then the final norm
-                weights = torch.cat([valid.to(x.dtype), x.new_ones(batch, n_patches)], dim=1)
+                weights = torch.cat([rows.valid.to(x.dtype), x.new_ones(batch, n_patches)], dim=1)
                 total = (x[:, p:] * weights[:, :, None]).sum(dim=1)
-                pooled = bb.fc_norm(bb.norm(total / (lengths + n_patches).to(x.dtype)[:, None]))
+                pooled = bb.fc_norm(bb.norm(total / (rows.lengths + n_patches).to(x.dtype)[:, None]))
             features = torch.where((row_pools == pool)[:, None], pooled, features)
 
         # the heads of the tasks in this batch as one GEMM ((B, D) x (D, U*C)); each row keeps its own task's
@@ -335,6 +398,20 @@ class MultiTaskViT(nn.Module):
         logits = every.view(batch, -1, width_c).gather(1, index).squeeze(1) + bank.bias[ids]
         columns = torch.arange(logits.shape[1], device=x.device)
         return logits.masked_fill(columns[None, :] >= bank.classes[ids][:, None], float("-inf"))
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """The rows of one sequence length in a forward: their tokens, bank ids, prompt counts, slot width, which
+    slot positions hold real prompts ``(B, width)``, the key mask (padded slots only) and the poolings."""
+
+    x: torch.Tensor
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    width: int
+    valid: torch.Tensor
+    mask: torch.Tensor | None
+    pools: Sequence[int]
 
 
 def _prompts(model: ViTClassifier) -> list[torch.Tensor]:

@@ -1,0 +1,50 @@
+"""One timm ``Block`` over batches of different sequence lengths in one call ("packed" tokens).
+
+Every operation of a ViT block but attention is token-wise, so the tokens of all batches stay in one
+``(total_tokens, D)`` matrix and the norms, the qkv and output projections and the MLP run once over it, as
+GEMMs as large as one batch of the same tokens would give. Only scaled dot-product attention runs per batch,
+on its own ``(B, heads, L, head_dim)`` view. No padding, no mask: each sequence computes what the block
+computes on its batch alone (up to float rounding; ``tests/test_serving.py``). The residual sums are written
+into the matrix in place, which keeps the large temporaries (and the allocator's page faults) down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+def packable(blocks: Sequence[nn.Module]) -> bool:
+    """True when every block is timm's plain ``Block`` with its plain ``Attention`` (whose forward
+    :func:`packed_block` follows); subclasses and other blocks run one batch at a time."""
+    return all(type(b) is Block and type(b.attn) is Attention for b in blocks)
+
+
+def packed_block(block: Block, flat: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``block`` in inference over packed sequences: ``flat`` ``(sum B_i * L_i, D)`` holds batch ``i``'s
+    ``(B_i, L_i, D)`` tokens after batch ``i - 1``'s, ``shapes`` the ``(B_i, L_i)``. ``flat`` is updated in
+    place (no autograd) and returned: each batch's rows become ``block(batch)``."""
+    attn = block.attn
+    heads, head_dim = attn.num_heads, attn.head_dim
+    h = block.norm1(flat)
+    gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(h)
+    out = qkv.new_empty(flat.shape[0], heads * head_dim)
+    start = 0
+    for batch, length in shapes:
+        end = start + batch * length
+        q, k, v = qkv[start:end].view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v, scale=attn.scale)
+        out[start:end].view(batch, length, heads, head_dim).copy_(o.transpose(1, 2))
+        start = end
+    h = getattr(attn, "norm", nn.Identity())(out)
+    if gate is not None:
+        h = h * gate
+    flat += block.drop_path1(block.ls1(attn.proj_drop(attn.proj(h))))
+    flat += block.drop_path2(block.ls2(block.mlp(block.norm2(flat))))
+    return flat
