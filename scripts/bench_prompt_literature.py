@@ -140,7 +140,7 @@ def tpt_cell(run: str, shift: str, mode: str, result: str) -> None:
     from selfprompt.engine.distributed import Context
     from selfprompt.engine.loop import evaluate
     from selfprompt.engine.trained import load_run_model
-    from selfprompt.tta import PromptTuner, TPTConfig
+    from selfprompt.engine.tta import PromptTuner, TPTConfig
 
     import torch
 

@@ -6,8 +6,9 @@ import json
 import subprocess
 import sys
 
-from selfprompt import PromptedViT, PromptTuner, TPTConfig, ViTClassifier
+from selfprompt import PromptedViT, ViTClassifier
 from selfprompt.engine import run
+from selfprompt.engine.tta import PromptTuner, TPTConfig
 
 import pytest
 import torch

@@ -9,16 +9,13 @@ from selfprompt.init import available_initializers, init_prompts, register_initi
 from selfprompt.methods import get_method, load_pretrained, method_names, register_method  # noqa: E402
 from selfprompt.methods.prompt import PromptedViT, PromptedViTConfig  # noqa: E402
 from selfprompt.model import ClassifierConfig, ViTClassifier  # noqa: E402
-from selfprompt.tta import PromptTuner, TPTConfig  # noqa: E402
 from selfprompt.version import __version__  # noqa: E402
 from selfprompt.zoo import models as _zoo_models  # noqa: E402, F401  (registers the zoo with timm)
 
 __all__ = [
     "ClassifierConfig",
-    "PromptTuner",
     "PromptedViT",
     "PromptedViTConfig",
-    "TPTConfig",
     "ViTClassifier",
     "__version__",
     "available_initializers",

@@ -13,7 +13,7 @@ from selfprompt.data.splits import build_splits, eval_transform
 from selfprompt.engine.distributed import Context
 from selfprompt.engine.loop import evaluate
 from selfprompt.engine.trained import load_run_model
-from selfprompt.tta import PromptTuner, TPTConfig
+from selfprompt.engine.tta import PromptTuner, TPTConfig
 
 import torch
 
@@ -78,7 +78,7 @@ def predict_run(
     tpt: TPTConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k classes and probabilities for each image file (folders are searched recursively); with ``tpt``,
-    each image's prompts are first tuned on its own views (:mod:`selfprompt.tta`).
+    each image's prompts are first tuned on its own views (:mod:`selfprompt.engine.tta`).
 
     A file that cannot be read as an image does not stop the others: its row holds ``path`` and ``error``
     (what is wrong and the fix) and no classes; when any file failed, every row has an ``error`` column.

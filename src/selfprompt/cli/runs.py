@@ -17,7 +17,7 @@ from selfprompt.apps.prune import prune_run
 from selfprompt.apps.transfer_prompts import COMBINE, transfer_prompts
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import run_dir_parser
-from selfprompt.tta import TPTConfig
+from selfprompt.engine.tta import TPTConfig
 
 from jsonargparse import ArgumentParser, Namespace
 
