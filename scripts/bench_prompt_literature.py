@@ -25,6 +25,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,7 +44,7 @@ TARGETS = ["dsprites_location", "clevr_distance"]
 SEEDS = [0, 1, 2]
 EPOCHS = 6
 INITS = ["xavier", "kmeans", "transfer", "meta"]
-TPT = ["--tpt.views", "16", "--tpt.keep", "0.125", "--tpt.steps", "1", "--tpt.lr", "5e-3"]
+TPT = {"views": 16, "keep": 0.125, "steps": 1, "lr": 5e-3}  # TPTConfig's settings
 # noise0.03 was added after the first pass: noise of std 0.1 takes both tasks to chance, leaving TPT nothing
 SHIFTS = {
     "clean": None,
@@ -171,16 +172,8 @@ def tpt_cell(run: str, shift: str, mode: str, result: str) -> None:
                 )
             return (pixels.clamp(0, 1) - mean) / std, label
 
-    values = dict(zip(TPT[::2], TPT[1::2], strict=True))
-    tpt = TPTConfig(
-        views=int(values["--tpt.views"]),
-        keep=float(values["--tpt.keep"]),
-        steps=int(values["--tpt.steps"]),
-        lr=float(values["--tpt.lr"]),
-    )
+    tpt = TPTConfig(**TPT)
     net = PromptTuner(model, tpt) if mode == "tpt" else model
-    import time
-
     started = time.perf_counter()
     scores = evaluate(net, Shifted(), Context(0, 1, torch.device("cpu")), 64, "fp32")
     seconds = (time.perf_counter() - started) / len(picked)

@@ -54,8 +54,8 @@ class TPTConfig:
             raise ValueError("TPT settings: " + "; ".join(problems) + ".")
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = logits.float().log_softmax(dim=-1)
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """The entropy of each distribution given by its log-probabilities (last dimension)."""
     return -(logp.exp() * logp).sum(dim=-1)
 
 
@@ -113,11 +113,11 @@ class PromptTuner(nn.Module):
                 optimizer = torch.optim.AdamW([self.prompts], lr=cfg.lr, weight_decay=0.0)
                 for _ in range(cfg.steps):
                     with torch.enable_grad():
-                        logits = model(views)
-                        confident = _entropy(logits.detach()).topk(keep, largest=False).indices
-                        mean = logits[confident].float().log_softmax(dim=-1).exp().mean(dim=0)
-                        loss = -(mean * mean.clamp_min(1e-12).log()).sum()
-                        loss.backward()
+                        logp = model(views).float().log_softmax(dim=-1)
+                        confident = _entropy(logp.detach()).topk(keep, largest=False).indices
+                        # the log of the kept views' mean prediction, computed in log space
+                        mean = logp[confident].logsumexp(dim=0) - math.log(keep)
+                        _entropy(mean).backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
