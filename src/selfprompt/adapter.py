@@ -2,12 +2,15 @@
 
 An adapter folder holds ``adapter.safetensors`` (what trains: prompts, head, biases, ...) and
 ``adapter_config.json``: the format version, the model class, its constructor settings, the backbone's
-signature (checked on load), the weights' origin and licence, and library versions.
+signature (checked on load), the weights' origin and licence, and library versions. A tensor holding NaN or
+Inf is refused both ways (:func:`check_finite`): it is never written, and one written elsewhere is never
+loaded.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
 SIGNATURE_KEYS = ("name", "embed_dim", "depth", "patch_size", "num_prefix_tokens")
 _REWRITE = "the adapter folder is damaged: save the adapter again (or copy it again from the trained run)."
+_DIVERGED = "retrain with a lower learning rate (optim.lr) or with optim.grad_clip set"
 
 
 def timm_name(backbone: nn.Module) -> str | None:
@@ -67,8 +71,9 @@ def save_adapter(
 ) -> Path:
     """Write ``tensors`` and the config that rebuilds ``model_class(backbone, **asdict(settings))``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    check_finite(tensors, directory / WEIGHTS_NAME, writing=True)
+    directory.mkdir(parents=True, exist_ok=True)
     config = {
         "format_version": FORMAT_VERSION,
         "class": model_class,
@@ -140,18 +145,52 @@ def check_signature(saved: dict[str, Any], backbone: nn.Module, name: str | None
         )
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str | Path, writing: bool = False) -> None:
+    """Refuse ``tensors`` read from ``path`` (ValueError), or about to be written there (FloatingPointError,
+    before anything is written), when one holds NaN or Inf; the message names each such tensor."""
+    found = []
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            counts = ((int(tensor.isnan().sum()), "NaN"), (int(tensor.isinf().sum()), "Inf"))
+            held = " and ".join(f"{n} {kind}" for n, kind in counts if n)
+            found.append(f"tensor {key!r} holds {held} of its {tensor.numel()} values")
+    if not found:
+        return
+    if writing:
+        raise FloatingPointError(
+            f"Refusing to write {path}: {'; '.join(found)}. Training diverged: {_DIVERGED}. Nothing was "
+            f"written."
+        )
+    raise ValueError(
+        f"{path}: {'; '.join(found)}. It was saved from a run that diverged: {_DIVERGED}, or use an earlier "
+        f"copy of the file."
+    )
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path`` (an adapter's weights or a prompts file), refused when it
+    cannot be read or holds NaN or Inf (:func:`check_finite`)."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    except (SafetensorError, OSError) as error:
+        fix = _REWRITE if path.name == WEIGHTS_NAME else "write it again (or copy it again)."
+        raise ValueError(
+            f"{path} cannot be read ({error}): the file is damaged or cut short; {fix}"
+        ) from None
+    check_finite(tensors, path)
+    return tensors
+
+
 @torch.no_grad()
 def load_tensors(directory: str | Path, params: dict[str, torch.Tensor]) -> None:
     """Copy the adapter's tensors into ``params``, which must name exactly the same tensors and shapes."""
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the adapter directory is incomplete.")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{weights} cannot be read ({error}): the file is damaged or cut short; {_REWRITE}"
-        ) from None
+    tensors = read_tensors(weights)
     if set(tensors) != set(params):
         raise ValueError(f"{weights} holds tensors {sorted(tensors)}, expected {sorted(params)}.")
     for key, param in params.items():

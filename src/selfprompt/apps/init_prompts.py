@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selfprompt.adapter import read_tensors
 from selfprompt.config import TrainConfig
 from selfprompt.data.splits import build_splits, eval_transform
 from selfprompt.engine.build import backbone_name, build_model, create_backbone, method_settings
@@ -12,7 +13,6 @@ from selfprompt.methods import get_method, method_names
 from selfprompt.methods.prompt import prompts_file_metadata, save_prompts_file
 
 import torch
-from safetensors.torch import load_file
 
 
 def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tensor:
@@ -43,7 +43,7 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
     out = Path(output)
     cached = out.is_file() and prompts_file_metadata(out) == key
     if cached:
-        prompts = load_file(str(out))["prompts"]
+        prompts = read_tensors(out)["prompts"]
     else:
         loader = torch.utils.data.DataLoader(splits.init_train, batch_size=cfg.data.eval_batch_size)
         prompts = init_prompts(

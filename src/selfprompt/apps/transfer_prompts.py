@@ -19,12 +19,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from selfprompt.adapter import SIGNATURE_KEYS, WEIGHTS_NAME
+from selfprompt.adapter import SIGNATURE_KEYS, WEIGHTS_NAME, read_tensors
 from selfprompt.methods.prompt import prompts_file_metadata, save_prompts_file
 from selfprompt.serving.sources import resolve_source
 
 import torch
-from safetensors.torch import load_file
 
 COMBINE = ("mean", "concat")
 
@@ -42,8 +41,7 @@ def source_prompts(
 
 
 def _prompts_of(weights: Path, model_class: str | None = None) -> torch.Tensor:
-    tensors = load_file(str(weights))
-    prompts = tensors.get("prompts")
+    prompts = read_tensors(weights).get("prompts")
     if prompts is None or prompts.ndim != 3:
         what = f"a {model_class} adapter" if model_class else "the file"
         raise ValueError(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selfprompt.adapter import check_finite, read_tensors
 from selfprompt.atomic import atomic_write
 from selfprompt.init import init_prompts
 from selfprompt.methods.registry import Method, Search, register_method, register_settings
@@ -21,7 +22,7 @@ from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -213,8 +214,9 @@ def prompt_count(settings: Any, default: int) -> int:
 
 def save_prompts_file(path: str | Path, prompts: torch.Tensor, metadata: dict[str, Any]) -> Path:
     """Write a prompts file (``prompts`` (layers, M, D) and JSON ``metadata``), the format ``prompt.file``
-    reads, atomically."""
+    reads, atomically; prompts holding NaN or Inf are refused and nothing is written."""
     out = Path(path)
+    check_finite({"prompts": prompts}, out, writing=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"selfprompt": json.dumps(metadata)}
     atomic_write(out, lambda p: save_file({"prompts": prompts.contiguous()}, str(p), metadata=meta))
@@ -230,7 +232,7 @@ def prompts_file_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_prompts_file(path: str, shape: torch.Size) -> torch.Tensor:
     """The prompts a ``selfprompt init-prompts`` file holds, checked against the model's shape."""
-    prompts = load_file(path)["prompts"]
+    prompts = read_tensors(path)["prompts"]
     if prompts.shape != shape:
         raise ValueError(
             f"{path} holds prompts of shape {tuple(prompts.shape)}, the model needs {tuple(shape)}."
