@@ -13,7 +13,7 @@ def _serve_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="selfprompt serve",
         description="Serve many tasks from one frozen backbone over HTTP (LitServe): POST /predict, "
-        "GET /tasks, GET /health.",
+        "GET /tasks, GET /health. SIGTERM or SIGINT stops it (every process, the port freed).",
     )
     parser.add_argument(
         "--adapter",
@@ -35,7 +35,10 @@ def _serve_parser() -> ArgumentParser:
     parser.add_argument("--max_pixels", type=int, default=40_000_000, help="Largest image, width x height.")
     parser.add_argument("--max_bytes", type=int, default=20 * 1024 * 1024, help="Largest request body.")
     parser.add_argument(
-        "--token", type=str | None, default=None, help="Bearer token required (or $SELFPROMPT_SERVE_TOKEN)."
+        "--token",
+        type=str | None,
+        default=None,
+        help="Bearer token required on /predict and /tasks (or $SELFPROMPT_SERVE_TOKEN); /health stays open.",
     )
     parser.add_argument(
         "--allowed_root", type=str | None, default=None, help="Refuse adapter folders outside this folder."
