@@ -4,6 +4,7 @@ message that says what is wrong, which file and the fix, never a traceback; a bu
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -84,13 +85,36 @@ def test_a_bad_value_is_refused_before_the_folder_is_written(extra, message, dat
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+NON_FINITE = [
+    (["--optim.lr", "inf"], "optim.lr must be a finite number > 0 (e.g. 1e-3), got inf"),
+    (["--optim.lr=nan"], "optim.lr must be a finite number > 0 (e.g. 1e-3), got nan"),
+    (["--optim.lr", "-inf"], "optim.lr must be a finite number > 0 (e.g. 1e-3), got -inf"),
+    (["--optim.weight_decay", "Infinity"], "optim.weight_decay must be a finite number >= 0, got inf"),
+    (["--optim.grad_clip", "NaN"], "optim.grad_clip must be a finite number > 0 or null, got nan"),
+    (["--optim.betas", "[0.9, inf]"], "optim.betas must be two numbers in [0, 1)"),
+    (["--lora.alpha", "nan"], "lora.alpha must be a finite number, got nan"),  # no range of its own
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), NON_FINITE, ids=[" ".join(e) for e, _ in NON_FINITE])
+def test_a_non_finite_number_is_one_line_naming_its_range(extra, message, data, tmp_path, capsys):
+    code, err = train(capsys, data, tmp_path / "run", *extra)
+    assert code == 1 and message in err and "usage:" not in err and len(err.splitlines()) == 2, err
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim:\n  lr: .inf\n  weight_decay: -inf\n")  # YAML's spelling and Python's
+    code, err = cli(capsys, "train", recipe, "--output_dir", tmp_path / "run")
+    assert code == 1 and "optim.lr must be a finite number > 0 (e.g. 1e-3), got inf" in err, err
+    assert "optim.weight_decay must be a finite number >= 0, got -inf" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_the_num_prompts_default_is_only_for_null(data, tmp_path):
     with pytest.raises(
         ValueError,
         match=r"prompt\.num_prompts must be an integer in 1\.\.1024 or null \(the default\), got 0",
     ):
         run(tiny_config(data, tmp_path, **{"prompt.num_prompts": 0}))
-    for lr in (float("nan"), float("inf")):  # the command line's parser refuses nan itself
+    for lr in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"optim\.lr must be a finite number > 0"):
             run(tiny_config(data, tmp_path, **{"optim.lr": lr}))
     assert not (tmp_path / "config.yaml").exists()
@@ -107,6 +131,24 @@ def test_a_run_that_never_finished_an_epoch_does_not_block_a_retry(data, tmp_pat
     (tmp_path / "again" / "config.yaml").write_text("optim:\n  lr: 0.0\n")
     code, err = train(capsys, data, tmp_path / "again", "--resume", "true")  # a resume with the fix
     assert code == 0, err
+
+
+def test_the_advice_after_a_non_finite_loss_works_in_the_same_folder(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*cli_args(data, out), "--stage", "tune"]
+    code, err = cli(capsys, "train", *args, "--optim.lr", "1e6")  # finite after epoch 1, nan in epoch 2
+    assert code == 1 and re.search(r"the training loss became (nan|-?inf) in epoch [23]", err), err
+    assert "--optim.lr 100000" in err and "--optim.grad_clip 1.0" in err and "--resume false" in err
+    assert (out / "seed0" / "tune" / "state.pt").is_file()  # a run with progress, which used to block both
+    code, err = cli(capsys, "train", *args, "--optim.lr", "0.01", "--resume", "true")
+    assert code == 1 and "the config changed in optim.lr" in err and "--resume false" in err, err
+    code, err = cli(capsys, "train", *args, "--optim.lr", "0.01")  # the advice, followed
+    assert code == 0, err
+    rows = [json.loads(x) for x in (out / "seed0" / "tune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and "lr: 0.01\n" in (out / "config.yaml").read_text()
+    assert not (out / "diverged.json").exists() and (out / "summary.json").is_file()
+    code, err = cli(capsys, "train", *args, "--optim.lr", "0.01")
+    assert code == 1 and "already holds a run" in err  # a finished run is never replaced
 
 
 # 8, 9: the run folder's lock, temporary files, a moved folder ---------------------------------------------
@@ -301,6 +343,27 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path):
     assert "The disk is full: cannot write /runs/x/metrics.jsonl" in message and "--resume true" in message
 
 
+TORCH_WRITE_FAILED = "[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file"
+
+
+@pytest.mark.parametrize("raised", ["ENOSPC", "torch"])
+def test_a_full_disk_during_a_checkpoint_is_one_sentence(raised, data, tmp_path, monkeypatch, capsys):
+    def full(obj, path, *args, **kwargs):
+        if raised == "torch":  # what torch raises when its writer hits a full disk
+            raise RuntimeError(TORCH_WRITE_FAILED)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", full)
+    if raised == "torch":
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    code, err = train(capsys, data, tmp_path / "run")
+    state = tmp_path / "run" / "seed0" / "final" / "state.pt"
+    assert code == 1 and err == (
+        f"selfprompt train: error: The disk is full: cannot write {state}; free space on that disk, then run "
+        f"the command again (a training run continues where it stopped with --resume true).\n"
+    ), err
+
+
 def test_which_errors_are_messages_and_which_are_bugs():
     assert "optim.lr" in user_message(FloatingPointError("the training loss became nan; lower optim.lr"))
     assert user_message(KeyError("prompts")) is None
@@ -351,6 +414,19 @@ def test_predict_reports_bad_files_and_predicts_the_rest(trained, data, tmp_path
     rows = output.read_text().splitlines()
     assert rows[0] == "path,class,probability,error" and len(rows) == 11
     assert sum(1 for r in rows[1:] if r.endswith(",")) == 8, rows  # predicted, no error
+
+
+def test_predict_searches_a_folder_named_like_an_image(trained, data, tmp_path, capsys):
+    folder = Path(shutil.copytree(data / "test" / "class0", tmp_path / "images" / "x.png"))
+    output = tmp_path / "p.csv"
+    for target in (folder, folder.parent):
+        code, err = cli(capsys, "predict", trained, target, "--device", "cpu", "--output", output)
+        assert code == 0 and err == "", err
+        rows = output.read_text().splitlines()
+        assert rows[0] == "path,class,probability" and len(rows) == 1 + len(list(folder.iterdir()))
+    (tmp_path / "empty.png").mkdir()
+    code, err = cli(capsys, "predict", trained, tmp_path / "empty.png", "--device", "cpu")
+    assert code == 1 and "No images found" in err and "split" not in err, err
 
 
 def test_predict_refuses_topk_below_one(trained, data, capsys):

@@ -3,12 +3,14 @@ and two processes sharing one study."""
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from selfprompt.apps.sweep import SweepSettings, choose, grid_order, setting_name, sweep
+from selfprompt.apps.sweep import SweepSettings, _study, choose, grid_order, setting_name, sweep
 from selfprompt.cli import main
 from selfprompt.engine.run import config_dict
 
@@ -88,6 +90,53 @@ def test_killed_mid_trial_resumes_and_ends_as_an_uninterrupted_sweep(data, tmp_p
     assert {
         setting_name(t["params"]): t["val_acc"] for t in b["trials"] if t["state"] == "COMPLETE"
     } == scores
+    assert len(b["trials"]) == 4 and sum("rerun_of" in t for t in b["trials"]) == 1  # the killed one, once
+
+
+def ask_trial(out: Path, search: dict, host: str, pid: int):
+    """A trial of the study in ``out`` started by a worker ``(host, pid)``: Optuna's own record of it."""
+    optuna, study = _study(out, SweepSettings(search))
+    with warnings.catch_warnings():  # a heartbeat is for Study.optimize: this trial has none, never stale
+        warnings.simplefilter("ignore")
+        trial = study.ask()
+    trial.set_user_attr("owner", {"host": host, "pid": pid})
+    params = {key: trial.suggest_categorical(key, values) for key, values in search.items()}
+    return optuna, trial, params
+
+
+def test_a_killed_trial_appears_once_as_its_rerun(data, tmp_path, capsys):
+    out, search = tmp_path / "sweep", {"optim.lr": [0.02, 0.002]}
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    ask_trial(out, search, socket.gethostname(), int(dead.stdout))  # its worker was killed mid-trial
+    args = ["sweep", str(recipe(data, tmp_path)), "--search", json.dumps(search), "--output_dir", str(out)]
+    assert main([*args, "--final", "false"]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["complete"] and [t["state"] for t in record["trials"]] == ["COMPLETE", "COMPLETE"]
+    assert record["trials"][0]["rerun_of"] == [0] and record["trials"][0]["number"] != 0
+    assert "best setting" in capsys.readouterr().out
+
+
+def test_a_worker_that_ends_before_the_others_announces_no_choice(data, tmp_path, capsys):
+    out, search = tmp_path / "sweep", {"optim.lr": [0.02, 0.002]}
+    out.mkdir()
+    optuna, elsewhere, params = ask_trial(out, search, "another-machine", 1)  # still training there
+    args = ["sweep", str(recipe(data, tmp_path)), "--search", json.dumps(search), "--output_dir", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "best setting" not in printed and "1 trial(s) still running or queued in other workers" in printed
+    assert "the best so far is" in printed and "run this same command again" in printed
+    record = json.loads((out / "sweep.json").read_text())
+    assert not record["complete"] and record["pending"] == 1
+    assert "best" not in record and "final" not in record and record["best_so_far"]["params"] != params
+    assert not (out / "final").exists()
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}")
+    study.tell(elsewhere.number, 0.5)  # the other worker finishes; the command, run again, chooses
+    assert main(args) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["complete"] and record["pending"] == 0
+    assert record["final"]["params"] == record["best"]["params"]
+    assert f"best setting {record['best']['params']}" in capsys.readouterr().out
 
 
 def test_two_processes_share_one_study_without_running_a_trial_twice(data, tmp_path):

@@ -8,7 +8,8 @@ from pathlib import Path
 from selfprompt.cli import main
 from selfprompt.config import DataConfig
 from selfprompt.data import vtab_mini
-from selfprompt.data.check import verify_prepared
+from selfprompt.data.check import check_task, verify_prepared
+from selfprompt.data.registry import tasks
 from selfprompt.data.splits import build_splits
 
 import pytest
@@ -73,12 +74,54 @@ def copy_task(prepared: Path, tmp_path: Path, task: str = "clevr_count") -> Path
 
 def test_a_modified_image_is_detected(prepared, tmp_path):
     task = copy_task(prepared, tmp_path)
-    image = task / (task / "test.txt").read_text().splitlines()[7].split()[0]
-    image.write_bytes(image.read_bytes() + b"x")
+    name = (task / "test.txt").read_text().splitlines()[7].split()[0]
+    (task / name).write_bytes((task / name).read_bytes() + b"x")
     with pytest.raises(
-        ValueError, match=r"the test list or its images differ .* rebuild it: selfprompt data"
+        ValueError,
+        match=rf"modified: 1 images differ from the manifest's SHA-256: {name} -> rebuild it: selfprompt",
     ):
         verify_prepared(task)
+
+
+def test_check_names_each_changed_added_and_removed_image(prepared, tmp_path, capsys):
+    task = copy_task(prepared, tmp_path)
+    test = (task / "test.txt").read_text().splitlines()
+    changed, gone = test[0].split()[0], test[-1].split()[0]
+    (task / changed).write_bytes((task / test[1].split()[0]).read_bytes())  # another image's bytes
+    (task / "images" / "new.png").write_bytes((task / gone).read_bytes())
+    (task / gone).unlink()
+    (task / "test.txt").write_text("\n".join([*test[:-1], f"images/new.png {test[-1].split()[1]}"]) + "\n")
+    assert [(p.kind, p.detail) for p in check_task(task, tasks("vtab-mini")["clevr_count"])] == [
+        ("modified", f"1 images differ from the manifest's SHA-256: {changed}"),
+        ("added", "1 listed images are not in the manifest: images/new.png"),
+        ("removed", f"1 images of the manifest are gone from every list and from disk: {gone}"),
+        ("modified", "test.txt differs from the manifest's (a label, a path or the order changed)"),
+    ]
+    assert (
+        main(["data", "check", str(task.parent), "--benchmark", "vtab-mini", "--tasks", "clevr_count"]) == 1
+    )
+    out = capsys.readouterr().out
+    assert changed in out and "images/new.png" in out and gone in out
+
+
+def test_an_older_manifest_still_checks_and_says_it_cannot_name_the_file(prepared, tmp_path):
+    task = copy_task(prepared, tmp_path)
+    manifest = json.loads((task / "manifest.json").read_text())
+    older = {
+        k: v for k, v in manifest.items() if k not in ("file_sha256", "list_sha256")
+    }  # one hash per split
+    (task / "manifest.json").write_text(json.dumps(older))
+    assert verify_prepared(task)["sha256"] == manifest["sha256"]
+    name = (task / "test.txt").read_text().splitlines()[7].split()[0]
+    (task / name).write_bytes((task / name).read_bytes() + b"x")
+    with pytest.raises(ValueError) as caught:
+        verify_prepared(task)
+    message = str(caught.value)
+    assert "the test list or its images differ from the manifest's SHA-256" in message
+    assert "holds one hash per split, so it cannot name the file" in message
+    assert (
+        "selfprompt data prepare vtab-mini" in message and "its new manifest holds a hash per file" in message
+    )
 
 
 def test_an_incomplete_task_is_detected(prepared, tmp_path):
@@ -101,7 +144,7 @@ def test_a_run_refuses_a_damaged_task_before_training(prepared, tmp_path):
     label = task / "train800.txt"
     text = label.read_text()
     label.write_text(text.replace(" 0\n", " 1\n", 1))  # one relabelled image
-    with pytest.raises(ValueError, match=r"the train800 list or its images differ"):
+    with pytest.raises(ValueError, match=r"train800\.txt differs from the manifest's"):
         build_splits(DataConfig(root=str(task)), tiny_vit())
 
 

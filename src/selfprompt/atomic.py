@@ -25,7 +25,10 @@ class DiskFullError(OSError):
 
 def disk_full_error(path: str | os.PathLike, error: BaseException) -> DiskFullError | None:
     """A :class:`DiskFullError` naming ``path`` when ``error`` (an OSError, or torch's RuntimeError for a
-    failed write) came from a full disk; else None."""
+    failed write) came from a full disk; else None. Its message is one sentence: the path and the fix,
+    without the cause's own text (torch's writer internals, the temporary file's name)."""
+    if isinstance(error, DiskFullError):
+        return error
     full = isinstance(error, OSError) and error.errno in DISK_FULL
     if not full and isinstance(error, (OSError, RuntimeError)):
         with contextlib.suppress(OSError):
@@ -34,8 +37,8 @@ def disk_full_error(path: str | os.PathLike, error: BaseException) -> DiskFullEr
         return None
     return DiskFullError(
         errno.ENOSPC,
-        f"The disk is full: cannot write {path} ({error}). Free space on that disk, then continue the run "
-        f"with --resume true.",
+        f"The disk is full: cannot write {path}; free space on that disk, then run the command again (a "
+        f"training run continues where it stopped with --resume true).",
         str(path),
     )
 

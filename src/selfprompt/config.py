@@ -265,7 +265,29 @@ def batch_problems(data: Any) -> list[str]:
     return out
 
 
-def raise_problems(problems: list[str]) -> None:
+def _nonfinite_fields(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``section.field`` -> value for each number field of the dataclass ``config`` (sections included) that
+    holds inf or nan, itself or in its tuple."""
+    found: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value, name = getattr(config, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found |= _nonfinite_fields(value, f"{name}.")
+            continue
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            found[name] = value
+    return found
+
+
+def raise_problems(problems: list[str], config: Any) -> None:
+    """Raise :class:`ConfigError` naming ``problems``, and every number field of ``config`` that holds inf
+    or nan that no problem names already (a field without a range of its own must still be finite)."""
+    problems = problems + [
+        f"{name} must be a finite number, got {value!r}"
+        for name, value in _nonfinite_fields(config).items()
+        if not any(p.startswith(f"{name} ") for p in problems)
+    ]
     if problems:
         raise ConfigError(
             "Invalid config (fix these with --<field> VALUE or in the recipe):\n  " + "\n  ".join(problems)
@@ -314,7 +336,7 @@ def check_config(cfg: Any) -> None:
         settings = getattr(cfg, section.name, None)
         if hasattr(settings, "problems"):
             problems += [f"{section.name}.{problem}" for problem in settings.problems()]
-    raise_problems(problems)
+    raise_problems(problems, cfg)
 
 
 def legacy_fields() -> dict[str, str]:

@@ -54,8 +54,10 @@ def evaluate_run(
 def _image_files(inputs: list[str]) -> list[Path]:
     files = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if item.is_dir():  # a folder named like an image (x.png/) is searched, not read
+            files += sorted(
+                p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
+            )
         elif item.is_file():
             files.append(item)
         else:

@@ -16,8 +16,10 @@ retrained on train+val (the final stage) and tested once. Nothing is selected on
   half-trained setting from its last epoch; a trial left ``RUNNING`` by a process that died on this machine
   is failed and retried with the same setting (Optuna's ``RetryHeartbeatStaleTrialCallback``), and the
   database's heartbeat does the same for workers on other machines. Finished trials are never run again.
-- **Record**: ``sweep.json`` holds every trial (setting, state, score, folder), the choice, the tie rule and
-  the final test accuracy; ``trials/<setting>/`` and ``final/`` are ordinary run folders.
+- **Record**: ``sweep.json`` holds every trial (setting, state, score, folder; a killed trial once, as its
+  rerun), the choice, the tie rule and the final test accuracy; ``trials/<setting>/`` and ``final/`` are
+  ordinary run folders. A worker that ends while trials still run in others writes the best so far, not a
+  choice: the last worker to finish (or the same command run again) chooses and runs the final stage.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.atomic import write_json
-from selfprompt.config import TrainConfig
+from selfprompt.config import TrainConfig, check_config
 from selfprompt.engine.run import run
 from selfprompt.engine.rundir import RunDir
 
@@ -153,10 +155,12 @@ def _alive(pid: int) -> bool:
 
 
 def sweep(base: TrainConfig, settings: SweepSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run this process's share of the study in ``base.output_dir``, then (once every trial has finished)
-    the final stage of the chosen setting; returns the record written to ``sweep.json``."""
+    """Run this process's share of the study in ``base.output_dir``, then (once every trial has finished,
+    in any worker) the final stage of the chosen setting; returns the record written to ``sweep.json``
+    (:func:`_record`)."""
     check_search(base, settings)
     out = Path(base.output_dir)
+    check_config(with_setting(base, {k: v[0] for k, v in settings.search.items()}, "tune", out))
     out.mkdir(parents=True, exist_ok=True)
     optuna, study = _study(out, settings)
 
@@ -200,6 +204,12 @@ def choose(trials: list[dict[str, Any]], search: dict[str, list[Any]], sampler: 
 
 
 def _record(optuna, study, settings: SweepSettings, out: Path) -> dict[str, Any]:
+    """What ``sweep.json`` holds. A trial killed and rerun appears once, as its rerun (``rerun_of``: the
+    killed trials' numbers). The choice is ``best`` once the study is complete; before, ``best_so_far``,
+    with ``pending`` trials still running or queued (in other workers)."""
+    retries = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+    found = study.get_trials(deepcopy=False)
+    superseded = {number for t in found for number in retries(t)}
     trials = [
         {
             "number": t.number,
@@ -207,11 +217,16 @@ def _record(optuna, study, settings: SweepSettings, out: Path) -> dict[str, Any]
             "state": t.state.name,
             "val_acc": t.value,
             "folder": t.user_attrs.get("folder"),
+            **({"rerun_of": retries(t)} if retries(t) else {}),
         }
-        for t in study.get_trials(deepcopy=False)
+        for t in found
+        if t.number not in superseded
     ]
-    complete = {setting_name(t["params"]) for t in trials if t["state"] == "COMPLETE"}
-    wanted = len(grid_order(settings.search)) if settings.sampler == "grid" else settings.trials
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    if settings.sampler == "grid":
+        finished, wanted = len({setting_name(t["params"]) for t in done}), len(grid_order(settings.search))
+    else:
+        finished, wanted = len(done), settings.trials
     record: dict[str, Any] = {
         "search": settings.search,
         "sampler": settings.sampler,
@@ -220,10 +235,12 @@ def _record(optuna, study, settings: SweepSettings, out: Path) -> dict[str, Any]
         if settings.sampler == "grid"
         else "earliest trial",
         "trials": trials,
-        "complete": len(complete) >= wanted,
+        "complete": finished >= wanted,
+        "pending": sum(t["state"] in ("RUNNING", "WAITING") for t in trials),
     }
-    if complete:
-        record["best"] = choose(trials, settings.search, settings.sampler)
+    if done:
+        key = "best" if record["complete"] else "best_so_far"
+        record[key] = choose(trials, settings.search, settings.sampler)
     return record
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,50 @@ def config_fields(config_class: type) -> set[str]:
     return {f"--{k}" for k in keys} | {f"--{k.split('.')[0]}" for k in keys if "." in k}
 
 
+def _float_fields(config_class: type, prefix: str = "--") -> set[str]:
+    """The options of ``config_class`` that take a number with a fraction (``float``, ``float | None``, a
+    tuple of floats), as ``--section.field``."""
+    found = set()
+    for name, hint in typing.get_type_hints(config_class).items():
+        if dataclasses.is_dataclass(hint):
+            found |= _float_fields(hint, f"{prefix}{name}.")
+        elif _holds_float(hint):
+            found.add(f"{prefix}{name}")
+    return found
+
+
+def _holds_float(hint: Any) -> bool:
+    return hint is float or any(_holds_float(arg) for arg in typing.get_args(hint))
+
+
+def _yaml_number(word: str) -> str | None:
+    """YAML's spelling (``.inf``, ``-.inf``, ``.nan``) of a non-finite number written as Python or JSON
+    write it (``inf``, ``-Infinity``, ``NaN``, ``1e999``), which the parser reads as a float; None for
+    anything else."""
+    try:
+        number = float(word)
+    except ValueError:
+        return None
+    if math.isfinite(number):
+        return None
+    return ".nan" if math.isnan(number) else "-.inf" if number < 0 else ".inf"
+
+
+def _yaml_numbers(value: Any) -> Any:
+    """``value`` (a float field's value: a number, a string, a list of them) with its non-finite numbers in
+    YAML's spelling: the parser then reads them as floats and the config check names the field and its
+    range, where it would refuse ``inf`` and ``nan`` with a page of usage."""
+    if isinstance(value, list):
+        return [_yaml_numbers(v) for v in value]
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        words = [w.strip() for w in value[1:-1].split(",")]
+        spelled = [_yaml_numbers(w) for w in words]
+        return "[" + ",".join(spelled) + "]" if spelled != words else value
+    if isinstance(value, (str, float)):
+        return _yaml_number(value) or value
+    return value
+
+
 def _suggest(option: str, known: set[str]) -> str:
     close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0][2:]}?" if close else "; see --help for every field."
@@ -54,6 +100,7 @@ def prepare_config_argv(argv: list[str], config_class: type, extras: tuple[str, 
     if argv and argv[0].endswith(RECIPE_SUFFIXES):
         argv = ["--config", *argv]
     known = config_fields(config_class) | {"--config", "--help", "-h", "--print_config", *extras}
+    floats = _float_fields(config_class)
     moved = {f"--{old}": f"--{new}" for old, new in legacy_fields().items()}
     out: list[str] = []
     index = 0
@@ -61,14 +108,20 @@ def prepare_config_argv(argv: list[str], config_class: type, extras: tuple[str, 
         arg = argv[index]
         name, eq, value = arg.partition("=")
         if name == "--config" and index + 1 < len(argv) and not eq:
-            out += ["--config", _recipe_json(Path(argv[index + 1]), known)]
+            out += ["--config", _recipe_json(Path(argv[index + 1]), known, floats)]
             index += 2
             continue
         if name in moved:
             print(f"note: {name[2:]} is now {moved[name][2:]}", file=sys.stderr)
-            arg = moved[name] + eq + value
+            name = moved[name]
+            arg = name + eq + value
         elif name.startswith("--") and name not in known:
             raise UsageError(f"unknown config field {name[2:]!r}{_suggest(name, known)}")
+        if name in floats and eq:
+            arg = f"{name}={_yaml_numbers(value)}"
+        elif name in floats and index + 1 < len(argv) and _yaml_numbers(argv[index + 1]) != argv[index + 1]:
+            arg = f"{name}={_yaml_numbers(argv[index + 1])}"  # joined: argparse takes -.inf for an option
+            index += 1
         out.append(arg)
         index += 1
     return out
@@ -99,7 +152,7 @@ def read_recipe(recipe: Path) -> dict[str, Any]:
     return data
 
 
-def _recipe_json(recipe: Path, known: set[str]) -> str:
+def _recipe_json(recipe: Path, known: set[str], floats: set[str]) -> str:
     data = migrate(read_recipe(recipe))
     sections = {k.split(".")[0][2:] for k in known if "." in k}
     for key, value in data.items():
@@ -108,9 +161,12 @@ def _recipe_json(recipe: Path, known: set[str]) -> str:
                 f"{recipe}: {key} must be a mapping of its fields (e.g. {key}:\n  field: value), got "
                 f"{type(value).__name__} {value!r}."
             )
-    for key in flatten(data):
+    for key, value in flatten(data).items():
         if f"--{key}" not in known:
             raise UsageError(f"unknown config field {key!r} in {recipe}{_suggest(f'--{key}', known)}")
+        if f"--{key}" in floats:
+            section, _, name = key.rpartition(".")
+            (data[section] if section else data)[name] = _yaml_numbers(value)
     return json.dumps(data)
 
 

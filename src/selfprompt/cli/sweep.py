@@ -40,6 +40,19 @@ def _sweep(args: Namespace) -> None:
     best = record.get("best")
     if best is not None:
         print(f"best setting {best['params']}: val acc {100 * best['val_acc']:.2f}% ({record['tie_rule']})")
+    else:
+        so_far = record.get("best_so_far")
+        shown = ""
+        if so_far is not None:
+            shown = f"; the best so far is {so_far['params']}: val acc {100 * so_far['val_acc']:.2f}%"
+        if record["pending"]:
+            print(
+                f"{record['pending']} trial(s) still running or queued in other workers{shown} (not the "
+                f"final choice): the worker that finishes last chooses and runs the final stage, or run this "
+                f"same command again once they finish."
+            )
+        else:
+            print(f"the search is not complete (see the trials' states in sweep.json){shown}; no choice.")
     if "final" in record:
         print(f"final (train+val, tested once): test acc {100 * record['final']['test_acc']:.2f}%")
 

@@ -5,7 +5,9 @@ repeated, inside the list's base folder); counts match the registry (VTAB-1k's 8
 FGVC's official sizes) or the folder's own manifest; no image is in two of train, val and test; labels lie
 in the task's classes and every class occurs; every listed image exists and decodes in full; no image on
 disk is left out of every list; and where the folder has a manifest with hashes (written by ``selfprompt
-data prepare``), each split's list and images still hash the same.
+data prepare``), each list and image still hashes the same: a manifest with a hash per file names each
+changed, added or removed image and each changed list; an older one, with one hash per split, names the
+split only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from selfprompt.data.datasets import IMAGE_EXTENSIONS, BadLine, parse_list
 from selfprompt.data.images import unreadable
-from selfprompt.data.manifest import MANIFEST_NAME, split_hash
+from selfprompt.data.manifest import MANIFEST_NAME, file_hash, split_hash
 from selfprompt.data.registry import TaskInfo, tasks
 
 _SHOWN = 3  # files named per problem
@@ -27,7 +29,7 @@ _SHOWN = 3  # files named per problem
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # list, count, overlap, label, classes, missing, corrupt, extra, modified
+    kind: str  # list, count, overlap, label, classes, missing, corrupt, extra, modified, added, removed
     detail: str
     fix: str
 
@@ -129,15 +131,50 @@ def check_task(folder: str | Path, info: TaskInfo, counts: dict[str, int] | None
                 "remove them, or restore the list lines that named them",
             )
         )
-    for split, digest in manifest.get("sha256", {}).items():
+    if "file_sha256" in manifest:
+        problems += _changed_files(folder, manifest, list(listed), files, rebuild)
+        return problems
+    for split, digest in manifest.get("sha256", {}).items():  # an older manifest: one hash per split
         path = folder / f"{split}.txt"
         if split in listed and not missing and split_hash(folder, path.read_text()) != digest:
             problems.append(
                 Problem(
-                    "modified", f"the {split} list or its images differ from the manifest's SHA-256", rebuild
+                    "modified",
+                    f"the {split} list or its images differ from the manifest's SHA-256 (this older manifest "
+                    f"holds one hash per split, so it cannot name the file)",
+                    f"{rebuild} (its new manifest holds a hash per file)",
                 )
             )
     return problems
+
+
+def _changed_files(
+    folder: Path, manifest: dict[str, Any], splits: list[str], files: list[str], rebuild: str
+) -> list[Problem]:
+    """Against a manifest with a hash per file, the images ``files`` the lists of ``splits`` name: each
+    image whose bytes changed, each the manifest does not hold (added), each of the manifest's that is gone
+    from every list and from disk (removed; a listed image that is gone is the missing check's, one in no
+    list the extra check's), and each list whose lines changed."""
+    hashes: dict[str, str] = manifest["file_sha256"]
+    on_disk = {p for p in files if (folder / p).is_file()}
+    changed = [p for p in files if p in hashes and p in on_disk and file_hash(folder / p) != hashes[p]]
+    added = [p for p in files if p not in hashes]
+    removed = sorted(p for p in set(hashes) - set(files) if not (folder / p).is_file())
+    found = [
+        (kind, f"{len(paths)} {what}: {_named(paths)}")
+        for kind, what, paths in (
+            ("modified", "images differ from the manifest's SHA-256", changed),
+            ("added", "listed images are not in the manifest", added),
+            ("removed", "images of the manifest are gone from every list and from disk", removed),
+        )
+        if paths
+    ]
+    found += [
+        ("modified", f"{split}.txt differs from the manifest's (a label, a path or the order changed)")
+        for split, digest in manifest.get("list_sha256", {}).items()
+        if split in splits and file_hash(folder / f"{split}.txt") != digest
+    ]
+    return [Problem(kind, detail, rebuild) for kind, detail in found]
 
 
 def _overlaps(listed: dict[str, list[tuple[str, int]]], info: TaskInfo, rebuild: str) -> list[Problem]:

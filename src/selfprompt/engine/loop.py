@@ -225,14 +225,25 @@ def train_epoch(
     return loss_sum, data_time
 
 
+class DivergedError(FloatingPointError):
+    """The training loss became NaN or infinite; ``str()`` says where and what to change."""
+
+    def __init__(
+        self, where: str, epoch: int, loss: float, fix: str = "lower optim.lr or set optim.grad_clip"
+    ) -> None:
+        super().__init__(f"[{where}] the training loss became {loss} in epoch {epoch}; {fix}.")
+        self.where, self.epoch, self.loss = where, epoch, loss
+
+    def with_fix(self, fix: str) -> DivergedError:
+        """The same error with ``fix`` as what to change (a run names its exact options)."""
+        return DivergedError(self.where, self.epoch, self.loss, fix)
+
+
 def checked_loss(total: torch.Tensor, steps: int, ctx: Context, where: str, epoch: int) -> float:
-    """The mean loss over all processes; a non-finite one stops the run with what to change."""
+    """The mean loss over all processes; a non-finite one stops the run (:class:`DivergedError`)."""
     loss = all_reduce_sum(total).item() / (steps * ctx.world_size)
     if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"[{where}] the training loss became {loss} in epoch {epoch}; lower optim.lr or set "
-            f"optim.grad_clip."
-        )
+        raise DivergedError(where, epoch, loss)
     return loss
 
 

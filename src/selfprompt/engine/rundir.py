@@ -14,6 +14,8 @@
         adapter/, adapter_ema/        the trained adapter (and its EMA)
     <run>/encoder.safetensors         ``selfprompt pretrain``: the pretrained encoder (the run is its own
                                       TrainingDir: metrics and state.pt sit in <run>/)
+    <run>/diverged.json               the error of a run stopped by a non-finite loss (a new start replaces
+                                      such a run)
     <run>/.lock                       held (POSIX ``lockf``) by the process training in it, with its PID
 """
 
@@ -24,6 +26,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +149,24 @@ class RunDir(TrainingDir):
     @property
     def encoder(self) -> Path:
         return self.path / "encoder.safetensors"
+
+    @property
+    def diverged(self) -> Path:
+        return self.path / "diverged.json"
+
+    def write_diverged(self, error: str) -> None:
+        write_json(self.diverged, {"error": error})
+
+    def clear_training(self) -> None:
+        """Remove what training wrote (stages, checkpoints, logs, results, the encoder), keeping the config,
+        the lock and any file of the user's: a new start replaces a run stopped by a non-finite loss."""
+        logs = [self.log_file(n, s) for n in (self.METRICS, self.ANALYSIS) for s in ("jsonl", "csv")]
+        files = [self.summary, self.env, self.encoder, self.diverged, self.state, self.result, self.classes]
+        for path in [*files, *logs, *self.projections().values()]:
+            path.unlink(missing_ok=True)
+        stages = [p for p in self.path.glob("seed*") if re.fullmatch(r"seed\d+", p.name)]
+        for folder in [self.tensorboard, self.adapter(), self.adapter(ema=True), *stages]:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def stage(self, seed: int, name: str) -> TrainingDir:
         return TrainingDir(self.path / f"seed{seed}" / name)

@@ -117,4 +117,4 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
             problems.append(f"{name} must be in [0, 1), got {getattr(cfg, name)!r}")
     if not positive_int(cfg.eval_every):
         problems.append(f"eval_every must be an integer >= 1, got {cfg.eval_every!r}")
-    raise_problems(problems)
+    raise_problems(problems, cfg)
