@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from selfprompt.adapter import check_signature, load_tensors, read_config, save_adapter, timm_name
+from selfprompt.backbones import BackboneFamily, backbone_family
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -43,13 +44,9 @@ def backbone_pool(backbone: nn.Module) -> PoolType:
     return "token" if getattr(backbone, "global_pool", None) == "token" else "avg"
 
 
-def check_backbone(backbone: nn.Module) -> None:
-    if not isinstance(backbone, VisionTransformer):
-        raise TypeError(
-            f"selfprompt supports timm VisionTransformer backbones (vit_*, deit3_*, ... made by "
-            f"timm.create_model), got {type(backbone).__name__}. Hierarchical or convolutional models "
-            f"(ResNet, Swin, ConvNeXt, ...) have no token sequence to prompt."
-        )
+def check_backbone(backbone: nn.Module) -> BackboneFamily:
+    """``backbone``'s family; refuses a class selfprompt has no family for (:func:`backbone_family`)."""
+    return backbone_family(backbone)
 
 
 class ViTClassifier(nn.Module):
@@ -84,7 +81,7 @@ class ViTClassifier(nn.Module):
         **settings: Any,
     ) -> None:
         super().__init__()
-        check_backbone(backbone)
+        self.family = check_backbone(backbone)
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
         if pool is None:
@@ -130,8 +127,7 @@ class ViTClassifier(nn.Module):
         """Token sequence ``[prefix ; extra tokens ; patches]`` after the last block (before the final
         norm)."""
         bb = self.backbone
-        x = bb.patch_drop(bb._pos_embed(bb.patch_embed(x)))
-        x = bb.norm_pre(self.insert_tokens(x))
+        x = self.family.prologue(bb, x, insert=self.insert_tokens)
         for index, block in enumerate(bb.blocks):
             x = self.forward_block(index, block, x)
         return x

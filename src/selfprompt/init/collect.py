@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sized
+from itertools import islice
 from typing import Any
+
+from selfprompt.backbones import backbone_family
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -88,14 +91,13 @@ def patch_tokens_by_layer(
     Layer 0 is the patch embedding output (no position embedding, as in the official code); layer i >= 1 is
     the patch part of block i's input, i.e. block i-1's output. Only the blocks needed are run.
     """
-    x = backbone.patch_embed(images)
-    # dynamic_img_size gives an NHWC grid, otherwise (B, N, D) on the size the images imply
-    grid = x.shape[1:3] if x.ndim == 4 else backbone.patch_embed.dynamic_feat_size(images.shape[-2:])
+    family = backbone_family(backbone)
+    x = family.embed_patches(backbone, images)
+    grid = family.patch_grid(backbone, images, x)
     batch = x.shape[0]
     layers = [x.reshape(batch, *grid, -1)]
     if num_layers > 1:
-        h = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(x)))
-        for block in backbone.blocks[: num_layers - 1]:
-            h = block(h)
+        first = family.pre_blocks(backbone, family.embed_tokens(backbone, x))
+        for _, h in islice(family.tokens_entering_blocks(backbone, first, num_layers), 1, None):
             layers.append(h[:, backbone.num_prefix_tokens :].reshape(batch, *grid, -1))
     return layers

@@ -22,9 +22,9 @@ from typing import Any
 from selfprompt.methods.prompt import PromptedViT, prepare, prompt_count
 from selfprompt.methods.prompt_tools import (
     as_grid,
-    block_inputs,
     check_attention,
     cross_attention,
+    frozen_layers,
     refuse_tracking,
 )
 from selfprompt.methods.registry import Search, register_method
@@ -82,7 +82,7 @@ class CVPT(PromptedViT):
     def prompt_tokens_by_layer(self, images: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
         """What SPT builds layer l's prompts from: x1 = x + attn(LN1 x) at block l, patch tokens only."""
         grids = []
-        for grid, block, x in block_inputs(self.backbone, images, num_layers):
+        for grid, block, x in frozen_layers(self.backbone, images, num_layers):
             x1 = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
             grids.append(as_grid(x1, grid, self.num_prefix_tokens))
         return grids

@@ -53,13 +53,12 @@ from selfprompt.methods.prompt import (
 from selfprompt.methods.prompt_tools import (
     PromptPart,
     as_grid,
-    block_inputs,
     check_attention,
+    frozen_layers,
     prompt_saliency,
     refuse_tracking,
     refuse_trainval_source,
     self_attention,
-    split_heads,
 )
 from selfprompt.methods.registry import Method, register_method, register_settings
 from selfprompt.model import residual_branches
@@ -206,12 +205,13 @@ class E2VPT(PromptedViT):
     def keys_values_by_layer(self, part: int, images: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
         """Block i's keys (``part`` 1, after k-norm) or values (2) of the frozen backbone without prompts,
         patch tokens only, heads concatenated: one ``(B, H, W, H_heads * d_h)`` grid per block."""
-        grids = []
-        for grid, block, x in block_inputs(self.backbone, images, num_layers):
-            heads = split_heads(block.attn, block.norm1(x))[part]  # (B, H, N, d_h)
+        grids, family = [], self.family
+        for grid, block, x in frozen_layers(self.backbone, images, num_layers):
+            attn = block.attn
+            heads = family.split_heads(attn, family.project(attn, block.norm1(x)))[part]  # (B, H, N, d_h)
             if part == 1:
-                heads = block.attn.k_norm(heads)
-            tokens = heads.transpose(1, 2).flatten(2)  # (B, N, H * d_h)
+                heads = family.norm_qk(attn, heads, heads)[1]
+            tokens = family.merge_heads(attn, heads)  # (B, N, H * d_h)
             grids.append(as_grid(tokens, grid, self.num_prefix_tokens))
         return grids
 

@@ -1,9 +1,10 @@
 """Shared pieces of the prompt methods that act inside attention (GaPT, E2VPT, CVPT) or fill part of their
-prompts from the data (E2VPT's key/value prompts, VFPT's plain share): a timm ``Attention`` split into its
-steps, the frozen backbone's per-block streams, and :class:`PromptPart`, a view :func:`init_prompts` fills.
+prompts from the data (E2VPT's key/value prompts, VFPT's plain share): attention with a temperature, key/value
+prompts or prompts to cross-attend to, built from the backbone family's attention steps
+(:mod:`selfprompt.backbones.vit`), the frozen backbone's per-block streams, and :class:`PromptPart`, a view
+:func:`init_prompts` fills.
 
-Every attention here runs through ``F.scaled_dot_product_attention`` (the kernel timm's fused path uses):
-keys and values may be longer than the queries, and a temperature is folded into the queries so that it
+Keys and values may be longer than the queries, and a temperature is folded into the queries so that it
 keeps its gradient.
 """
 
@@ -12,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from selfprompt.backbones import attention_family, backbone_family
+
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
 
@@ -56,8 +58,9 @@ def prompt_saliency(model: nn.Module, loader: Any, max_batches: int | None = Non
         model.train(was_training)
 
 
-def check_attention(attn: nn.Module, method: str) -> Attention:
-    if not isinstance(attn, Attention):
+def check_attention(attn: nn.Module, method: str) -> nn.Module:
+    """``attn`` when a backbone family decomposes it (:func:`selfprompt.backbones.attention_family`)."""
+    if attention_family(attn) is None:
         raise TypeError(
             f"{method} computes timm's Attention itself and this backbone's attention is "
             f"{type(attn).__name__}; use a prompt method that wraps whole blocks (vpt-*, spt-*)."
@@ -65,42 +68,8 @@ def check_attention(attn: nn.Module, method: str) -> Attention:
     return attn
 
 
-def split_heads(attn: Attention, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-    """``x`` through rows ``rows`` of ``attn.qkv`` (all three by default), split into heads:
-    ``(parts, B, H, N, d_h)`` with parts the number of D-row blocks taken. Views of the frozen weights."""
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    if rows is not None:
-        weight, bias = weight[rows], None if bias is None else bias[rows]
-    batch, tokens, _ = x.shape
-    out = F.linear(x, weight, bias)
-    return out.reshape(batch, tokens, -1, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-
-
-def qkv_rows(attn: Attention, part: int) -> slice:
-    """The rows of ``attn.qkv`` that make queries (0), keys (1) or values (2)."""
-    return slice(part * attn.attn_dim, (part + 1) * attn.attn_dim)
-
-
-def attend(
-    attn: Attention,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    gate_input: torch.Tensor,
-) -> torch.Tensor:
-    """Scaled dot-product attention of heads ``q`` over ``k``/``v`` (any key length), then timm's output
-    steps: merge heads, ``norm``, the optional output gate (from ``gate_input``), ``proj``, ``proj_drop``."""
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
-    batch, _, tokens, _ = q.shape
-    x = attn.norm(x.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
-    if attn.gate is not None:
-        x = x * attn.gate(gate_input).sigmoid()
-    return attn.proj_drop(attn.proj(x))
-
-
 def self_attention(
-    attn: Attention,
+    attn: nn.Module,
     x: torch.Tensor,
     temperature: torch.Tensor | None = None,
     kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -108,42 +77,40 @@ def self_attention(
     """timm's ``Attention.forward`` with the logits divided by ``temperature`` (GaPT) and/or key/value
     prompts ``(P_k, P_v)``, each ``(H, L, d_h)``, prepended to the keys and values after the head split and
     any q/k norm (E2VPT). With neither it computes ``attn(x)``."""
-    q, k, v = split_heads(attn, x).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    family = attention_family(attn)
+    q, k, v = family.split_heads(attn, family.project(attn, x)).unbind(0)
+    q, k = family.norm_qk(attn, q, k)
     if temperature is not None:
         q = q / temperature
     if kv_prefix is not None:
         pk, pv = (p.unsqueeze(0).expand(x.shape[0], -1, -1, -1).to(k.dtype) for p in kv_prefix)
         k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-    return attend(attn, q, k, v, x)
+    return family.attention_output(attn, family.merge_heads(attn, family.attend(attn, q, k, v)), x)
 
 
-def cross_attention(attn: Attention, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+def cross_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
     """CVPT: queries from ``x`` (B, N, D), keys and values from ``prompts`` (B, M, D), all through the
     block's own frozen ``qkv`` rows (and q/k norm) and ``proj``; no LayerNorm. Output ``(B, N, D)``."""
-    q = attn.q_norm(split_heads(attn, x, qkv_rows(attn, 0))[0])
-    k = attn.k_norm(split_heads(attn, prompts, qkv_rows(attn, 1))[0])
-    v = split_heads(attn, prompts, qkv_rows(attn, 2))[0]
-    return attend(attn, q, k, v, x)
-
-
-def patch_grid(backbone: VisionTransformer, images: torch.Tensor, x: torch.Tensor) -> tuple[int, int]:
-    """The patch grid of ``patch_embed`` output ``x`` (as ``init.collect.patch_tokens_by_layer``)."""
-    return x.shape[1:3] if x.ndim == 4 else backbone.patch_embed.dynamic_feat_size(images.shape[-2:])
+    family = attention_family(attn)
+    q = family.split_heads(attn, family.project(attn, x, 0))[0]
+    k = family.split_heads(attn, family.project(attn, prompts, 1))[0]
+    v = family.split_heads(attn, family.project(attn, prompts, 2))[0]
+    q, k = family.norm_qk(attn, q, k)
+    return family.attention_output(attn, family.merge_heads(attn, family.attend(attn, q, k, v)), x)
 
 
 @torch.no_grad()
-def block_inputs(
-    backbone: VisionTransformer, images: torch.Tensor, num_layers: int
+def frozen_layers(
+    backbone: nn.Module, images: torch.Tensor, num_layers: int
 ) -> Iterator[tuple[tuple[int, int], nn.Module, torch.Tensor]]:
     """``(grid, block, x)`` for the first ``num_layers`` blocks of the frozen backbone without prompts:
-    ``x`` is the block's whole input sequence (prefix tokens included)."""
-    x = backbone.patch_embed(images)
-    grid = patch_grid(backbone, images, x)
-    x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(x)))
-    for block in backbone.blocks[:num_layers]:
-        yield grid, block, x
-        x = block(x)
+    ``x`` is the block's whole input sequence (prefix tokens included), ``grid`` the patch grid."""
+    family = backbone_family(backbone)
+    patches = family.embed_patches(backbone, images)
+    grid = family.patch_grid(backbone, images, patches)
+    x = family.pre_blocks(backbone, family.embed_tokens(backbone, patches))
+    for block, tokens in family.tokens_entering_blocks(backbone, x, num_layers):
+        yield grid, block, tokens
 
 
 def as_grid(tokens: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:

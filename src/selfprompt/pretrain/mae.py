@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from selfprompt.backbones import backbone_family
+
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -147,9 +149,10 @@ class MaskedAutoencoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the visible tokens: ``(latent [prefix ; kept patches], mask, ids_restore)``."""
         enc, p = self.encoder, self.num_prefix_tokens
-        x = enc._pos_embed(enc.patch_embed(images))
+        family = backbone_family(enc)
+        x = family.embed_tokens(enc, family.embed_patches(enc, images), patch_drop=False)  # masking drops
         kept, mask, ids_restore = random_masking(x[:, p:], self.num_keep, generator)
-        x = enc.norm_pre(torch.cat([x[:, :p], kept], dim=1))
+        x = family.pre_blocks(enc, torch.cat([x[:, :p], kept], dim=1))
         x = enc.norm(enc.blocks(x))
         return x, mask, ids_restore
 

@@ -138,7 +138,7 @@ class MultiTaskViT(nn.Module):
 
     def __init__(self, backbone: nn.Module, backbone_name: str | None = None, mask: bool = False) -> None:
         super().__init__()
-        check_backbone(backbone)
+        self.family = check_backbone(backbone)
         self.backbone = backbone.requires_grad_(False).eval()
         if backbone_name is None:
             backbone_name = backbone_info(backbone).adapter_name
@@ -289,7 +289,7 @@ class MultiTaskViT(nn.Module):
         for export: the prompt slot is the widest of all tasks, every pooling is computed)."""
         bank = bank if bank is not None else self._bank
         bb = self.backbone
-        tokens = bb.patch_drop(bb._pos_embed(bb.patch_embed(images)))
+        tokens = self.family.embed_tokens(bb, self.family.embed_patches(bb, images))
         if groups is None:
             passes = [self._enter(tokens, ids, bank, static)]
         else:
@@ -338,7 +338,7 @@ class MultiTaskViT(nn.Module):
             ones = valid.new_ones(batch, 1)
             keys = torch.cat([ones.expand(batch, p), valid, ones.expand(batch, n_patches)], dim=1)
             mask = keys[:, None, None, :]  # (B, 1, 1, N): SDPA's boolean mask, True = attend
-        return _Pass(bb.norm_pre(x), ids, lengths, width, valid, mask, pools)
+        return _Pass(self.family.pre_blocks(bb, x), ids, lengths, width, valid, mask, pools)
 
     def _packed(self, passes: list[_Pass], bank: _Bank) -> list[torch.Tensor]:
         """The blocks over every pass at once (:func:`packed_block`); each pass's final tokens."""

@@ -12,39 +12,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from selfprompt.backbones import attention_family
+
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block
 from torch import nn
 
 
 def packable(blocks: Sequence[nn.Module]) -> bool:
-    """True when every block is timm's plain ``Block`` with its plain ``Attention`` (whose forward
-    :func:`packed_block` follows); subclasses and other blocks run one batch at a time."""
-    return all(type(b) is Block and type(b.attn) is Attention for b in blocks)
+    """True when every block is its family's plain block class with the family's plain attention class
+    (whose forward :func:`packed_block` follows); subclasses and other blocks run one batch at a time."""
+    families = [attention_family(b.attn) for b in blocks]
+    return all(
+        f is not None and type(b) is f.block_class and type(b.attn) is f.attention_class
+        for b, f in zip(blocks, families, strict=True)
+    )
 
 
-def packed_block(block: Block, flat: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+def packed_block(block: nn.Module, flat: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
     """``block`` in inference over packed sequences: ``flat`` ``(sum B_i * L_i, D)`` holds batch ``i``'s
     ``(B_i, L_i, D)`` tokens after batch ``i - 1``'s, ``shapes`` the ``(B_i, L_i)``. ``flat`` is updated in
     place (no autograd) and returned: each batch's rows become ``block(batch)``."""
+    family = attention_family(block.attn)
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
     h = block.norm1(flat)
-    gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(h)
+    qkv = family.project(attn, h)
     out = qkv.new_empty(flat.shape[0], heads * head_dim)
     start = 0
     for batch, length in shapes:
         end = start + batch * length
-        q, k, v = qkv[start:end].view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v, scale=attn.scale)
+        q, k, v = family.split_heads(attn, qkv[start:end].view(batch, length, -1)).unbind(0)
+        o = family.attend(attn, *family.norm_qk(attn, q, k), v)
         out[start:end].view(batch, length, heads, head_dim).copy_(o.transpose(1, 2))
         start = end
-    h = getattr(attn, "norm", nn.Identity())(out)
-    if gate is not None:
-        h = h * gate
-    flat += block.drop_path1(block.ls1(attn.proj_drop(attn.proj(h))))
+    flat += block.drop_path1(block.ls1(family.attention_output(attn, out, h)))
     flat += block.drop_path2(block.ls2(block.mlp(block.norm2(flat))))
     return flat

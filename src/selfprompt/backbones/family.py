@@ -1,0 +1,92 @@
+"""A backbone family: the functions through which the rest of selfprompt reaches a timm architecture's
+internals (its token prologue, the tokens entering each block, its Attention's steps), looked up by the
+backbone's class. Each family is one module of this package with the same names (``vit.py`` for timm's
+``VisionTransformer``); adding one (timm's ``Eva``, ``Beit``) is a module and one entry in ``_MODULES``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from types import ModuleType
+
+from selfprompt.backbones import vit
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """One family's internals; every function takes the backbone (prologue, blocks) or one of its attention
+    modules first. See :mod:`selfprompt.backbones.vit` for what each computes.
+
+    Attributes:
+        name: Short name (``vit``).
+        model_class, block_class, attention_class: The timm classes the functions follow.
+        examples: timm names of the family, for error messages.
+    """
+
+    name: str
+    model_class: type[nn.Module]
+    block_class: type[nn.Module]
+    attention_class: type[nn.Module]
+    examples: str
+    # the token prologue and the blocks
+    embed_patches: Callable[[nn.Module, Tensor], Tensor]
+    patch_grid: Callable[[nn.Module, Tensor, Tensor], tuple[int, int]]
+    embed_tokens: Callable[..., Tensor]
+    pre_blocks: Callable[[nn.Module, Tensor], Tensor]
+    prologue: Callable[..., Tensor]
+    tokens_entering_blocks: Callable[..., Iterator[tuple[nn.Module, Tensor]]]
+    # the attention's steps
+    optional_part: Callable[[nn.Module, str], nn.Module | None]
+    qkv_rows: Callable[[nn.Module, int], slice]
+    project: Callable[..., Tensor]
+    split_heads: Callable[[nn.Module, Tensor], Tensor]
+    norm_qk: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+    attend: Callable[..., Tensor]
+    merge_heads: Callable[[nn.Module, Tensor], Tensor]
+    attention_output: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    attention: Callable[[nn.Module, Tensor], Tensor]
+
+    @classmethod
+    def of(cls, module: ModuleType) -> BackboneFamily:
+        """The family a module defines: its functions by these names, its constants in upper case (``NAME``,
+        ``MODEL_CLASS``, ...); a missing one fails here, at import."""
+        return cls(
+            **{
+                f.name: getattr(module, f.name if f.type.startswith("Callable") else f.name.upper())
+                for f in fields(cls)
+            }
+        )
+
+
+_MODULES: tuple[ModuleType, ...] = (vit,)
+BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = tuple(BackboneFamily.of(m) for m in _MODULES)
+
+
+def _supported() -> str:
+    return ", ".join(f"{f.model_class.__name__} ({f.examples})" for f in BACKBONE_FAMILIES)
+
+
+def backbone_family(backbone: nn.Module) -> BackboneFamily:
+    """The family of ``backbone`` (an instance of its model class or a subclass); refuses any other class,
+    naming the supported ones."""
+    for family in BACKBONE_FAMILIES:
+        if isinstance(backbone, family.model_class):
+            return family
+    raise TypeError(
+        f"selfprompt supports timm {_supported()} backbones, got {type(backbone).__name__}. Hierarchical "
+        f"or convolutional models (ResNet, Swin, ConvNeXt, ...) have no token sequence to prompt."
+    )
+
+
+def attention_family(attn: nn.Module) -> BackboneFamily | None:
+    """The family whose attention decomposition computes ``attn`` (an instance of its attention class), or
+    None."""
+    for family in BACKBONE_FAMILIES:
+        if isinstance(attn, family.attention_class):
+            return family
+    return None
