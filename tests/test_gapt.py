@@ -5,7 +5,7 @@ import math
 from selfprompt import PromptedViT
 from selfprompt.methods import get_method
 from selfprompt.methods.gapt import GaPT
-from selfprompt.methods.prompt import PromptConfig
+from selfprompt.methods.prompt import PromptSettings
 from selfprompt.model import ViTClassifier
 
 import pytest
@@ -95,7 +95,7 @@ def test_round_trip(images, tmp_path):
 def test_spt_init_builds_the_prompts_from_patch_embedding_tokens(images):
     model = GaPT(tiny_vit(), num_classes=5, num_prompts=4)
     method = get_method("gapt")
-    method.prepare(method, model, PromptConfig(init="sample"), [images], 0)
+    method.prepare(method, model, PromptSettings(init="sample"), [images], 0)
     assert_rows_are_tokens(model.prompts[0], patch_tokens(model.backbone, images, 0), atol=0)
 
 
@@ -103,7 +103,7 @@ def test_default_init_is_the_official_uniform_draw():
     model = GaPT(tiny_vit(), num_classes=5, num_prompts=4)
     method = get_method("gapt")
     assert method.initializer(None) == "xavier"
-    method.prepare(method, model, PromptConfig(), None, 0)
+    method.prepare(method, model, PromptSettings(), None, 0)
     assert model.prompts.abs().max() <= model.xavier_bound()
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from selfprompt.data.config import DataConfig
 from selfprompt.methods import method_names, settings_sections
+from selfprompt.methods.settings import in_range, is_integer, positive_int
 
 MethodName = Literal[tuple(method_names())]  # type: ignore[valid-type]  (the registry's names)
 
@@ -200,25 +201,6 @@ class ConfigError(ValueError):
     """Config values that cannot run; the message names every such field and how to fix it."""
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def positive_int(value: Any, least: int = 1) -> bool:
-    return _integer(value) and value >= least
-
-
-def in_range(value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> bool:
-    """A finite number in [low, high) (the ends open or closed as asked)."""
-    if not _number(value):
-        return False
-    return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-
-
 def optim_problems(optim: OptimConfig) -> list[str]:
     """What is wrong with an OptimConfig, one ``field: what it must be`` line each."""
     out = []
@@ -322,7 +304,7 @@ def check_config(cfg: Any) -> None:
     if not positive_int(track.projection_tokens):
         problems.append(f"track.projection_tokens must be an integer >= 1, got {track.projection_tokens!r}")
     seeds = cfg.seeds
-    if not isinstance(seeds, (list, tuple)) or not seeds or not all(_integer(s) for s in seeds):
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(is_integer(s) for s in seeds):
         problems.append(f"seeds must be a non-empty list of integers (e.g. [0, 1, 2]), got {seeds!r}")
     elif len(set(seeds)) != len(seeds):
         problems.append(f"seeds lists a seed twice ({seeds}); each seed is one run, list it once")

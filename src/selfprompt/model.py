@@ -3,9 +3,8 @@ that PETL methods (``selfprompt.methods``) override."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -180,10 +179,8 @@ class ViTClassifier(nn.Module):
                 f"selfprompt.{config['class']}.from_pretrained or selfprompt.load_pretrained."
             )
         check_signature(config["backbone"], backbone, backbone_name, directory)
-        parameters = inspect.signature(cls).parameters
-        accepted = set(parameters) - {"backbone", "backbone_name"}
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        unknown = [] if takes_any else sorted(set(config["model"]) - accepted)
+        accepted = {f.name for f in fields(cls.config_class)}  # what save_pretrained writes
+        unknown = sorted(set(config["model"]) - accepted)
         if unknown:
             raise ValueError(
                 f"{directory / 'adapter_config.json'}: 'model' holds {unknown}, which {cls.__name__} does "

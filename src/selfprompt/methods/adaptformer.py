@@ -23,9 +23,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
-from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier, residual_branches
+from selfprompt.methods.settings import (
+    adapter_config,
+    check_settings,
+    number_problem,
+    positive_int,
+    settings_from,
+)
+from selfprompt.model import PoolType, ViTClassifier, residual_branches
 
 import torch
 from timm.models.vision_transformer import Block
@@ -33,12 +41,32 @@ from torch import nn
 
 
 @dataclass
-class AdaptFormerConfig(ClassifierConfig):
-    """A ClassifierConfig plus the adapter's settings (see :class:`AdaptFormerSettings`)."""
+class AdaptFormerSettings:
+    """AdaptFormer: the parallel adapter's width, output scale and dropout.
+
+    Attributes:
+        bottleneck: Hidden width b of the adapter (V-PETL Bench: 8; the official code: 64).
+        scale: Fixed multiplier s of the adapter's output (V-PETL Bench: 1.0 with AdamW; the official
+            code: 0.1 with SGD).
+        dropout: Dropout on the bottleneck while training (official: 0.1).
+    """
 
     bottleneck: int = 8
     scale: float = 1.0
     dropout: float = 0.1
+
+    def problems(self) -> list[str]:
+        """Values that cannot run, as ``field must be ..., got ...``."""
+        out = (
+            []
+            if positive_int(self.bottleneck)
+            else [f"bottleneck must be an integer >= 1, got {self.bottleneck!r}"]
+        )
+        return out + number_problem("dropout", self.dropout, 0, 1, "in [0, 1)")
+
+
+#: What an AdaptFormer adapter stores: ClassifierConfig's fields plus AdaptFormerSettings'.
+AdaptFormerConfig = adapter_config(AdaptFormerSettings)
 
 
 class BottleneckAdapter(nn.Module):
@@ -70,7 +98,8 @@ class AdaptFormer(ViTClassifier):
     Args:
         backbone, num_classes, pool, head_init_std, backbone_name: See
             :class:`~selfprompt.model.ViTClassifier`.
-        bottleneck, scale, dropout: See :class:`AdaptFormerSettings`.
+        settings: Its :class:`AdaptFormerSettings` (default: their defaults); ``fields`` replace single ones
+            by name (``bottleneck=4``).
     """
 
     config_class = AdaptFormerConfig
@@ -79,20 +108,23 @@ class AdaptFormer(ViTClassifier):
         self,
         backbone: nn.Module,
         num_classes: int,
-        bottleneck: int = 8,
-        scale: float = 1.0,
-        dropout: float = 0.1,
+        settings: AdaptFormerSettings | None = None,
+        *,
         pool: PoolType | None = None,
         head_init_std: float = 0.02,
         train_backbone: bool = False,
         backbone_name: str | None = None,
+        **fields: Any,
     ) -> None:
         if train_backbone:
             raise ValueError("AdaptFormer trains its adapters only; train_backbone must be False.")
-        if not isinstance(bottleneck, int) or bottleneck < 1:
-            raise ValueError(f"adaptformer.bottleneck must be an integer >= 1, got {bottleneck!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"adaptformer.dropout must be in [0, 1), got {dropout}.")
+        settings = settings_from(AdaptFormerSettings, settings, fields)
+        if fields:
+            raise TypeError(
+                f"AdaptFormer got unknown arguments {sorted(fields)}; its settings are AdaptFormerSettings'."
+            )
+        check_settings("adaptformer", settings)
+        bottleneck, scale, dropout = settings.bottleneck, float(settings.scale), settings.dropout
         super().__init__(
             backbone,
             num_classes,
@@ -100,7 +132,7 @@ class AdaptFormer(ViTClassifier):
             head_init_std=head_init_std,
             backbone_name=backbone_name,
             bottleneck=bottleneck,
-            scale=float(scale),
+            scale=scale,
             dropout=dropout,
         )
         kinds = {type(block).__name__ for block in self.backbone.blocks if not isinstance(block, Block)}
@@ -111,7 +143,7 @@ class AdaptFormer(ViTClassifier):
             )
         device = next(self.backbone.parameters()).device
         self.adapters = nn.ModuleList(
-            BottleneckAdapter(self.embed_dim, bottleneck, float(scale), dropout, device)
+            BottleneckAdapter(self.embed_dim, bottleneck, scale, dropout, device)
             for _ in self.backbone.blocks
         )
 
@@ -131,22 +163,6 @@ class AdaptFormer(ViTClassifier):
         return {
             f"adapters.{k}": p for k, p in self.adapters.named_parameters()
         } | super().adapter_parameters()
-
-
-@dataclass
-class AdaptFormerSettings:
-    """AdaptFormer: the parallel adapter's width, output scale and dropout.
-
-    Attributes:
-        bottleneck: Hidden width b of the adapter (V-PETL Bench: 8; the official code: 64).
-        scale: Fixed multiplier s of the adapter's output (V-PETL Bench: 1.0 with AdamW; the official
-            code: 0.1 with SGD).
-        dropout: Dropout on the bottleneck while training (official: 0.1).
-    """
-
-    bottleneck: int = 8
-    scale: float = 1.0
-    dropout: float = 0.1
 
 
 register_settings(

@@ -180,7 +180,7 @@ def condense_at_random(model: PromptedViT, keep: float = 0.3, seed: int = 0) -> 
 
 
 @dataclass
-class CondenseConfig:
+class CondensedViTSettings:
     """Prompt Condensation's fine-tuning stage.
 
     Attributes:
@@ -195,10 +195,14 @@ class CondenseConfig:
         return []
 
 
-register_settings("condense", CondenseConfig, "Prompt Condensation (pc): the condensed adapter to fine-tune.")
+register_settings(
+    "condense", CondensedViTSettings, "Prompt Condensation (pc): the condensed adapter to fine-tune."
+)
 
 
-def _build(backbone: nn.Module, num_classes: int, settings: CondenseConfig, **common: Any) -> CondensedViT:
+def _build(
+    backbone: nn.Module, num_classes: int, settings: CondensedViTSettings, **common: Any
+) -> CondensedViT:
     if settings.adapter is None:
         raise ValueError(
             "method pc fine-tunes a condensed adapter: train vpt-deep or spt-deep, run selfprompt condense "
@@ -215,7 +219,7 @@ def _build(backbone: nn.Module, num_classes: int, settings: CondenseConfig, **co
     return model
 
 
-def _check(settings: CondenseConfig, cfg: Any) -> None:
+def _check(settings: CondensedViTSettings, cfg: Any) -> None:
     if cfg.track.every:
         raise ValueError(
             "track.every: pc's prompt count differs per layer, which tracking does not read; set 0."

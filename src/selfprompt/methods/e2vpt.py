@@ -45,9 +45,9 @@ from selfprompt.init.registry import get_initializer
 from selfprompt.methods import prompt
 from selfprompt.methods.prompt import (
     PROMPT_SEARCH,
-    PromptConfig,
     PromptedViT,
     PromptedViTConfig,
+    PromptSettings,
     prompt_count,
 )
 from selfprompt.methods.prompt_tools import (
@@ -61,6 +61,7 @@ from selfprompt.methods.prompt_tools import (
     self_attention,
 )
 from selfprompt.methods.registry import Method, register_method, register_settings
+from selfprompt.methods.settings import check_settings, positive_int
 from selfprompt.model import residual_branches
 
 import torch
@@ -134,8 +135,7 @@ class E2VPT(PromptedViT):
         keep = _check_masks(token_mask, segment_mask, num_prompts)
         if not deep:
             raise ValueError("E2VPT's visual prompts are deep; deep must be True.")
-        if not isinstance(kv_length, int) or kv_length < 0:
-            raise ValueError(f"kv_length must be an integer >= 0, got {kv_length!r}.")
+        check_settings("e2vpt", E2VPTSettings(kv_length=kv_length, share_kv=share_kv))
         super().__init__(
             backbone,
             num_classes,
@@ -298,8 +298,14 @@ class E2VPTSettings:
     prune_segments: float = 0.0
 
     def problems(self) -> list[str]:
-        out = [_share_problem(name, getattr(self, name)) for name in ("prune_tokens", "prune_segments")]
-        out = [problem for problem in out if problem]
+        """Values that cannot run, as ``field must be ..., got ...``."""
+        out = (
+            []
+            if positive_int(self.kv_length, 0)
+            else [f"kv_length must be an integer >= 0 (0: no key-value prompts), got {self.kv_length!r}"]
+        )
+        shares = [_share_problem(name, getattr(self, name)) for name in ("prune_tokens", "prune_segments")]
+        out += [problem for problem in shares if problem]
         if self.pruning is None and (self.prune_tokens or self.prune_segments):
             out.append(
                 "prune_tokens and prune_segments need pruning: the file selfprompt prune RUN --output FILE "
@@ -333,7 +339,7 @@ def _check(settings: Any, cfg: Any) -> None:
         _refuse_shared(settings.init)
 
 
-def prepare(method: Method, model: E2VPT, settings: PromptConfig, loader: DataLoader, seed: int) -> None:
+def prepare(method: Method, model: E2VPT, settings: PromptSettings, loader: DataLoader, seed: int) -> None:
     """Visual prompts as :func:`selfprompt.methods.prompt.prepare`; with a token initializer the key and
     value prompts too, from the keys and values of each block (the kaiming draw otherwise)."""
     init = method.initializer(settings.init)

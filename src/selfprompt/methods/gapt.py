@@ -22,6 +22,7 @@ from typing import Any
 from selfprompt.methods.prompt import PromptedViT, PromptedViTConfig, prepare, prompt_count
 from selfprompt.methods.prompt_tools import check_attention, refuse_tracking, self_attention
 from selfprompt.methods.registry import Search, register_method, register_settings
+from selfprompt.methods.settings import adapter_config, check_settings, settings_from
 from selfprompt.model import residual_branches
 
 import torch
@@ -31,15 +32,25 @@ TEMPERATURE_RANGE = (0.01, 10.0)
 
 
 @dataclass
-class GaPTConfig(PromptedViTConfig):
-    """PromptedViTConfig (shallow) plus ``gate_init``: the gates' logits start at ``-gate_init``."""
+class GaPTSettings:
+    """GaPT's own settings (the prompts' count, init and dropout are the ``prompt`` section's).
+
+    Attributes:
+        gate_init: The gates' logits start at -gate_init (official config default 10: g = 4.5e-5; its
+            README example uses 5: g = 0.0067).
+    """
 
     gate_init: float = 10.0
 
 
+#: What a GaPT adapter stores: PromptedViTConfig's fields (shallow) plus GaPTSettings'.
+GaPTConfig = adapter_config(GaPTSettings, PromptedViTConfig)
+
+
 class GaPT(PromptedViT):
     """A frozen timm ``VisionTransformer`` with one gated shallow prompt set and per-block attention
-    temperatures. Args: as :class:`PromptedViT` (shallow only) plus ``gate_init``."""
+    temperatures. Args: as :class:`PromptedViT` (shallow only) plus its :class:`GaPTSettings` (``settings``,
+    or ``gate_init`` by name)."""
 
     config_class = GaPTConfig
 
@@ -48,23 +59,25 @@ class GaPT(PromptedViT):
         backbone: nn.Module,
         num_classes: int,
         num_prompts: int = 100,
-        gate_init: float = 10.0,
         prompt_dropout: float = 0.1,
         deep: bool = False,
         deep_layers: int | None = None,
+        settings: GaPTSettings | None = None,
         **common: Any,
     ) -> None:
         if deep or deep_layers is not None:
             raise ValueError("GaPT has one shallow prompt set; drop deep / prompt.deep_layers.")
+        settings = settings_from(GaPTSettings, settings, common)
+        check_settings("gapt", settings)
         super().__init__(
             backbone, num_classes, num_prompts=num_prompts, prompt_dropout=prompt_dropout, **common
         )
-        self.config.gate_init = gate_init
+        self.config.gate_init = settings.gate_init
         for block in self.backbone.blocks:
             check_attention(block.attn, "GaPT")
         depth = len(self.backbone.blocks)
         device = self.prompts.device
-        self.gates = nn.Parameter(torch.full((depth - 1,), -float(gate_init), device=device))
+        self.gates = nn.Parameter(torch.full((depth - 1,), -float(settings.gate_init), device=device))
         self.temperatures = nn.Parameter(torch.ones(depth, device=device))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,18 +100,6 @@ class GaPT(PromptedViT):
         return {"gates": self.gates, "temperatures": self.temperatures, **super().adapter_parameters()}
 
 
-@dataclass
-class GaPTSettings:
-    """GaPT's own settings (the prompts' count, init and dropout are the ``prompt`` section's).
-
-    Attributes:
-        gate_init: The gates' logits start at -gate_init (official config default 10: g = 4.5e-5; its
-            README example uses 5: g = 0.0067).
-    """
-
-    gate_init: float = 10.0
-
-
 register_settings("gapt", GaPTSettings, "GaPT's gates (with the prompt section).")
 
 
@@ -113,7 +114,7 @@ def _build(backbone, num_classes, settings: Any, **common: Any) -> GaPT:
         backbone,
         num_classes,
         num_prompts=prompt_count(settings, 100),
-        gate_init=settings.gapt.gate_init,
+        settings=settings.gapt,
         prompt_dropout=settings.dropout,
         **common,
     )

@@ -24,12 +24,20 @@ the model's train/eval mode. The adapter holds the A/B tensors and the head (kil
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
-from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier, private_copy, timm_classifier
+from selfprompt.methods.settings import (
+    adapter_config,
+    check_settings,
+    number_problem,
+    positive_int,
+    settings_from,
+)
+from selfprompt.model import PoolType, ViTClassifier, private_copy, timm_classifier
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -42,6 +50,15 @@ TARGETS: dict[str, str] = {
     "mlp.fc2": r"mlp\.fc2",
 }
 _ALIASES = {"attn.qkv": "qkv", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+def targets_problem(targets: Any) -> str | None:
+    """What is wrong with ``targets`` (``targets: ...``), or None."""
+    try:
+        normalise_targets(targets)
+    except ValueError as error:
+        return str(error).removeprefix("lora.").removesuffix(".")
+    return None
 
 
 def normalise_targets(targets: Any) -> tuple[str, ...]:
@@ -72,13 +89,33 @@ def target_pattern(targets: tuple[str, ...]) -> str:
 
 
 @dataclass
-class LoRAConfig(ClassifierConfig):
-    """A ClassifierConfig plus LoRA's settings (see :class:`LoraSettings`)."""
+class LoRASettings:
+    """LoRA: rank, scale, dropout and which Linear layers of each block it adapts.
+
+    Attributes:
+        rank: Rank r of A (r x in) and B (out x r); 8 as NOAH, V-PETL and peft's default.
+        alpha: LoRA's scale is alpha / rank; 8 with rank 8 gives 1, NOAH's (no alpha) and peft's default.
+        dropout: Dropout on the LoRA branch's input while training (NOAH: 0.1; peft's default 0).
+        targets: Linear layers of every block: qkv (timm's fused Q/K/V projection, the default), attn.proj,
+            mlp.fc1, mlp.fc2.
+    """
 
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.1
-    targets: tuple[str, ...] = ("qkv",)
+    targets: list[str] = field(default_factory=lambda: ["qkv"])  # a list: what a saved config reads back
+
+    def problems(self) -> list[str]:
+        """Values that cannot run, as ``field must be ..., got ...``."""
+        out = [] if positive_int(self.rank) else [f"rank must be an integer >= 1, got {self.rank!r}"]
+        out += number_problem("alpha", self.alpha, 0, math.inf, "a number > 0", low_open=True)
+        out += number_problem("dropout", self.dropout, 0, 1, "in [0, 1)")
+        problem = targets_problem(self.targets)
+        return out + ([problem] if problem else [])
+
+
+#: What a LoRA adapter stores: ClassifierConfig's fields plus LoRASettings' (the name of earlier releases).
+LoRAConfig = adapter_config(LoRASettings)
 
 
 class LoRA(ViTClassifier):
@@ -88,7 +125,8 @@ class LoRA(ViTClassifier):
     Args:
         backbone: A timm ``VisionTransformer``; left unchanged (see the module docstring).
         num_classes, pool, head_init_std, backbone_name: See :class:`~selfprompt.model.ViTClassifier`.
-        rank, alpha, dropout, targets: See :class:`LoraSettings`.
+        settings: Its :class:`LoRASettings` (default: their defaults); ``fields`` replace single ones by
+            name (``rank=4``).
     """
 
     config_class = LoRAConfig
@@ -97,27 +135,24 @@ class LoRA(ViTClassifier):
         self,
         backbone: nn.Module,
         num_classes: int,
-        rank: int = 8,
-        alpha: float = 8.0,
-        dropout: float = 0.1,
-        targets: tuple[str, ...] | list[str] = ("qkv",),
+        settings: LoRASettings | None = None,
+        *,
         pool: PoolType | None = None,
         head_init_std: float = 0.02,
         train_backbone: bool = False,
         backbone_name: str | None = None,
+        **fields: Any,
     ) -> None:
         if train_backbone:
             raise ValueError("LoRA trains its low-rank matrices only; train_backbone must be False.")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"lora.rank must be an integer >= 1, got {rank!r}.")
-        if not alpha > 0:
-            raise ValueError(f"lora.alpha must be > 0, got {alpha!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}.")
-        targets = normalise_targets(targets)
+        settings = settings_from(LoRASettings, settings, fields)
+        if fields:
+            raise TypeError(f"LoRA got unknown arguments {sorted(fields)}; its settings are LoRASettings'.")
+        check_settings("lora", settings)
+        rank, alpha, dropout = settings.rank, float(settings.alpha), settings.dropout
+        targets = normalise_targets(settings.targets)
         try:
-            from peft import LoraConfig
-            from peft.tuners.lora import LoraModel
+            from peft.tuners import lora as peft_lora
         except ImportError as error:
             raise ImportError(
                 "method 'lora' needs huggingface peft: pip install 'selfprompt[lora]' (peft>=0.6)."
@@ -129,16 +164,16 @@ class LoRA(ViTClassifier):
             head_init_std=head_init_std,
             backbone_name=backbone_name,
             rank=rank,
-            alpha=float(alpha),
+            alpha=alpha,
             dropout=dropout,
             targets=targets,
         )
-        peft_config = LoraConfig(
+        peft_config = peft_lora.LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets)
         )
         # peft swaps the targeted Linear layers of self.backbone (the private copy) in place; its wrapper is
         # kept outside the module tree (no second path to the same parameters) for merge_and_unload.
-        self.__dict__["_peft"] = LoraModel(self.backbone, peft_config, "default")
+        self.__dict__["_peft"] = peft_lora.LoraModel(self.backbone, peft_config, "default")
         self.backbone.requires_grad_(False)
         for param in self.lora_parameters().values():
             param.requires_grad_(True)
@@ -172,25 +207,7 @@ class LoRA(ViTClassifier):
         return timm_classifier(self, backbone)
 
 
-@dataclass
-class LoraSettings:
-    """LoRA: rank, scale, dropout and which Linear layers of each block it adapts.
-
-    Attributes:
-        rank: Rank r of A (r x in) and B (out x r); 8 as NOAH, V-PETL and peft's default.
-        alpha: LoRA's scale is alpha / rank; 8 with rank 8 gives 1, NOAH's (no alpha) and peft's default.
-        dropout: Dropout on the LoRA branch's input while training (NOAH: 0.1; peft's default 0).
-        targets: Linear layers of every block: qkv (timm's fused Q/K/V projection, the default), attn.proj,
-            mlp.fc1, mlp.fc2.
-    """
-
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.1
-    targets: list[str] = field(default_factory=lambda: ["qkv"])  # a list: what a saved config reads back
-
-
-register_settings("lora", LoraSettings, "LoRA settings of the lora method (rank, alpha, dropout, targets).")
+register_settings("lora", LoRASettings, "LoRA settings of the lora method (rank, alpha, dropout, targets).")
 
 
 register_method(

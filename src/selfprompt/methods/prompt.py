@@ -151,7 +151,7 @@ MAX_PROMPTS = 1024  # per layer; the papers use at most 200, and attention grows
 
 
 @dataclass
-class PromptConfig:
+class PromptSettings:
     """Prompts: how many, where, their dropout and where their initial values come from.
 
     Attributes:
@@ -193,7 +193,7 @@ class PromptConfig:
 
 register_settings(
     "prompt",
-    PromptConfig,
+    PromptSettings,
     "Prompt settings of the prompt methods (vpt-*, spt-*).",
     legacy={
         "model.num_prompts": "num_prompts",
@@ -241,7 +241,7 @@ def load_prompts_file(path: str, shape: torch.Size) -> torch.Tensor:
 
 
 def prepare(
-    method: Method, model: PromptedViT, settings: PromptConfig, loader: DataLoader, seed: int
+    method: Method, model: PromptedViT, settings: PromptSettings, loader: DataLoader, seed: int
 ) -> None:
     """The prompts' initial values: from ``settings.file``, or the method's initializer on ``loader``."""
     if settings.file is not None:
@@ -259,7 +259,7 @@ def prepare(
 
 
 def _builder(deep: bool):
-    def build(backbone, num_classes, settings: PromptConfig, **common: Any) -> PromptedViT:
+    def build(backbone, num_classes, settings: PromptSettings, **common: Any) -> PromptedViT:
         return PromptedViT(
             backbone,
             num_classes,
@@ -271,6 +271,14 @@ def _builder(deep: bool):
         )
 
     return build
+
+
+def _check_shallow(settings: PromptSettings, cfg: Any) -> None:
+    if settings.deep_layers is not None:
+        raise ValueError(
+            f"{cfg.model.method} has one prompt set, before block 0; drop prompt.deep_layers (a deep method "
+            f"prompts the first k blocks with it)."
+        )
 
 
 for _order, (_name, _deep, _init) in enumerate(
@@ -290,6 +298,7 @@ for _order, (_name, _deep, _init) in enumerate(
         PromptedViT,
         _builder(_deep),
         settings="prompt",
+        check=None if _deep else _check_shallow,
         default_init=_init,
         inits=("xavier",) if _init == "xavier" else None,
         other_inits=f"spt-{_placement}",

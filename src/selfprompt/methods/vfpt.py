@@ -22,13 +22,14 @@ from selfprompt.init.registry import get_initializer
 from selfprompt.methods import prompt
 from selfprompt.methods.prompt import (
     PROMPT_SEARCH,
-    PromptConfig,
     PromptedViT,
     PromptedViTConfig,
+    PromptSettings,
     prompt_count,
 )
 from selfprompt.methods.prompt_tools import PromptPart
 from selfprompt.methods.registry import Method, register_method, register_settings
+from selfprompt.methods.settings import adapter_config, check_settings, number_problem, settings_from
 
 import torch
 from torch import nn
@@ -43,15 +44,29 @@ def fourier_prompts(prompts: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class VFPTConfig(PromptedViTConfig):
-    """PromptedViTConfig (deep) plus the Fourier share alpha."""
+class VFPTSettings:
+    """VFPT's own settings (the prompts' count, init and dropout are the ``prompt`` section's).
+
+    Attributes:
+        fourier_share: alpha: the first floor(alpha * N) prompts of each layer are Fourier prompts (official
+            config default 0.5; per-task values in the authors' sheet). SPT inits need alpha * N < N.
+    """
 
     fourier_share: float = 0.5
+
+    def problems(self) -> list[str]:
+        """Values that cannot run, as ``field must be ..., got ...``."""
+        return number_problem("fourier_share", self.fourier_share, 0, 1, "in [0, 1]", high_open=False)
+
+
+#: What a VFPT adapter stores: PromptedViTConfig's fields (deep) plus VFPTSettings'.
+VFPTConfig = adapter_config(VFPTSettings, PromptedViTConfig)
 
 
 class VFPT(PromptedViT):
     """A frozen timm ``VisionTransformer`` with VPT-deep prompts, the first floor(alpha * N) of each layer
-    through a 2-D FFT. Args: as :class:`PromptedViT` (deep) plus ``fourier_share`` (alpha in [0, 1])."""
+    through a 2-D FFT. Args: as :class:`PromptedViT` (deep) plus its :class:`VFPTSettings` (``settings``, or
+    ``fourier_share`` by name)."""
 
     config_class = VFPTConfig
 
@@ -60,16 +75,17 @@ class VFPT(PromptedViT):
         backbone: nn.Module,
         num_classes: int,
         num_prompts: int = 10,
-        fourier_share: float = 0.5,
         prompt_dropout: float = 0.1,
         deep: bool = True,
         deep_layers: int | None = None,
+        settings: VFPTSettings | None = None,
         **common: Any,
     ) -> None:
         if not deep:
             raise ValueError("VFPT's prompts are deep; deep must be True.")
-        if not 0.0 <= fourier_share <= 1.0:
-            raise ValueError(f"fourier_share must be in [0, 1], got {fourier_share}.")
+        settings = settings_from(VFPTSettings, settings, common)
+        check_settings("vfpt", settings)
+        fourier_share = settings.fourier_share
         super().__init__(
             backbone,
             num_classes,
@@ -88,18 +104,6 @@ class VFPT(PromptedViT):
         if not m:
             return prompts
         return torch.cat([fourier_prompts(prompts[:, :m]), prompts[:, m:]], dim=1)
-
-
-@dataclass
-class VFPTSettings:
-    """VFPT's own settings (the prompts' count, init and dropout are the ``prompt`` section's).
-
-    Attributes:
-        fourier_share: alpha: the first floor(alpha * N) prompts of each layer are Fourier prompts (official
-            config default 0.5; per-task values in the authors' sheet). SPT inits need alpha * N < N.
-    """
-
-    fourier_share: float = 0.5
 
 
 register_settings("vfpt", VFPTSettings, "VFPT's Fourier share (with the prompt section).")
@@ -123,7 +127,7 @@ def _check(settings: Any, cfg: Any) -> None:
         _refuse_all_fourier(settings.init)
 
 
-def prepare(method: Method, model: VFPT, settings: PromptConfig, loader: DataLoader, seed: int) -> None:
+def prepare(method: Method, model: VFPT, settings: PromptSettings, loader: DataLoader, seed: int) -> None:
     """A prompts file or xavier: as :func:`selfprompt.methods.prompt.prepare`. A token initializer: xavier
     for every prompt, then the plain share from the initializer (as spt-deep's prompts)."""
     init = method.initializer(settings.init)
@@ -152,7 +156,7 @@ def _build(backbone, num_classes, settings: Any, **common: Any) -> VFPT:
         backbone,
         num_classes,
         num_prompts=prompt_count(settings, 10),
-        fourier_share=settings.vfpt.fourier_share,
+        settings=settings.vfpt,
         deep_layers=settings.deep_layers,
         prompt_dropout=settings.dropout,
         **common,

@@ -5,15 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from selfprompt.config import (
-    OptimConfig,
-    RunOptions,
-    batch_problems,
-    in_range,
-    optim_problems,
-    positive_int,
-    raise_problems,
-)
+from selfprompt.config import OptimConfig, RunOptions, batch_problems, optim_problems, raise_problems
+from selfprompt.methods.settings import in_range, positive_int
 
 
 @dataclass
