@@ -141,3 +141,53 @@ def test_a_second_model_on_a_deep_copy_of_the_backbone_starts_alike(images):
     assert second.ssf_paths == first.ssf_paths
     with torch.no_grad():
         assert torch.equal(second(images), at_init)
+
+
+@pytest.mark.parametrize("pool,options", [("mae", {}), ("avg", {"global_pool": "avg"})])
+def test_the_official_placement_applies_the_last_scale_and_shift_to_the_tokens_before_pooling(
+    pool, options, images
+):
+    """``tokens``: the norm that follows pooling (``mae``'s norm, or an ``fc_norm``) sees the mean of the
+    scaled and shifted tokens; ``after_norm`` (the default) scales and shifts that norm's output."""
+    vit = tiny_vit(**options)
+    torch.manual_seed(0)
+    ours = perturbed(SSF(vit, num_classes=5, pool=pool)).eval()
+    torch.manual_seed(0)
+    official = SSF(vit, num_classes=5, pool=pool, final_placement="tokens").eval()
+    with torch.no_grad():
+        for name, param in official.adapter_parameters().items():  # the same values, the last one moved
+            param.copy_(
+                ours.adapter_parameters()[name.replace("token_ssf", f"backbone.{ours.ssf_paths[-1]}")]
+            )
+    assert official.ssf_paths == ours.ssf_paths[:-1] and ours.ssf_paths[-1] in ("norm", "fc_norm")
+    assert official.num_adapter_parameters() == ours.num_adapter_parameters()
+    bb, last = official.backbone, ours.wrappers()[ours.ssf_paths[-1]]
+    with torch.no_grad():
+        tokens = official.forward_features(images) * last.scale + last.shift
+        pooled = tokens[:, official.num_prefix_tokens :].mean(dim=1)
+        expected = official.head(bb.fc_norm(bb.norm(pooled)))
+        torch.testing.assert_close(official(images), expected, rtol=0, atol=FP32_ATOL)
+        assert (official(images) - ours(images)).abs().max() > 1e-3, "the placements differ here"
+    with pytest.raises(ValueError, match="no merged form"):
+        official.merged()
+
+
+def test_the_placements_coincide_where_the_final_norm_acts_on_the_tokens(images):
+    torch.manual_seed(0)
+    ours = SSF(tiny_vit(), num_classes=5, pool="token").eval()
+    torch.manual_seed(0)
+    official = SSF(tiny_vit(), num_classes=5, pool="token", final_placement="tokens").eval()
+    assert official.ssf_paths == ours.ssf_paths and official.token_ssf is None
+    with torch.no_grad():
+        assert torch.equal(official(images), ours(images))
+    with pytest.raises(ValueError, match="final_placement"):
+        SSF(tiny_vit(), num_classes=5, final_placement="before_norm")
+
+
+def test_an_adapter_of_the_official_placement_round_trips(images, tmp_path):
+    model = perturbed(SSF(tiny_vit(), num_classes=5, pool="mae", final_placement="tokens")).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = sp.load_pretrained(tmp_path, tiny_vit()).eval()
+    assert reloaded.config.final_placement == "tokens" and reloaded.token_ssf is not None
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), model(images))

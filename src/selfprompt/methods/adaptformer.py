@@ -1,7 +1,7 @@
 """AdaptFormer (Chen et al., NeurIPS 2022; official code ShoufaChen/AdaptFormer, MIT): a bottleneck adapter
 in parallel with each block's MLP.
 
-Per block (METHODS.md 3, the official "parallel" option with no layer norm on the adapter input)::
+Per block (docs/methods.md, AdaptFormer: the official "parallel" option, no norm on the adapter input)::
 
     x1  = x + drop_path(ls1(attn(norm1(x))))
     out = x1 + drop_path(ls2(mlp(norm2(x1)))) + scale * up(dropout(relu(down(x1))))
@@ -179,7 +179,7 @@ register_method(
     order=21,
     search=Search(
         {"optim.lr": [5e-3, 1e-3, 5e-4], "optim.weight_decay": [1e-4, 1e-2]},
-        "centred on NOAH's and V-PETL's AdamW lr 1e-3, weight_decay 1e-4 (METHODS.md 1, 3); the neighbours "
-        "are ours",
+        "centred on NOAH's and V-PETL's AdamW lr 1e-3, weight_decay 1e-4 (docs/methods.md, LoRA and "
+        "AdaptFormer); the neighbours are ours",
     ),
 )

@@ -50,6 +50,6 @@ register_method(
     order=10,
     search=Search(
         {"optim.lr": [5e-3, 1e-3, 5e-4]},
-        "ours: the adapters' rates (METHODS.md 1, 3); biases take no weight decay",
+        "ours: the adapters' rates (docs/methods.md, LoRA and AdaptFormer); biases take no weight decay",
     ),
 )

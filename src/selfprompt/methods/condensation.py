@@ -1,6 +1,6 @@
 """Prompt Condensation (Kim et al., arXiv 2305.17223): keep the prompts that matter, fine-tune only those.
 
-Three steps (METHODS.md section 9; the paper has no official code, so the choices below are ours):
+Three steps (docs/methods.md, Prompt Condensation; no official code exists, so the choices below are ours):
 
 1. Train ``vpt-deep`` (or ``spt-deep``: SPT's initialisation enters here) with the full prompt budget.
 2. ``selfprompt condense RUN --keep 0.3``: score every prompt of every layer on the run's training images,

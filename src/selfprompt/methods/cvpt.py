@@ -1,5 +1,5 @@
-"""CVPT: cross visual prompt tuning (Huang et al., arXiv 2408.14961, ICCV 2025), written from METHODS.md
-section 8 (official code Lingyun0419/CVPT has no licence file; none of it is copied).
+"""CVPT: cross visual prompt tuning (Huang et al., arXiv 2408.14961, ICCV 2025), written from
+docs/methods.md, CVPT (official code Lingyun0419/CVPT has no licence file; none of it is copied).
 
 Prompts never enter self-attention. In each prompted block, after the self-attention branch:
 ``x1 = x + DP(attn(LN1 x))``; ``x2 = x1 + CA(x1, P_l)``; ``out = x2 + DP(mlp(LN2 x2))``, where CA is
@@ -9,7 +9,7 @@ x1 or the prompts, no drop-path or layer scale on CA. The sequence length is unc
 with prompt dropout, xavier-uniform over the 3-D tensor (bound sqrt(6 / ((M + L) * D))). Trainable:
 12 * M * D + head (M=10 on ViT-B/16, 100 classes: 169,060).
 
-SPT initialisation (METHODS.md section 11): layer l's prompts from prototypes of x1 at block l, the
+SPT initialisation (docs/methods.md, SPT): layer l's prompts from prototypes of x1 at block l, the
 post-self-attention stream of the frozen backbone without prompts (patch tokens; no LayerNorm, matching
 the raw prompts CA reads).
 """
@@ -115,6 +115,7 @@ register_method(
     order=23,
     search=Search(
         {"optim.lr": [5e-3, 1e-3, 5e-4], "optim.weight_decay": [5e-2, 1e-4]},
-        "centred on CVPT's own AdamW lr 1e-3, weight_decay 0.05 (METHODS.md 8); the neighbours are ours",
+        "centred on CVPT's own AdamW lr 1e-3, weight_decay 0.05 (docs/methods.md, CVPT); the neighbours "
+        "are ours",
     ),
 )

@@ -1,5 +1,5 @@
-"""E2VPT: effective and efficient visual prompt tuning (Han et al., ICCV 2023), written from METHODS.md
-section 6 (official code ChengHan111/E2VPT, CC BY-NC 4.0; none of it is copied).
+"""E2VPT: effective and efficient visual prompt tuning (Han et al., ICCV 2023), written from
+docs/methods.md, E2VPT (official code ChengHan111/E2VPT, CC BY-NC 4.0; none of it is copied).
 
 (a) Visual prompts: VPT-deep, N_P per block after the prefix tokens (replaced before every block), dropout.
 (b) Key-value prompts: in every block, after the qkv projection, the head split and any q/k norm, L_kv
@@ -25,7 +25,7 @@ while training); a share prunes ``floor(share * count)`` entries at once (the co
 with fixed scores prunes the same entries); the rewind restarts from the seed's initial values, which are
 the source's when its seed and ``prompt.init`` match (the code re-draws an unseeded init).
 
-SPT initialisation (METHODS.md section 11): the visual prompts exactly as spt-deep; unshared key and value
+SPT initialisation (docs/methods.md, SPT): the visual prompts exactly as spt-deep; unshared key and value
 prompts from prototypes of block i's keys (LN1(x) W_k + b_k after k-norm) and values of the frozen backbone
 without prompts, each prototype a whole token's key (all heads), then split into heads. A shared K=V tensor
 cannot sit in both spaces, so a token initializer needs ``e2vpt.share_kv false``.

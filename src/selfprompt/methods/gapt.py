@@ -1,5 +1,5 @@
 """GaPT: gated prompt tuning (Yoo et al., "Improving Visual Prompt Tuning for Self-supervised Vision
-Transformers", ICML 2023), written from METHODS.md section 5 (official code ryongithub/GatedPromptTuning, MIT;
+Transformers", ICML 2023), from docs/methods.md, GaPT (official code ryongithub/GatedPromptTuning, MIT;
 none of it is copied).
 
 One shallow prompt set enters block 0 after the prefix tokens. Around each block i = 0 .. L-2 a learnable gate
@@ -10,7 +10,7 @@ temperature tau_i (init 1, clamped in place to [0.01, 10] every forward), folded
 SDPA keeps running. Trainable: prompts (N x D), theta (L - 1), tau (L), head: N=100 on ViT-B/16 with 100
 classes -> 76,800 + 11 + 12 + 76,900 = 153,723.
 
-SPT initialisation (METHODS.md section 11): the one prompt set is built from layer-0 prototypes (the patch
+SPT initialisation (docs/methods.md, SPT): the one prompt set is built from layer-0 prototypes (the patch
 embedding), exactly as spt-shallow; gates and temperatures are unaffected.
 """
 
@@ -133,6 +133,6 @@ register_method(
     order=20,
     search=Search(
         {"optim.lr": [5e-2, 1e-2, 5e-3, 1e-3]},
-        "lr: the prompt methods' grid (SPT.md 4); weight_decay stays GaPT's 0 (METHODS.md 5)",
+        "lr: the prompt methods' grid (SPT.md 4); weight_decay stays GaPT's 0 (docs/methods.md, GaPT)",
     ),
 )

@@ -6,7 +6,7 @@ A targeted ``nn.Linear`` computes ``y = W x + b + (alpha / rank) * B A drop(x)``
 probe. The default target is timm's fused ``attn.qkv``: one A shared by Q, K and V and one B for all three
 (NOAH's and peft's placement; V-PETL's variant adapts only the Q and V slices, same count). For
 ``vit_base_patch16_224`` with 100 classes and rank 8: 12 * 8 * (768 + 2304) = 294,912 + 76,900 head =
-371,812 (METHODS.md 1).
+371,812 (docs/methods.md, LoRA).
 
 How it is built: ``peft.tuners.lora.LoraModel`` replaces each targeted Linear by peft's ``lora.Linear`` in
 a *private copy* of the backbone's module tree that shares the frozen weight tensors
@@ -219,7 +219,7 @@ register_method(
     order=20,
     search=Search(
         {"optim.lr": [5e-3, 1e-3, 5e-4], "optim.weight_decay": [1e-4, 1e-2]},
-        "centred on NOAH's and V-PETL's AdamW lr 1e-3, weight_decay 1e-4 (METHODS.md 1, 3); the neighbours "
-        "are ours",
+        "centred on NOAH's and V-PETL's AdamW lr 1e-3, weight_decay 1e-4 (docs/methods.md, LoRA and "
+        "AdaptFormer); the neighbours are ours",
     ),
 )

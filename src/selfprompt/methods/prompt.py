@@ -145,7 +145,7 @@ class PromptedViT(ViTClassifier):
 PROMPT_SEARCH = Search(
     {"optim.lr": [5e-2, 1e-2, 5e-3, 1e-3], "optim.weight_decay": [1e-2, 1e-4]},
     "lr: SPT README's AdamW rates 5e-2 (MAE) and 1e-3 (supervised), BPT's 5e-3 (SPT.md 4), 1e-2 ours "
-    "between; weight_decay: two of the VPT-family grid's {1e-2, 1e-3, 1e-4, 0} (METHODS.md 0)",
+    "between; weight_decay: two of the VPT-family grid's {1e-2, 1e-3, 1e-4, 0} (docs/methods.md, VPT)",
 )
 MAX_PROMPTS = 1024  # per layer; the papers use at most 200, and attention grows with their square
 

@@ -1,10 +1,12 @@
 """SSF, Scaling & Shifting your Features (Lian et al., NeurIPS 2022; official code dongzelian/SSF, MIT):
 a learnable per-channel affine ``gamma * x + beta`` after each linear-type op of the frozen backbone.
 
-Placement (METHODS.md 4): after the patch embedding (D); in every block after ``norm1`` (D), ``attn.qkv``
-(3D, before the head split), ``attn.proj`` (D, before its dropout), ``norm2`` (D), ``mlp.fc1`` (4D, before
-the activation) and ``mlp.fc2`` (D); after the final norm (D; ``fc_norm`` for a backbone whose ``norm`` is
-an Identity because it normalises after pooling). Init: gamma ~ N(1, 0.02^2), beta ~ N(0, 0.02^2), drawn
+Placement (docs/methods.md, SSF): after the patch embedding (D); in every block after ``norm1`` (D),
+``attn.qkv`` (3D, before the head split), ``attn.proj`` (D, before its dropout), ``norm2`` (D), ``mlp.fc1``
+(4D, before the activation) and ``mlp.fc2`` (D); after the final norm (D; ``fc_norm`` for a backbone whose
+``norm`` is an Identity because it normalises after pooling). Where that final norm comes after pooling,
+``ssf.final_placement: tokens`` moves the last scale and shift onto the tokens before pooling, as the official
+code (:class:`SsfSettings`). Init: gamma ~ N(1, 0.02^2), beta ~ N(0, 0.02^2), drawn
 from the global RNG (the engine seeds it before building the model). For ``vit_base_patch16_224`` with 100
 classes: 12 * 2 * 11 * 768 + 4 * 768 = 205,824 + 76,900 head = 282,724.
 
@@ -26,10 +28,11 @@ into ``patch_embed.proj``. The result is a plain timm ``VisionTransformer`` with
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from selfprompt.methods.registry import Search, register_method
-from selfprompt.model import ViTClassifier, private_copy, timm_classifier
+from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
+from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier, private_copy, timm_classifier
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -37,6 +40,13 @@ from torch import nn
 
 #: The ops of each block SSF follows, by their path inside the block.
 BLOCK_OPS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+
+#: Where the last scale and shift sit when the final norm comes after pooling (``mae`` pooling, or a backbone
+#: whose ``norm`` is an Identity and ``fc_norm`` a LayerNorm): ``after_norm`` after that norm (it folds into
+#: it), ``tokens`` on the tokens before pooling, as the official code (no op absorbs it). Where the final
+#: norm acts on the tokens, both are the same: after it.
+FinalPlacement = Literal["after_norm", "tokens"]
+FINAL_PLACEMENTS: tuple[str, ...] = ("after_norm", "tokens")
 
 
 class ScaleShift(nn.Module):
@@ -103,22 +113,64 @@ def _fold(op: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
         op.bias.mul_(scale).add_(shift)
 
 
+@dataclass
+class SSFConfig(ClassifierConfig):
+    """A ClassifierConfig plus SSF's settings (see :class:`SsfSettings`); adapters written before the
+    setting existed load as ``after_norm``."""
+
+    final_placement: FinalPlacement = "after_norm"
+
+
 class SSF(ViTClassifier):
     """A frozen timm ``VisionTransformer`` with SSF's scale and shift after each of its linear-type ops and
     a new linear head; only the scales, shifts and head train.
 
-    Args: as :class:`~selfprompt.model.ViTClassifier` (``train_backbone`` must stay False).
+    Args:
+        backbone, num_classes, pool, head_init_std, backbone_name: See
+            :class:`~selfprompt.model.ViTClassifier` (``train_backbone`` must stay False).
+        final_placement: See :class:`SsfSettings`.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, **kwargs: Any) -> None:
-        if kwargs.get("train_backbone"):
+    config_class = SSFConfig
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        final_placement: FinalPlacement = "after_norm",
+        pool: PoolType | None = None,
+        head_init_std: float = 0.02,
+        train_backbone: bool = False,
+        backbone_name: str | None = None,
+    ) -> None:
+        if train_backbone:
             raise ValueError("SSF trains its scales and shifts only; train_backbone must be False.")
-        super().__init__(private_copy(backbone), num_classes, **kwargs)
+        if final_placement not in FINAL_PLACEMENTS:
+            raise ValueError(
+                f"ssf.final_placement must be one of {FINAL_PLACEMENTS}, got {final_placement!r}."
+            )
+        super().__init__(
+            private_copy(backbone),
+            num_classes,
+            pool=pool,
+            head_init_std=head_init_std,
+            backbone_name=backbone_name,
+            final_placement=final_placement,
+        )
         device = next(self.backbone.parameters()).device
-        self.ssf_paths = tuple(path for path, _ in ssf_targets(self.backbone))
-        for path, dim in ssf_targets(self.backbone):
+        targets = ssf_targets(self.backbone)
+        norm_after_pool = self.config.pool == "mae" or isinstance(self.backbone.norm, nn.Identity)
+        #: The official placement's last affine, on the tokens before pooling (``pool``); None otherwise.
+        self.token_ssf: ScaleShift | None = None
+        if final_placement == "tokens" and norm_after_pool and targets[-1][0] in ("norm", "fc_norm"):
+            self.token_ssf = ScaleShift(nn.Identity(), targets.pop()[1], device)
+        self.ssf_paths = tuple(path for path, _ in targets)
+        for path, dim in targets:
             _replace(self.backbone, path, ScaleShift(self.backbone.get_submodule(path), dim, device))
         self.reset_ssf()
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return super().pool(x if self.token_ssf is None else self.token_ssf(x))
 
     def wrappers(self) -> dict[str, ScaleShift]:
         return {path: self.backbone.get_submodule(path) for path in self.ssf_paths}
@@ -126,17 +178,21 @@ class SSF(ViTClassifier):
     @torch.no_grad()
     def reset_ssf(self, std: float = 0.02) -> None:
         """SSF's init: scale ~ N(1, std^2), shift ~ N(0, std^2) (global RNG); ``std=0`` is the identity."""
-        for wrapper in self.wrappers().values():
+        for wrapper in (*self.wrappers().values(), *([self.token_ssf] if self.token_ssf else [])):
             nn.init.normal_(wrapper.scale, 1.0, std)
             nn.init.normal_(wrapper.shift, 0.0, std)
 
     def ssf_parameters(self) -> dict[str, nn.Parameter]:
-        """Every scale and shift, by its name in this model (``backbone.<op path>.scale|shift``)."""
-        return {
+        """Every scale and shift, by its name in this model (``backbone.<op path>.scale|shift``, and
+        ``token_ssf.scale|shift`` for the ``tokens`` placement's last one)."""
+        params = {
             f"backbone.{path}.{kind}": getattr(wrapper, kind)
             for path, wrapper in self.wrappers().items()
             for kind in ("scale", "shift")
         }
+        if self.token_ssf is not None:
+            params |= {f"token_ssf.{kind}": getattr(self.token_ssf, kind) for kind in ("scale", "shift")}
+        return params
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter: every scale and shift and the head."""
@@ -145,6 +201,11 @@ class SSF(ViTClassifier):
     def merged(self) -> VisionTransformer:
         """A plain timm ``VisionTransformer`` with every scale and shift folded into the op before it (on a
         copy), and this model's head and pooling: the same logits, no extra modules or FLOPs."""
+        if self.token_ssf is not None:
+            raise ValueError(
+                "ssf.final_placement 'tokens' with a norm after pooling puts the last scale and shift on the "
+                "tokens before that norm, where no op absorbs it: this model has no merged form."
+            )
         backbone = copy.deepcopy(self.backbone)
         for path in self.ssf_paths:
             wrapper = backbone.get_submodule(path)
@@ -157,18 +218,33 @@ class SSF(ViTClassifier):
         return timm_classifier(self, backbone)
 
 
-def _build(backbone, num_classes, settings, **common: Any) -> SSF:
-    return SSF(backbone, num_classes, **common)
+@dataclass
+class SsfSettings:
+    """SSF: where its last scale and shift sit.
+
+    Attributes:
+        final_placement: Where the final norm comes after pooling (``mae`` pooling, or ``fc_norm``):
+            ``after_norm`` puts the last scale and shift after that norm (ours; it folds into the norm),
+            ``tokens`` on the tokens before pooling, as the official code (no merged form). Elsewhere both
+            put it after the final norm. See docs/methods.md, SSF.
+    """
+
+    final_placement: FinalPlacement = "after_norm"
+
+
+register_settings("ssf", SsfSettings, "SSF settings of the ssf method (final_placement).")
 
 
 register_method(
     "ssf",
     "SSF: per-channel scale and shift after every linear op and norm; scales, shifts and head train",
     SSF,
-    _build,
+    settings_builder(SSF),
+    settings="ssf",
     order=22,
     search=Search(
         {"optim.lr": [1e-2, 5e-3, 1e-3], "optim.weight_decay": [5e-5]},
-        "centred on SSF's scripts' lr 5e-3, weight_decay 5e-5 (METHODS.md 4); the neighbours are ours",
+        "centred on SSF's scripts' lr 5e-3, weight_decay 5e-5 (docs/methods.md, SSF); the neighbours "
+        "are ours",
     ),
 )

@@ -1,12 +1,12 @@
-"""VFPT: visual Fourier prompt tuning (Zeng et al., NeurIPS 2024), written from METHODS.md section 7 (official
-code runtsang/VFPT, CC BY-NC 4.0; none of it is copied).
+"""VFPT: visual Fourier prompt tuning (Zeng et al., NeurIPS 2024), written from docs/methods.md, VFPT
+(official code runtsang/VFPT, CC BY-NC 4.0; none of it is copied).
 
 VPT-deep whose first m = floor(alpha * N) prompts of every layer (layer 0 included) enter the block as
 Re(FFT_seq(FFT_hidden(dropout(P[:m])))): an unnormalised (``norm="backward"``) 1-D FFT over the hidden dim,
 then over the sequence of those m prompts only, real part kept. Order: [prefix, Fourier prompts, plain
 prompts, patches]. The FFT has no parameters: 12 * N * D + head (N=10 on ViT-B/16, 100 classes: 169,060).
 
-SPT initialisation (METHODS.md section 11) applies to the plain (1 - alpha) share, built as spt-deep's
+SPT initialisation (docs/methods.md, SPT) applies to the plain (1 - alpha) share, built as spt-deep's
 prompts of the same layers; the Fourier share keeps the random (xavier) draw, since Re(FFT2) is not
 invertible. With alpha = 1 there is no plain share and a token initializer is refused.
 """
