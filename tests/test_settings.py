@@ -57,6 +57,7 @@ BAD = [
     ("spt-deep", ["--prompt.init_fraction", "0"], "prompt.init_fraction must be in (0, 1]"),
     ("spt-deep", ["--prompt.init_max_images", "0"], "prompt.init_max_images must be >= 1 or null"),
     ("pc", ["--condense.adapter", "missing"], "condense.adapter must be a folder written by selfprompt"),
+    ("ssf", ["--ssf.final_placement", "before_norm"], "ssf.final_placement"),
     ("ssf", ["--lora.rank", "4"], "method 'ssf' does not read the lora settings; drop lora.rank"),
 ]
 

@@ -6,7 +6,7 @@ Placement (docs/methods.md, SSF): after the patch embedding (D); in every block 
 (4D, before the activation) and ``mlp.fc2`` (D); after the final norm (D; ``fc_norm`` for a backbone whose
 ``norm`` is an Identity because it normalises after pooling). Where that final norm comes after pooling,
 ``ssf.final_placement: tokens`` moves the last scale and shift onto the tokens before pooling, as the official
-code (:class:`SsfSettings`). Init: gamma ~ N(1, 0.02^2), beta ~ N(0, 0.02^2), drawn
+code (:class:`SSFSettings`). Init: gamma ~ N(1, 0.02^2), beta ~ N(0, 0.02^2), drawn
 from the global RNG (the engine seeds it before building the model). For ``vit_base_patch16_224`` with 100
 classes: 12 * 2 * 11 * 768 + 4 * 768 = 205,824 + 76,900 head = 282,724.
 
@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
-from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier, private_copy, timm_classifier
+from selfprompt.methods.settings import adapter_config, check_settings, settings_from
+from selfprompt.model import PoolType, ViTClassifier, private_copy, timm_classifier
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -45,7 +46,6 @@ BLOCK_OPS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 #: whose ``norm`` is an Identity and ``fc_norm`` a LayerNorm): ``after_norm`` after that norm (it folds into
 #: it), ``tokens`` on the tokens before pooling, as the official code (no op absorbs it). Where the final
 #: norm acts on the tokens, both are the same: after it.
-FinalPlacement = Literal["after_norm", "tokens"]
 FINAL_PLACEMENTS: tuple[str, ...] = ("after_norm", "tokens")
 
 
@@ -114,11 +114,28 @@ def _fold(op: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
 
 
 @dataclass
-class SSFConfig(ClassifierConfig):
-    """A ClassifierConfig plus SSF's settings (see :class:`SsfSettings`); adapters written before the
-    setting existed load as ``after_norm``."""
+class SSFSettings:
+    """SSF: where its last scale and shift sit.
 
-    final_placement: FinalPlacement = "after_norm"
+    Attributes:
+        final_placement: Where the final norm comes after pooling (``mae`` pooling, or ``fc_norm``):
+            ``after_norm`` puts the last scale and shift after that norm (ours; it folds into the norm),
+            ``tokens`` on the tokens before pooling, as the official code (no merged form). Elsewhere both
+            put it after the final norm. See docs/methods.md, SSF.
+    """
+
+    final_placement: str = "after_norm"  # a str, so that a wrong value gets the one-line check
+
+    def problems(self) -> list[str]:
+        """Values that cannot run, as ``field must be ..., got ...``."""
+        if self.final_placement in FINAL_PLACEMENTS:
+            return []
+        return [f"final_placement must be one of {FINAL_PLACEMENTS}, got {self.final_placement!r}"]
+
+
+#: What an SSF adapter stores: ClassifierConfig's fields plus SSFSettings' (adapters written before
+#: final_placement existed load as ``after_norm``).
+SSFConfig = adapter_config(SSFSettings)
 
 
 class SSF(ViTClassifier):
@@ -128,7 +145,7 @@ class SSF(ViTClassifier):
     Args:
         backbone, num_classes, pool, head_init_std, backbone_name: See
             :class:`~selfprompt.model.ViTClassifier` (``train_backbone`` must stay False).
-        final_placement: See :class:`SsfSettings`.
+        settings: :class:`SSFSettings` (or its fields by name).
     """
 
     config_class = SSFConfig
@@ -137,18 +154,21 @@ class SSF(ViTClassifier):
         self,
         backbone: nn.Module,
         num_classes: int,
-        final_placement: FinalPlacement = "after_norm",
+        settings: SSFSettings | None = None,
+        *,
         pool: PoolType | None = None,
         head_init_std: float = 0.02,
         train_backbone: bool = False,
         backbone_name: str | None = None,
+        **fields: Any,
     ) -> None:
         if train_backbone:
             raise ValueError("SSF trains its scales and shifts only; train_backbone must be False.")
-        if final_placement not in FINAL_PLACEMENTS:
-            raise ValueError(
-                f"ssf.final_placement must be one of {FINAL_PLACEMENTS}, got {final_placement!r}."
-            )
+        settings = settings_from(SSFSettings, settings, fields)
+        if fields:
+            raise TypeError(f"SSF got unknown arguments {sorted(fields)}; its settings are SSFSettings'.")
+        check_settings("ssf", settings)
+        final_placement = settings.final_placement
         super().__init__(
             private_copy(backbone),
             num_classes,
@@ -218,21 +238,7 @@ class SSF(ViTClassifier):
         return timm_classifier(self, backbone)
 
 
-@dataclass
-class SsfSettings:
-    """SSF: where its last scale and shift sit.
-
-    Attributes:
-        final_placement: Where the final norm comes after pooling (``mae`` pooling, or ``fc_norm``):
-            ``after_norm`` puts the last scale and shift after that norm (ours; it folds into the norm),
-            ``tokens`` on the tokens before pooling, as the official code (no merged form). Elsewhere both
-            put it after the final norm. See docs/methods.md, SSF.
-    """
-
-    final_placement: FinalPlacement = "after_norm"
-
-
-register_settings("ssf", SsfSettings, "SSF settings of the ssf method (final_placement).")
+register_settings("ssf", SSFSettings, "SSF settings of the ssf method (final_placement).")
 
 
 register_method(
