@@ -289,19 +289,19 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
     if search is not None:
         chosen = read_json(directory / "sweep.json")["best"]
         run = RunDir(directory / "final")
-    summary, env_info = run.read_summary(), run.read_env()
-    final = next(r for r in summary["results"] if r["stage"] == "final")
-    tune = next((r for r in summary["results"] if r["stage"] == "tune"), None)
+    results, env_info = run.read_results(), run.read_env()
+    final = next(r for r in results if r.stage == "final")
+    tune = next((r for r in results if r.stage == "tune"), None)
     record = asdict(cell) | {
         "variant": cell.variant,
         "group": registry.task(cfg.benchmark, cell.task).group,
-        "test_acc": final["last_test_acc"],
-        "val_acc": chosen["val_acc"] if search is not None else tune["last_val_acc"] if tune else None,
+        "test_acc": final.last_acc,
+        "val_acc": chosen["val_acc"] if search is not None else tune.last_acc if tune else None,
         "search": search,
         "chosen": chosen["params"] if search is not None else None,
-        "trainable_parameters": final["trainable_parameters"],
-        "trainable_share": final["trainable_share"],
-        "epochs": final["epochs"],
+        "trainable_parameters": final.trainable_parameters,
+        "trainable_share": final.trainable_share,
+        "epochs": final.epochs,
         "seconds": time.perf_counter() - started,
         "device": env_info.get("device_name") or env_info["device"],
         "resumed": resume,

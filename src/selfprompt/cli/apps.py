@@ -14,7 +14,7 @@ def _bench_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="selfprompt bench", description="The VTAB-mini grid, resumable.")
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of bench settings.")
     parser.add_class_arguments(BenchConfig, nested_key=None, fail_untyped=True)
-    parser._option_string_actions["--benchmark"].help = f"{registry.spelled()} (default: vtab-mini)."
+    parser._option_string_actions["--benchmark"].help = f"{registry.spelled()}."
     return parser
 
 
