@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from selfprompt.data import registry
 from selfprompt.data.config import DataConfig
 from selfprompt.methods import method_names, settings_sections
 from selfprompt.methods.settings import in_range, is_integer, positive_int
@@ -289,6 +290,11 @@ def check_config(cfg: Any) -> None:
     if not in_range(model.head_init_std, 0, math.inf):
         problems.append(f"model.head_init_std must be a finite number >= 0, got {model.head_init_std!r}")
     problems += batch_problems(data)
+    if data.benchmark is not None and data.benchmark not in registry.names():
+        problems.append(
+            f"data.benchmark must be a registered benchmark, one of {registry.spelled()} (selfprompt data "
+            f"list), got {data.benchmark!r}"
+        )
     if not in_range(data.val_fraction, 0, 1, low_open=True):
         problems.append(f"data.val_fraction must be in (0, 1), got {data.val_fraction!r}")
     if data.img_size is not None and not positive_int(data.img_size):

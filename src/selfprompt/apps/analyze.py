@@ -11,6 +11,7 @@ from typing import Any
 from selfprompt.analysis.statistics import STATISTICS
 from selfprompt.config import migrate
 from selfprompt.engine.rundir import RunDir, TrainingDir
+from selfprompt.engine.trained import stage_order
 
 import torch
 from safetensors.torch import load_file
@@ -46,13 +47,13 @@ def tracked_stage_dir(run_dir: str | Path, seed: int | None = None, stage: str |
     run = RunDir(Path(run_dir))
     config = run.read_config()
     seed = config["seeds"][0] if seed is None else seed
-    for name in (stage,) if stage else ("final", "tune"):
+    for name in stage_order(stage):
         folder = run.stage(seed, name)
         if folder.log_file(TrainingDir.ANALYSIS, "jsonl").is_file():
             return folder
     raise FileNotFoundError(
-        f"{run_dir} has no tracked statistics for seed {seed}, stage {stage or 'final or tune'}: train with "
-        f"--track.every N (e.g. 1) to record them."
+        f"{run_dir} has no tracked statistics for seed {seed}, stage {' or '.join(stage_order(stage))}: "
+        f"train with --track.every N (e.g. 1) to record them."
     )
 
 

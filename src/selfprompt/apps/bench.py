@@ -1,9 +1,11 @@
-"""``selfprompt bench``: tasks x methods x backbones x seeds (x initializers x prompt lengths) on VTAB-mini,
-VTAB-1k or FGVC, each cell a ``selfprompt train`` run of a recipe; resumable, with tables and a plot.
+"""``selfprompt bench``: tasks x methods x backbones x seeds (x initializers x prompt lengths) on a registered
+benchmark (``selfprompt data list``), each cell a ``selfprompt train`` run of a recipe; resumable, with tables
+and a plot.
 
-VTAB-mini cells use the package's recipes with the zoo backbones; VTAB-1k and FGVC cells use
-``<recipes>/<backbone>/<method>.yaml`` (the repository's ``recipes/vtab`` and ``recipes/fgvc``), where a
-backbone is a recipe folder (``mae``, ``moco``, ``sup_in21k``).
+A benchmark names its recipe folder (:class:`selfprompt.data.registry.Benchmark`): either
+``<recipes>/<backbone>/<method>.yaml``, where a backbone is a recipe folder (``mae``, ``moco``,
+``sup_in21k``: the repository's VTAB-1k and FGVC recipe folders), or one recipe per method run with any
+timm backbone (VTAB-mini: the package's recipes with the zoo backbones).
 
 A cell with a ``cell.json`` is never run again; one that stopped part-way resumes from its checkpoint.
 """
@@ -28,13 +30,11 @@ from selfprompt.apps.stats import paired_difference
 from selfprompt.atomic import write_json
 from selfprompt.config import MethodName
 from selfprompt.data import registry
+from selfprompt.data.vtab_mini import RECIPES as RECIPES  # the package's recipes, re-exported
 from selfprompt.engine.rundir import RunDir, read_json
 from selfprompt.methods import get_method, method_names
 from selfprompt.zoo.models import ZOO_TAGS
 
-RECIPES = Path(__file__).parent / "recipes" / "vtab_mini"
-DEFAULT_RECIPES = {"vtab-1k": "recipes/vtab", "fgvc": "recipes/fgvc"}
-PAPER_BACKBONES = ["mae", "moco", "sup_in21k"]
 CELL_NAME = "cell.json"
 LOG_NAME = "cell.log"
 
@@ -50,14 +50,14 @@ class BenchConfig:
 
     Attributes:
         root: The benchmark's folder (written by `selfprompt data prepare`; one folder per task).
-        benchmark: vtab-mini, vtab-1k or fgvc.
+        benchmark: A registered benchmark (``selfprompt data list``).
         output_dir: Where cells, tables and the plot go; rerunning continues what is there.
         tasks: Tasks; None runs every task found in root.
         methods: Methods, each trained with its recipe (default: every registered method).
-        backbones: vtab-mini: timm names (default: both zoo backbones); vtab-1k, fgvc: recipe folders
-            (default: mae, moco, sup_in21k).
-        recipes: vtab-1k, fgvc: the folder of <backbone>/<method>.yaml recipes (default: recipes/vtab or
-            recipes/fgvc under the current folder).
+        backbones: Recipe folders where the benchmark's recipes are per backbone (default: all of them, e.g.
+            mae, moco, sup_in21k), else timm names (default: both zoo backbones).
+        recipes: The folder of the benchmark's recipes (default: its own, e.g. recipes/vtab under the
+            current folder; VTAB-mini: the package's).
         overrides: Extra `--section.field value` arguments for every cell, e.g. ["--model.checkpoint", "P"].
         seeds: Seeds of every cell.
         inits: Sweep the prompt initializer over these (methods that take any initializer, e.g. spt-*);
@@ -88,7 +88,7 @@ class BenchConfig:
     """
 
     root: str
-    benchmark: Literal["vtab-mini", "vtab-1k", "fgvc"] = "vtab-mini"
+    benchmark: str = "vtab-mini"
     output_dir: str = "runs/bench"
     tasks: list[str] | None = None
     methods: list[MethodName] = field(default_factory=method_names)
@@ -155,14 +155,15 @@ def cell_search(cfg: BenchConfig, cell: Cell) -> dict[str, list[Any]] | None:
 def backbones(cfg: BenchConfig) -> list[str]:
     if cfg.backbones is not None:
         return cfg.backbones
-    return list(ZOO_TAGS) if cfg.benchmark == "vtab-mini" else PAPER_BACKBONES
+    return list(registry.benchmark(cfg.benchmark).recipe_backbones or ZOO_TAGS)
 
 
 def recipe(cfg: BenchConfig, cell: Cell) -> Path:
+    benchmark = registry.benchmark(cfg.benchmark)
     name = f"{cell.method.replace('-', '_')}.yaml"
-    if cfg.benchmark == "vtab-mini":
-        return RECIPES / name
-    return Path(cfg.recipes or DEFAULT_RECIPES[cfg.benchmark]) / cell.backbone / name
+    if not benchmark.recipe_backbones:
+        return Path(benchmark.recipes) / name
+    return Path(cfg.recipes or benchmark.recipes) / cell.backbone / name
 
 
 def grid(cfg: BenchConfig) -> list[Cell]:
@@ -217,7 +218,7 @@ def grid(cfg: BenchConfig) -> list[Cell]:
     if absent:
         raise FileNotFoundError(
             f"Recipes {absent} do not exist; pass --recipes DIR holding <backbone>/<method>.yaml (the "
-            "repository's recipes/vtab or recipes/fgvc) and backbones that are its folders."
+            f"repository's {registry.benchmark(cfg.benchmark).recipes}) and backbones that are its folders."
         )
     return cells
 
@@ -241,10 +242,10 @@ def cell_commands(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list
 
 
 def train_command(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list[str]:
-    if cfg.benchmark == "vtab-mini":
-        data = ["--model.backbone", cell.backbone, "--model.pool", zoo_pool(cell.backbone)]
+    if registry.benchmark(cfg.benchmark).recipe_backbones:
+        data = []  # the recipe is the backbone's
     else:
-        data = []
+        data = ["--model.backbone", cell.backbone, "--model.pool", zoo_pool(cell.backbone)]
     args = [
         sys.executable, "-m", "selfprompt", "train", str(recipe(cfg, cell)), *data,
         "--data.root", str(cfg.root),
@@ -288,19 +289,19 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
     if search is not None:
         chosen = read_json(directory / "sweep.json")["best"]
         run = RunDir(directory / "final")
-    summary, env_info = run.read_summary(), run.read_env()
-    final = next(r for r in summary["results"] if r["stage"] == "final")
-    tune = next((r for r in summary["results"] if r["stage"] == "tune"), None)
+    results, env_info = run.read_results(), run.read_env()
+    final = next(r for r in results if r.stage == "final")
+    tune = next((r for r in results if r.stage == "tune"), None)
     record = asdict(cell) | {
         "variant": cell.variant,
         "group": registry.task(cfg.benchmark, cell.task).group,
-        "test_acc": final["last_test_acc"],
-        "val_acc": chosen["val_acc"] if search is not None else tune["last_val_acc"] if tune else None,
+        "test_acc": final.last_acc,
+        "val_acc": chosen["val_acc"] if search is not None else tune.last_acc if tune else None,
         "search": search,
         "chosen": chosen["params"] if search is not None else None,
-        "trainable_parameters": final["trainable_parameters"],
-        "trainable_share": final["trainable_share"],
-        "epochs": final["epochs"],
+        "trainable_parameters": final.trainable_parameters,
+        "trainable_share": final.trainable_share,
+        "epochs": final.epochs,
         "seconds": time.perf_counter() - started,
         "device": env_info.get("device_name") or env_info["device"],
         "resumed": resume,

@@ -72,14 +72,15 @@ def predict_run(
     run_dir: str | Path,
     inputs: list[str],
     seed: int | None,
-    stage: str,
+    stage: str | None,
     device: str,
     ema: bool = False,
     topk: int = 1,
     batch_size: int = 64,
     tpt: TPTConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k classes and probabilities for each image file (folders are searched recursively); with ``tpt``,
+    """Top-k classes and probabilities for each image file (folders are searched recursively) by the model of
+    ``seed``/``stage`` (:func:`selfprompt.engine.trained.find_stage`; None: final, else tune); with ``tpt``,
     each image's prompts are first tuned on its own views (:mod:`selfprompt.engine.tta`).
 
     A file that cannot be read as an image does not stop the others: its row holds ``path`` and ``error``

@@ -19,7 +19,12 @@ from selfprompt.atomic import write_text
 from selfprompt.data import registry
 
 VTAB_MEAN = "VTAB mean (of group means)"
-TITLES = {"vtab-mini": "VTAB-mini", "vtab-1k": "VTAB-1k", "fgvc": "FGVC"}
+
+
+def overall(benchmark: str) -> str:
+    """The column of the mean over tasks: the one group's mean where the benchmark has one group."""
+    groups = registry.groups(benchmark)
+    return groups[0] if len(groups) == 1 else TASK_MEAN
 
 
 def _spread(values: list[float]) -> tuple[float, float, int]:
@@ -52,14 +57,14 @@ def aggregate(
             }
             for g, v in groups.items():
                 columns[g].append(v)
-            if benchmark != "fgvc":  # FGVC has one group: its mean is the mean over tasks
+            if len(groups_of) > 1:  # one group (FGVC): its mean is the mean over tasks
                 columns[VTAB_MEAN].append(statistics.fmean(groups.values()))
                 columns[TASK_MEAN].append(statistics.fmean(per_task.values()))
         table[key] = {name: _spread(values) for name, values in columns.items()}
     return table
 
 
-def markdown(rows: list[dict[str, Any]], benchmark: str = "vtab-mini") -> str:
+def markdown(rows: list[dict[str, Any]], benchmark: str) -> str:
     """Per backbone: tasks, groups and means as rows, variants as columns, each followed by the published
     number (``<variant> (paper)``) where :mod:`selfprompt.apps.paper` quotes one."""
     table = aggregate(rows, benchmark)
@@ -84,7 +89,7 @@ def markdown(rows: list[dict[str, Any]], benchmark: str = "vtab-mini") -> str:
             "| task | " + " | ".join(headers) + " |",
             "| --- |" + " ---: |" * len(headers),
         ]
-        extra = [] if benchmark == "fgvc" else [VTAB_MEAN, TASK_MEAN]
+        extra = [VTAB_MEAN, TASK_MEAN] if len(registry.groups(benchmark)) > 1 else []
         for name in [*tasks, *registry.groups(benchmark), *extra]:
             cells = [table[(backbone, v)].get(name) for v in variants]
             if all(c is None for c in cells):
@@ -122,7 +127,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def plot(rows: list[dict[str, Any]], path: Path, benchmark: str = "vtab-mini") -> bool:
+def plot(rows: list[dict[str, Any]], path: Path, benchmark: str) -> bool:
     """Mean test accuracy over tasks per method and backbone (error bars: std over seeds); False without
     matplotlib."""
     try:
@@ -133,7 +138,7 @@ def plot(rows: list[dict[str, Any]], path: Path, benchmark: str = "vtab-mini") -
     except ImportError:
         return False
     table = aggregate(rows, benchmark)
-    mean = "fgvc" if benchmark == "fgvc" else TASK_MEAN
+    mean = overall(benchmark)
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(variants) * len(backbones), 4))
@@ -144,7 +149,7 @@ def plot(rows: list[dict[str, Any]], path: Path, benchmark: str = "vtab-mini") -
         ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=backbone)
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     ax.set_ylabel("test accuracy, mean over tasks (%)")
-    ax.set_title(TITLES[benchmark])
+    ax.set_title(registry.benchmark(benchmark).title)
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -153,7 +158,7 @@ def plot(rows: list[dict[str, Any]], path: Path, benchmark: str = "vtab-mini") -
     return True
 
 
-def write_report(rows: list[dict[str, Any]], out: Path, cfg: Any, benchmark: str = "vtab-mini") -> list[Path]:
+def write_report(rows: list[dict[str, Any]], out: Path, cfg: Any, benchmark: str) -> list[Path]:
     """``results.md`` (tables), ``cells.csv`` (one line per cell) and ``results.png``; returns the paths."""
     if not rows:
         return []
@@ -161,10 +166,10 @@ def write_report(rows: list[dict[str, Any]], out: Path, cfg: Any, benchmark: str
     command = " ".join(["selfprompt", *sys.argv[1:]])
     settings = json.dumps(asdict(cfg))
     text = (
-        f"# {TITLES[benchmark]} bench\n\n{len(rows)} cells; command `{command}`; resolved settings "
-        f"`{settings}`.\n\n{markdown(rows, benchmark)}\n## Paired differences\n\nTest accuracy of a minus "
-        f"b on the cells both ran (backbone x task x seed), with a seeded percentile-bootstrap 95% interval "
-        f"over those cells (`selfprompt.apps.stats`).\n\n{comparison_table(rows)}\n"
+        f"# {registry.benchmark(benchmark).title} bench\n\n{len(rows)} cells; command `{command}`; resolved "
+        f"settings `{settings}`.\n\n{markdown(rows, benchmark)}\n## Paired differences\n\nTest accuracy of a "
+        f"minus b on the cells both ran (backbone x task x seed), with a seeded percentile-bootstrap 95% "
+        f"interval over those cells (`selfprompt.apps.stats`).\n\n{comparison_table(rows)}\n"
     )
     for name, content in (("results.md", text), ("cells.csv", _csv(rows))):
         write_text(out / name, content)

@@ -102,9 +102,9 @@ def with_setting(base: TrainConfig, params: dict[str, Any], stage: str, output_d
     return cfg
 
 
-def mean_val_acc(summary: dict[str, Any]) -> float:
+def mean_val_acc(run: RunDir) -> float:
     """The score of a tune run: the last epoch's validation accuracy, averaged over its seeds."""
-    accs = [r["last_val_acc"] for r in summary["results"] if r["stage"] == "tune"]
+    accs = [r.last_acc for r in run.read_results() if r.stage == "tune"]
     return sum(accs) / len(accs)
 
 
@@ -175,7 +175,7 @@ def sweep(base: TrainConfig, settings: SweepSettings, log: Callable[[str], None]
         trial.set_user_attr("folder", str(folder.relative_to(out)))
         log(f"[sweep] trial {trial.number}: {params}")
         run(with_setting(base, params, "tune", folder), log=lambda _: None)
-        return mean_val_acc(RunDir(folder).read_summary())
+        return mean_val_acc(RunDir(folder))
 
     if settings.sampler == "grid":
         left = None if not study.sampler.is_exhausted(study) else 0  # optimize would re-run a setting
@@ -251,6 +251,6 @@ def _final(base: TrainConfig, params: dict[str, Any], out: Path, log: Callable[[
         fcntl.flock(lock, fcntl.LOCK_EX)  # the resume check below must see another process's final run
         log(f"[sweep] final stage with {params}")
         run(with_setting(base, params, "final", folder), log=lambda _: None)
-        results = RunDir(folder).read_summary()["results"]
-    tests = [r["last_test_acc"] for r in results if r["stage"] == "final"]
+        results = RunDir(folder).read_results()
+    tests = [r.last_acc for r in results if r.stage == "final"]
     return {"params": params, "folder": "final", "test_acc": sum(tests) / len(tests), "per_seed": tests}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from selfprompt.apps.bench import BenchConfig, bench
 from selfprompt.apps.demo import DEMO_EPOCHS, DEMO_TASK, demo
 from selfprompt.cli.command import Command
-from selfprompt.data import vtab_mini
+from selfprompt.data import registry, vtab_mini
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -14,6 +14,7 @@ def _bench_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="selfprompt bench", description="The VTAB-mini grid, resumable.")
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of bench settings.")
     parser.add_class_arguments(BenchConfig, nested_key=None, fail_untyped=True)
+    parser._option_string_actions["--benchmark"].help = f"{registry.spelled()}."
     return parser
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 from selfprompt.cli.command import Command
-from selfprompt.data import fgvc, registry, vtab, vtab_mini
+from selfprompt.data import registry
 from selfprompt.data.check import check_root
+from selfprompt.data.registry import PrepareOptions
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -18,55 +19,42 @@ def _parser() -> ArgumentParser:
     return parser
 
 
+# the options of ``data prepare``: (PrepareOptions field, type, default, what it is)
+_PREPARE_OPTIONS = (
+    ("root", str | None, None, "the folder to write."),
+    ("tasks", str | None, None, "comma-separated tasks (default: all)."),
+    ("data_dir", str | None, None, "TensorFlow Datasets' data folder."),
+    ("task", str | None, None, "the one task to write (see selfprompt data list)."),
+    ("source", str | None, None, "the extracted official archive's folder."),
+    ("splits", Literal["official", "vpt"], "official", "where train/val come from."),
+    ("json_dir", str | None, None, "VPT's JSON split files."),
+    ("val_fraction", float, 0.1, "seeded val share of train."),
+    ("seed", int, 0, "seed of the val split."),
+    ("out", str | None, None, "where the lists go (default: SOURCE/selfprompt_splits)."),
+)
+
+
 def _add_data_actions(parser: ArgumentParser) -> None:
     actions = parser.add_subcommands(dest="action")
     listing = ArgumentParser()
     listing.add_argument(
-        "--benchmark", type=str | None, default=None, help="vtab-1k, fgvc or vtab-mini (default: all)."
+        "--benchmark", type=str | None, default=None, help=f"{registry.spelled()} (default: all)."
     )
     actions.add_subcommand("list", listing, help="The tasks selfprompt knows: group, classes, label meaning.")
     prepare = ArgumentParser()
     prepare.add_argument(
-        "benchmark", type=Literal["vtab-mini", "vtab-1k", "fgvc"], help="vtab-mini, vtab-1k or fgvc."
+        "benchmark",
+        type=Literal[registry.names()],
+        help=f"{registry.spelled()}.",  # type: ignore[valid-type]
     )
-    prepare.add_argument(
-        "--root", type=str | None, default=None, help="vtab-mini, vtab-1k: the folder to write."
-    )
-    prepare.add_argument(
-        "--tasks",
-        type=str | None,
-        default=None,
-        help="vtab-mini, vtab-1k: comma-separated tasks (default: all).",
-    )
-    prepare.add_argument(
-        "--data_dir", type=str | None, default=None, help="vtab-1k: TensorFlow Datasets' data folder."
-    )
-    prepare.add_argument(
-        "--task", type=str | None, default=None, help="fgvc: cub, nabirds, flowers, dogs or cars."
-    )
-    prepare.add_argument(
-        "--source", type=str | None, default=None, help="fgvc: the extracted official archive's folder."
-    )
-    prepare.add_argument(
-        "--splits",
-        type=Literal["official", "vpt"],
-        default="official",
-        help="fgvc: where train/val come from.",
-    )
-    prepare.add_argument("--json_dir", type=str | None, default=None, help="fgvc: VPT's JSON split files.")
-    prepare.add_argument("--val_fraction", type=float, default=0.1, help="fgvc: seeded val share of train.")
-    prepare.add_argument("--seed", type=int, default=0, help="fgvc: seed of the val split.")
-    prepare.add_argument(
-        "--out",
-        type=str | None,
-        default=None,
-        help="fgvc: where the lists go (default: SOURCE/selfprompt_splits).",
-    )
+    for name, kind, default, meaning in _PREPARE_OPTIONS:
+        users = [b for b in registry.names() if name in registry.benchmark(b).prepare_options]
+        prepare.add_argument(f"--{name}", type=kind, default=default, help=f"{', '.join(users)}: {meaning}")
     actions.add_subcommand("prepare", prepare, help="Write a benchmark's list layout (VTAB-1k from TFDS).")
     check = ArgumentParser()
     check.add_argument("root", type=str, help="A benchmark folder (or one task's folder with --tasks NAME).")
     check.add_argument(
-        "--benchmark", type=str | None, default=None, help="vtab-1k, fgvc or vtab-mini (default: detected)."
+        "--benchmark", type=str | None, default=None, help=f"{registry.spelled()} (default: detected)."
     )
     check.add_argument(
         "--tasks", type=str | None, default=None, help="Comma-separated tasks (default: found)."
@@ -78,12 +66,13 @@ def _data(ns: Namespace) -> None:
     action, args = ns.action, ns[ns.action]
     names = args.tasks.split(",") if getattr(args, "tasks", None) else None
     if action == "list":
-        for benchmark in [args.benchmark] if args.benchmark else registry.BENCHMARKS:
+        for benchmark in [args.benchmark] if args.benchmark else registry.names():
             print(f"{benchmark}:")
             for t in registry.tasks(benchmark).values():
                 print(f"  {t.name:22} {t.group:12} {t.num_classes:4d} classes  {t.labels}  [{t.folder}/]")
     elif action == "prepare":
-        _prepare(args, names)
+        options = PrepareOptions(**{name: args[name] for name, *_ in _PREPARE_OPTIONS} | {"tasks": names})
+        registry.benchmark(args.benchmark).prepare(options, print)
     else:
         benchmark = args.benchmark or _detect_benchmark(Path(args.root))
         report = check_root(args.root, benchmark, names)
@@ -93,43 +82,23 @@ def _data(ns: Namespace) -> None:
 
 
 def _detect_benchmark(root: Path) -> str:
+    """The benchmark the root's manifest names, else the first whose task folders are there."""
     index = root / "manifest.json"
-    if index.is_file():
-        return json.loads(index.read_text()).get("benchmark", "vtab-1k")
-    for benchmark in ("vtab-1k", "fgvc"):
+    named = registry.of_manifest(json.loads(index.read_text())) if index.is_file() else None
+    if named is not None:
+        return named.name
+    for benchmark in registry.names():
         if any((root / t.folder).is_dir() for t in registry.tasks(benchmark).values()):
             return benchmark
     raise FileNotFoundError(
-        f"{root} holds no known task folder; pass --benchmark (vtab-1k, fgvc, vtab-mini) and --tasks."
+        f"{root} holds no known task folder; pass --benchmark ({', '.join(registry.names())}) and --tasks."
     )
-
-
-def _prepare(args: Namespace, names: list[str] | None) -> None:
-    if args.benchmark == "fgvc":
-        if args.task is None or args.source is None:
-            raise ValueError("fgvc needs --task NAME and --source DIR (the extracted official archive).")
-        written = fgvc.prepare(
-            args.task, args.source, splits=args.splits, json_dir=args.json_dir,
-            val_fraction=args.val_fraction, seed=args.seed, out=args.out,
-        )  # fmt: skip
-        print(f"Wrote the split lists of {args.task} into {written}")
-        return
-    if args.root is None:
-        raise ValueError(f"{args.benchmark} needs --root DIR, the folder to write.")
-    if args.benchmark == "vtab-mini":
-        unknown = sorted(set(names or []) - set(vtab_mini.TASKS))
-        if unknown:
-            raise ValueError(f"Unknown VTAB-mini tasks {unknown}; tasks: {list(vtab_mini.TASKS)}.")
-        print(f"Wrote {vtab_mini.prepare(args.root, names)}")
-    else:
-        for folder in vtab.prepare(args.root, names, args.data_dir):
-            print(f"Wrote {folder}")
 
 
 COMMANDS = [
     Command(
         "data",
-        "List, prepare or check benchmarks (VTAB-1k, FGVC, VTAB-mini).",
+        f"List, prepare or check benchmarks ({', '.join(registry.titles())}).",
         _parser,
         _data,
         actions=_add_data_actions,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selfprompt.data import registry
 from selfprompt.data.datasets import IMAGE_EXTENSIONS, BadLine, parse_list
 from selfprompt.data.images import unreadable
 from selfprompt.data.manifest import MANIFEST_NAME, file_hash, split_hash
@@ -225,11 +226,7 @@ def _unlisted_images(folder: Path, files: list[str]) -> list[str]:
 
 
 def _rebuild_hint(folder: Path, info: TaskInfo) -> str:
-    if info.benchmark == "vtab-mini":
-        return f"rebuild it: selfprompt data prepare vtab-mini --root {folder.parent} --tasks {info.name}"
-    if info.benchmark == "vtab-1k":
-        return f"rebuild it: selfprompt data prepare vtab-1k --root {folder.parent} --tasks {info.name}"
-    return f"rebuild its lists: selfprompt data prepare fgvc --task {info.name} --source {folder.parent}"
+    return registry.benchmark(info.benchmark).check(folder, info)
 
 
 def check_root(
@@ -263,17 +260,18 @@ def check_root(
 
 
 def verify_prepared(task_dir: str | Path) -> dict[str, Any]:
-    """Check a prepared VTAB-mini task folder against its manifest (:func:`check_task`); raise naming every
-    problem and the command that rebuilds the task."""
+    """Check a prepared task folder (VTAB-mini's, by default before every run) against its manifest
+    (:func:`check_task`); raise naming every problem and the command that rebuilds the task."""
     task_dir = Path(task_dir)
     path = task_dir / MANIFEST_NAME
-    if not path.is_file():
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    found = registry.of_manifest(manifest)
+    if found is None:
         raise FileNotFoundError(
-            f"{task_dir} is not a prepared VTAB-mini task (no {MANIFEST_NAME}); rebuild it: selfprompt data "
-            f"prepare vtab-mini --root {task_dir.parent} --tasks {task_dir.name}."
+            f"{task_dir} is not a prepared task of a known benchmark (no {MANIFEST_NAME} naming one of "
+            f"{list(registry.names())}); rebuild it with selfprompt data prepare."
         )
-    manifest = json.loads(path.read_text())
-    problems = check_task(task_dir, tasks("vtab-mini")[manifest["task"]])
+    problems = check_task(task_dir, tasks(found.name)[manifest["task"]])
     if problems:
-        raise ValueError(f"VTAB-mini task {task_dir} failed its check: {'; '.join(map(str, problems))}")
+        raise ValueError(f"{found.title} task {task_dir} failed its check: {'; '.join(map(str, problems))}")
     return manifest

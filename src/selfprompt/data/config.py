@@ -12,7 +12,7 @@ class DataConfig:
 
     Attributes:
         root: Dataset root directory: a task's folder, or with ``task`` the benchmark folder holding it.
-        benchmark: vtab-1k, fgvc or vtab-mini: the registry ``task`` belongs to (``selfprompt data list``).
+        benchmark: The registered benchmark ``task`` belongs to (``selfprompt data list`` names them).
         task: A registry task: its folder under root is used (or root itself when it holds the split lists),
             its class count sizes the head (VTAB-1k's train800 can miss classes), and a mismatch is an error.
         layout: list (VTAB-1k style "path label" files named <split>.txt under root) or folder
@@ -38,7 +38,7 @@ class DataConfig:
     """
 
     root: str | None = None
-    benchmark: Literal["vtab-1k", "fgvc", "vtab-mini"] | None = None
+    benchmark: str | None = None
     task: str | None = None
     layout: Literal["list", "folder"] = "list"
     train_split: str = "train800"

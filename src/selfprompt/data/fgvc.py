@@ -24,9 +24,11 @@ from typing import Any, Literal
 
 from selfprompt.atomic import atomic_write
 from selfprompt.data.datasets import stratified_split
+from selfprompt.data.registry import Benchmark, PrepareOptions, TaskInfo, register_benchmark
 
 import numpy as np
 
+NAME = "fgvc"
 OUTPUT_DIR = "selfprompt_splits"
 # each dataset's folder under an FGVC root (`--data.root ROOT --data.task NAME`), named as VPT's data paths
 ROOT_FOLDERS = {
@@ -615,3 +617,35 @@ def _check_lists(lists: dict[str, Samples], root: Path, dataset: FGVCDataset) ->
 
 def _write(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
+
+
+def _prepare(options: PrepareOptions, log: Callable[[str], None]) -> None:
+    if options.task is None or options.source is None:
+        raise ValueError(f"{NAME} needs --task NAME and --source DIR (the extracted official archive).")
+    written = prepare(
+        options.task, options.source, splits=options.splits, json_dir=options.json_dir,
+        val_fraction=options.val_fraction, seed=options.seed, out=options.out,
+    )  # fmt: skip
+    log(f"Wrote the split lists of {options.task} into {written}")
+
+
+def _rebuild(folder: Path, info: TaskInfo) -> str:
+    return f"rebuild its lists: selfprompt data prepare {NAME} --task {info.name} --source {folder.parent}"
+
+
+def _tasks() -> dict[str, TaskInfo]:
+    return {
+        d.name: TaskInfo(d.name, NAME, NAME, d.num_classes, d.label_meaning,
+                         f"{ROOT_FOLDERS[d.name]}/{OUTPUT_DIR}", LIST_SPLITS, counts=expected_counts(d),
+                         source=d.homepage)
+        for d in DATASETS.values()
+    }  # fmt: skip
+
+
+BENCHMARK = register_benchmark(
+    Benchmark(
+        NAME, "FGVC", (NAME,), LIST_SPLITS, _tasks, _prepare,
+        ("task", "source", "splits", "json_dir", "val_fraction", "seed", "out"), _rebuild,
+        recipes="recipes/fgvc", recipe_backbones=("mae", "moco", "sup_in21k"), order=1,
+    )
+)  # fmt: skip

@@ -70,7 +70,7 @@ def task_root(cfg: DataConfig) -> tuple[Path, list[str] | None]:
     if cfg.task is None:
         return root, None
     if cfg.benchmark is None:
-        raise ValueError(f"data.task {cfg.task!r} needs data.benchmark: vtab-1k, fgvc or vtab-mini.")
+        raise ValueError(f"data.task {cfg.task!r} needs data.benchmark: {registry.spelled()}.")
     info = registry.task(cfg.benchmark, cfg.task)
     if (root / info.folder).is_dir():
         root = root / info.folder
@@ -97,9 +97,9 @@ def task_root(cfg: DataConfig) -> tuple[Path, list[str] | None]:
 def build_splits(cfg: DataConfig, backbone: nn.Module, seed: int = 0) -> Splits:
     """Load and check every split before anything is written (a bad dataset stops the run up front)."""
     root, task_classes = task_root(cfg)
-    if (root / MANIFEST_NAME).is_file() and json.loads((root / MANIFEST_NAME).read_text()).get(
-        "benchmark", "vtab-mini"
-    ) == "vtab-mini":
+    manifest = json.loads((root / MANIFEST_NAME).read_text()) if (root / MANIFEST_NAME).is_file() else {}
+    prepared = registry.of_manifest(manifest)
+    if prepared is not None and prepared.check_before_training:
         verify_prepared(root)  # a prepared task is checked against its hashes before use
     pre = preprocessing(cfg, backbone)
     train_tf = build_transform(pre, train=True, augment=cfg.augment)

@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from selfprompt.data.manifest import publish_task
+from selfprompt.data.registry import Benchmark, PrepareOptions, TaskInfo, register_benchmark
 
 import numpy as np
 from PIL import Image
 
+NAME = "vtab-1k"
 SPLITS = ("train800", "val200", "train800val200", "test")
 GROUPS = ("natural", "specialized", "structured")
 TRAIN, VAL = 800, 200
@@ -273,7 +275,7 @@ def write_task(task: VTABTask, source: Source, root: str | Path, log: Callable[[
         log(f"{task.name}: {split} {len(lists[split])} images")
     lists["train800val200"] = lists["train800"] + lists["val200"]
     (staging / "classes.txt").write_text("".join(f"{k}\n" for k in range(task.num_classes)))
-    manifest = {"benchmark": "vtab-1k", "task": task.name, "source": source.version(), "slices": slices}
+    manifest = {"benchmark": NAME, "task": task.name, "source": source.version(), "slices": slices}
     ordered = {split: lists[split] for split in SPLITS}
     publish_task(staging, final, ordered, task.num_classes, manifest)
     return final
@@ -293,3 +295,30 @@ def prepare(
     make_source = source or (lambda task: TfdsSource(task.tfds, data_dir))
     Path(root).mkdir(parents=True, exist_ok=True)
     return [write_task(TASKS[name], make_source(TASKS[name]), root, log) for name in tasks or TASKS]
+
+
+def _prepare(options: PrepareOptions, log: Callable[[str], None]) -> None:
+    if options.root is None:
+        raise ValueError(f"{NAME} needs --root DIR, the folder to write.")
+    for folder in prepare(options.root, options.tasks, options.data_dir, log=log):
+        log(f"Wrote {folder}")
+
+
+def _rebuild(folder: Path, info: TaskInfo) -> str:
+    return f"rebuild it: selfprompt data prepare {NAME} --root {folder.parent} --tasks {info.name}"
+
+
+def _tasks() -> dict[str, TaskInfo]:
+    return {
+        t.name: TaskInfo(t.name, NAME, t.group, t.num_classes, t.labels, t.folder, SPLITS,
+                         counts=expected_counts(t), source=f"TFDS {t.tfds}")
+        for t in TASKS.values()
+    }  # fmt: skip
+
+
+BENCHMARK = register_benchmark(
+    Benchmark(
+        NAME, "VTAB-1k", GROUPS, SPLITS, _tasks, _prepare, ("root", "tasks", "data_dir"), _rebuild,
+        recipes="recipes/vtab", recipe_backbones=("mae", "moco", "sup_in21k"), order=0,
+    )
+)  # fmt: skip

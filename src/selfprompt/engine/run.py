@@ -21,6 +21,7 @@ from selfprompt.data.splits import Splits, build_splits, preprocessing
 from selfprompt.engine.build import build_model, create_backbone, head_input, method_settings, preparer
 from selfprompt.engine.distributed import Context, barrier, broadcast_, setup, teardown
 from selfprompt.engine.loop import DivergedError, check_batch
+from selfprompt.engine.result import StageResult, headline_key
 from selfprompt.engine.rundir import RunDir, RunInUseError
 from selfprompt.engine.stage import STAGE_NAMES, StageOptions, build_stage, train_stage
 from selfprompt.engine.tracking import check_track
@@ -184,26 +185,24 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(results: list[StageResult]) -> dict[str, Any]:
     """Mean and standard deviation over seeds of each stage's headline numbers."""
     summary: dict[str, Any] = {}
-    for stage, key in (("tune", "best_val_acc"), ("final", "last_test_acc")):
-        rows = [r for r in results if r["stage"] == stage]
+    for stage in STAGE_NAMES:
+        rows = [r for r in results if r.stage == stage]
         if not rows:
             continue
-        if stage == "final" and rows[0]["selected_on_test"]:
-            key = "best_test_acc"
         summary[stage] = {
-            key: _mean_std([r[key] for r in rows]),
-            "seeds": [r["seed"] for r in rows],
-            "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in rows if r["seconds_per_epoch"]])
-            if any(r["seconds_per_epoch"] for r in rows)
+            rows[0].headline_key: _mean_std([r.headline for r in rows]),
+            "seeds": [r.seed for r in rows],
+            "seconds_per_epoch": _mean_std([r.seconds_per_epoch for r in rows if r.seconds_per_epoch])
+            if any(r.seconds_per_epoch for r in rows)
             else None,
-            "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
-            "selected_on_test": rows[0]["selected_on_test"],
+            "peak_memory_mb": max(r.peak_memory_mb for r in rows),
+            "selected_on_test": rows[0].selected_on_test,
         }
-        summary["trainable_parameters"] = rows[0]["trainable_parameters"]
-        summary["trainable_share"] = rows[0]["trainable_share"]
+        summary["trainable_parameters"] = rows[0].trainable_parameters
+        summary["trainable_share"] = rows[0].trainable_share
     return summary
 
 
@@ -218,11 +217,11 @@ def format_summary(cfg: TrainConfig, summary: dict[str, Any]) -> str:
         lines.append(f"  backbone weights: {where}, licence {backbone['license']}")
         if backbone["license"].startswith("cc-by-nc"):
             lines.append("  NOTE: these weights are licensed for non-commercial use only.")
-    for stage in ("tune", "final"):
+    for stage in STAGE_NAMES:
         if stage not in summary:
             continue
         s = summary[stage]
-        key = next(k for k in s if k.endswith("_acc"))
+        key = headline_key(stage, s["selected_on_test"])
         acc = s[key]
         per_epoch = f", {s['seconds_per_epoch']['mean']:.1f} s/epoch" if s["seconds_per_epoch"] else ""
         lines.append(
@@ -303,7 +302,7 @@ def _run_stages(
             )
     summary = {**summarize(results), "backbone": backbone} if ctx.is_main else {}
     if ctx.is_main:
-        run.write_summary({"summary": summary, "results": results})
+        run.write_summary({"summary": summary, "results": [r.to_json() for r in results]})
         say(format_summary(cfg, summary))
         say(f"Run directory: {run.path}")
     return summary

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.atomic import TEMPORARY, write_json, write_text
+from selfprompt.engine.result import StageResult
 from selfprompt.safe_yaml import load_yaml
 
 import yaml
@@ -99,11 +100,18 @@ class TrainingDir:
         prefix = "projection_epoch"
         return {int(p.stem[len(prefix) :]): p for p in self.path.glob(f"{prefix}*.safetensors")}
 
-    def read_result(self) -> dict[str, Any]:
-        return read_json(self.result, "delete it and resume (--resume true) to finish the stage again")
+    def read_result(self) -> StageResult:
+        fix = "delete it and resume (--resume true) to finish the stage again"
+        record = read_json(self.result, fix)
+        try:
+            return StageResult.from_json(record)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{self.result} is not a stage result ({error!r} is wrong or missing); {fix}."
+            ) from None
 
-    def write_result(self, result: dict[str, Any]) -> None:
-        write_json(self.result, result)
+    def write_result(self, result: StageResult) -> None:
+        write_json(self.result, result.to_json())
 
     def read_rows(self, name: str = METRICS) -> list[dict[str, Any]]:
         path = self.log_file(name, "jsonl")
@@ -255,6 +263,10 @@ class RunDir(TrainingDir):
 
     def read_summary(self) -> dict[str, Any]:
         return read_json(self.summary)
+
+    def read_results(self) -> list[StageResult]:
+        """Every finished stage ``summary.json`` records, in the order they ran."""
+        return [StageResult.from_json(record) for record in self.read_summary()["results"]]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.summary, summary)

@@ -14,6 +14,7 @@ from selfprompt.engine.ema import ParameterEMA
 from selfprompt.engine.loop import EpochLoop, classification_loss, evaluate, peak_memory_mb, training_loader
 from selfprompt.engine.metrics import MetricsLog
 from selfprompt.engine.optim import build_optimizer, warmup_cosine
+from selfprompt.engine.result import EVAL_SPLITS, StageResult
 from selfprompt.engine.rundir import RunDir, TrainingDir
 from selfprompt.engine.state import load_state, save_state
 from selfprompt.engine.subspace import gradient_subspace
@@ -24,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-STAGE_NAMES = ("tune", "final")
+STAGE_NAMES = tuple(EVAL_SPLITS)  # tune, final
 
 
 @dataclass
@@ -45,9 +46,12 @@ def build_stage(name: str, splits: Splits, run: RunDir, seed: int, select_on_tes
     test once, or every epoch with ``select_on_test``, the unsafe reproduction of the official code)."""
     folder = run.stage(seed, name)
     if name == "tune":
-        return Stage(name, splits.train, splits.init_train, "val", splits.val, True, folder)
+        return Stage(name, splits.train, splits.init_train, EVAL_SPLITS[name], splits.val, True, folder)
     if name == "final":
-        return Stage(name, splits.trainval, splits.init_trainval, "test", splits.test, select_on_test, folder)
+        eval_name = EVAL_SPLITS[name]
+        return Stage(
+            name, splits.trainval, splits.init_trainval, eval_name, splits.test, select_on_test, folder
+        )
     raise ValueError(f"Unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)} (or both).")
 
 
@@ -80,7 +84,7 @@ def train_stage(
     classes: list[str],
     seed: int,
     log: Callable[[str], None],
-) -> dict[str, Any]:
+) -> StageResult:
     """Train one stage to its end (or resume it) and return its result; writes into ``stage.folder``.
 
     ``build()`` makes the model (under ``torch.manual_seed(seed)``); ``prepare(model, loader, seed)``, when
@@ -178,21 +182,21 @@ def train_stage(
     )  # fmt: skip
     epoch_times = loop.run(start_epoch, opt.epochs, evaluate_epoch, end_epoch)
 
-    result: dict[str, Any] = {
-        "stage": stage.name,
-        "seed": seed,
-        "epochs": opt.epochs,
-        f"last_{stage.eval_name}_acc": metrics.rows[-1][f"{stage.eval_name}_acc"] if metrics else None,
-        f"best_{stage.eval_name}_acc": best.get("acc"),
-        "best_epoch": best.get("epoch"),
-        "trainable_parameters": trainable,
-        "trainable_share": trainable / total,
-        "seconds_per_epoch": sum(epoch_times) / len(epoch_times) if epoch_times else None,
-        "peak_memory_mb": peak_memory_mb(ctx),
-        "selected_on_test": stage.eval_name == "test" and stage.eval_every_epoch,
-    }
-    if ema is not None and metrics:
-        result[f"last_ema_{stage.eval_name}_acc"] = metrics.rows[-1][f"ema_{stage.eval_name}_acc"]
+    last = metrics.rows[-1] if metrics else None
+    result = StageResult(
+        stage=stage.name,
+        seed=seed,
+        epochs=opt.epochs,
+        last_acc=last[f"{stage.eval_name}_acc"] if last else None,
+        best_acc=best.get("acc"),
+        best_epoch=best.get("epoch"),
+        trainable_parameters=trainable,
+        trainable_share=trainable / total,
+        seconds_per_epoch=sum(epoch_times) / len(epoch_times) if epoch_times else None,
+        peak_memory_mb=peak_memory_mb(ctx),
+        selected_on_test=stage.eval_name == "test" and stage.eval_every_epoch,
+        last_ema_acc=last[f"ema_{stage.eval_name}_acc"] if ema is not None and last else None,
+    )
     if ctx.is_main:
         model.save_pretrained(folder.adapter())
         if ema is not None:

@@ -1,13 +1,18 @@
-"""A finished run's config and trained models, as ``eval``, ``predict`` and serving load them."""
+"""A finished run's config and trained models, as ``eval``, ``predict``, ``analyze`` and serving read them:
+the one place that says which seed and stage a command reads (default: the first seed; ``final`` if it
+finished, else ``tune``) and where that stage's adapter is."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from selfprompt.adapter import CONFIG_NAME
 from selfprompt.config import TrainConfig
 from selfprompt.engine.build import backbone_name, create_backbone
 from selfprompt.engine.distributed import resolve_device
-from selfprompt.engine.rundir import RunDir
+from selfprompt.engine.result import EVAL_SPLITS
+from selfprompt.engine.rundir import RunDir, TrainingDir
 from selfprompt.methods import load_pretrained
 from selfprompt.model import ViTClassifier
 
@@ -22,21 +27,52 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
         raise ValueError(f"{run.config} does not hold a config this selfprompt reads ({error}).") from None
 
 
-def load_run_model(
-    run_dir: str | Path, seed: int | None, stage: str, device: str, ema: bool = False
-) -> tuple[TrainConfig, ViTClassifier, list[str]]:
-    """The trained model of one seed and stage of a run, on ``device``, in eval mode, and its class names."""
+def stage_order(stage: str | None = None) -> tuple[str, ...]:
+    """The stages to read, in turn: ``stage`` when asked for, else ``final`` (trained on train+val), then
+    ``tune``."""
+    return (stage,) if stage is not None else tuple(reversed(EVAL_SPLITS))
+
+
+@dataclass(frozen=True)
+class TrainedStage:
+    """One seed and stage of a finished run: its config, folder and adapter."""
+
+    config: TrainConfig
+    seed: int
+    stage: str
+    folder: TrainingDir
+    adapter: Path
+
+
+def find_stage(
+    run_dir: str | Path, seed: int | None = None, stage: str | None = None, ema: bool = False
+) -> TrainedStage:
+    """The finished ``seed`` (default: the run's first) and ``stage`` (default: final if it finished, else
+    tune) of a run, with its adapter (``ema``: the EMA weights'); an error names what is missing."""
     cfg = load_run_config(run_dir)
     seed = cfg.seeds[0] if seed is None else seed
-    folder = RunDir(Path(run_dir)).stage(seed, stage)
-    adapter = folder.adapter(ema)
-    if not adapter.is_dir():
-        raise FileNotFoundError(
-            f"{adapter} does not exist: seed {seed}, stage {stage!r} has not finished in {run_dir} "
-            f"(seeds: {cfg.seeds}; stages: tune, final{'; EMA needs optim.ema_decay' if ema else ''})."
-        )
+    run = RunDir(Path(run_dir))
+    stages = stage_order(stage)
+    for name in stages:
+        folder = run.stage(seed, name)
+        if (folder.adapter(ema) / CONFIG_NAME).is_file():
+            return TrainedStage(cfg, seed, name, folder, folder.adapter(ema))
+    raise FileNotFoundError(
+        f"{run.stage(seed, stages[0]).adapter(ema)} does not exist: seed {seed}, stage {' or '.join(stages)} "
+        f"has not finished in {run_dir} (seeds: {cfg.seeds}; stages: {', '.join(EVAL_SPLITS)}"
+        f"{'; EMA needs optim.ema_decay' if ema else ''})."
+    )
+
+
+def load_run_model(
+    run_dir: str | Path, seed: int | None, stage: str | None, device: str, ema: bool = False
+) -> tuple[TrainConfig, ViTClassifier, list[str]]:
+    """The trained model of one seed and stage of a run (:func:`find_stage`), on ``device``, in eval mode,
+    and its class names."""
+    found = find_stage(run_dir, seed, stage, ema)
+    cfg, folder = found.config, found.folder
     backbone = create_backbone(cfg.model)
-    model = load_pretrained(adapter, backbone, backbone_name(backbone))
+    model = load_pretrained(found.adapter, backbone, backbone_name(backbone))
     classes = folder.read_classes()
     if len(classes) != model.config.num_classes:
         heads = model.config.num_classes

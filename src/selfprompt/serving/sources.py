@@ -14,7 +14,7 @@ from pathlib import Path
 from selfprompt.adapter import CONFIG_NAME, WEIGHTS_NAME, read_config
 from selfprompt.data.config import DataConfig
 from selfprompt.engine.rundir import RunDir, TrainingDir
-from selfprompt.engine.trained import load_run_config
+from selfprompt.engine.trained import find_stage
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class AdapterSource:
 def resolve_source(
     path: str | Path, seed: int | None = None, stage: str | None = None, ema: bool = False
 ) -> AdapterSource:
-    """The adapter of ``path``: an adapter folder, or a run folder's ``seed``/``stage`` adapter (default: the
-    first seed, ``final`` if it finished, else ``tune``)."""
+    """The adapter of ``path``: an adapter folder, or a run folder's ``seed``/``stage`` adapter
+    (:func:`selfprompt.engine.trained.find_stage`: default the first seed, ``final`` if it finished, else
+    ``tune``)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder: pass an adapter folder or a run folder.")
@@ -44,18 +45,9 @@ def resolve_source(
             f"{path} holds neither {CONFIG_NAME} (an adapter folder, written by model.save_pretrained) nor "
             f"config.yaml (a run folder, written by selfprompt train)."
         )
-    cfg = load_run_config(path)
-    seed = cfg.seeds[0] if seed is None else seed
-    stages = [stage] if stage is not None else ["final", "tune"]
-    for name in stages:
-        folder = run.stage(seed, name)
-        adapter = folder.adapter(ema)
-        if (adapter / CONFIG_NAME).is_file():
-            classes = folder.read_classes() if folder.classes.is_file() else None
-            return AdapterSource(adapter, classes, cfg.data, _checked_config(adapter))
-    raise FileNotFoundError(
-        f"{path}: no finished adapter for seed {seed}, stage {' or '.join(stages)} (seeds: {cfg.seeds})."
-    )
+    found = find_stage(path, seed, stage, ema)
+    classes = found.folder.read_classes() if found.folder.classes.is_file() else None
+    return AdapterSource(found.adapter, classes, found.config.data, _checked_config(found.adapter))
 
 
 def _checked_config(adapter: Path) -> dict:
