@@ -8,7 +8,8 @@ from selfprompt.cli import main
 from selfprompt.engine.build import method_settings
 from selfprompt.engine.run import run
 from selfprompt.engine.trained import load_run_model
-from selfprompt.methods.e2vpt import E2VPT, SEGMENTS, mask_importance, pruning_masks
+from selfprompt.methods import e2vpt
+from selfprompt.methods.e2vpt import E2VPT, SEGMENTS, mask_importance, pruning_masks, read_pruning
 
 import pytest
 import torch
@@ -124,6 +125,27 @@ def test_pruning_shares_floor_nest_and_keep_their_minimums():
         previous = now
     with pytest.raises(ValueError, match=r"prune_tokens must be the share pruned, in \[0, 1\)"):
         pruning_masks(tokens, segments, 1.0, 0.0)
+
+
+def test_the_pruning_record_is_read_once_per_run(tmp_path, monkeypatch):
+    """The method and its settings are resolved once per run: 2 seeds x 2 stages read the record once."""
+    scores = tmp_path / "pruning.json"
+    scores.write_text(
+        json.dumps({"stage": "tune", "num_prompts": 4, "token_scores": [4.0, 3.0, 2.0, 1.0],
+                    "segment_scores": [[float(s) for s in range(SEGMENTS)]] * 4})
+    )  # fmt: skip
+    reads = []
+
+    def counted(path):
+        reads.append(path)
+        return read_pruning(path)
+
+    monkeypatch.setattr(e2vpt, "read_pruning", counted)
+    shares = {"e2vpt.pruning": str(scores), "e2vpt.prune_tokens": 0.5, "seeds": [0, 1], "optim.epochs": 1}
+    run(tiny_config(make_dataset(tmp_path / "data"), tmp_path / "run", method="e2vpt", **shares))
+    assert reads == [str(scores)]
+    assert all((tmp_path / "run" / f"seed{seed}" / stage / "result.json").is_file()
+               for seed in (0, 1) for stage in ("tune", "final"))  # fmt: skip
 
 
 def test_prune_then_rewind_end_to_end(tmp_path, capsys):

@@ -15,8 +15,8 @@ from selfprompt.data.splits import build_splits
 from selfprompt.engine import Stage, TrainingDir, run, train_stage
 from selfprompt.engine.build import build_model, create_backbone, preparer
 from selfprompt.engine.distributed import Context
+from selfprompt.engine.lifecycle import changed_fields, config_dict
 from selfprompt.engine.optim import param_groups, warmup_cosine
-from selfprompt.engine.run import changed_fields, config_dict
 from selfprompt.engine.stage import StageOptions
 from selfprompt.methods import get_method, method_names
 

@@ -6,7 +6,7 @@ import copy
 import selfprompt as sp
 from selfprompt.config import TrainConfig
 from selfprompt.engine.build import method_settings
-from selfprompt.engine.run import config_dict
+from selfprompt.engine.lifecycle import config_dict
 from selfprompt.methods.lora import LoRA
 from selfprompt.model import ViTClassifier
 

@@ -10,11 +10,11 @@ import selfprompt  # noqa: F401
 from selfprompt.cli import main
 from selfprompt.config import OptimConfig
 from selfprompt.data import write_image_folder
+from selfprompt.engine import setup as training_setup_module
 from selfprompt.engine.rundir import RunDir
 from selfprompt.engine.state import save_state
-from selfprompt.pretrain import run as pretrain_run
 from selfprompt.pretrain.config import PretrainConfig, PretrainDataConfig
-from selfprompt.pretrain.run import build_pretraining, pretrain, pretrain_optimizer
+from selfprompt.pretrain.run import build_pretraining, pretrain, pretrain_param_groups
 
 import pytest
 import torch
@@ -70,7 +70,7 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(folder, tmp_path
         if epoch == 1:
             raise KeyboardInterrupt  # the run dies right after its first checkpoint
 
-    monkeypatch.setattr(pretrain_run, "save_state", save_then_stop)
+    monkeypatch.setattr(training_setup_module, "save_state", save_then_stop)  # the checkpoint of the setup
     with pytest.raises(KeyboardInterrupt):
         pretrain(config(folder, tmp_path / "split", "mae", epochs=3), log=lambda _: None)
     monkeypatch.undo()
@@ -91,7 +91,7 @@ def test_mae_optimizer_does_not_decay_tokens_norms_and_biases(tmp_path):
 
     cfg = config(tmp_path, tmp_path / "out", "mae")
     model, _, _ = build_pretraining(cfg)
-    decayed, undecayed = pretrain_optimizer(model, cfg).param_groups
+    decayed, undecayed = pretrain_param_groups(model, cfg.optim.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decayed["weight_decay"] == 0.05 and undecayed["weight_decay"] == 0.0
     skipped = {names[id(p)] for p in undecayed["params"]}

@@ -5,8 +5,9 @@ import json
 from selfprompt.apps import predict
 from selfprompt.engine import trained
 from selfprompt.engine.build import build_model, create_backbone
+from selfprompt.engine.lifecycle import config_dict
 from selfprompt.engine.result import StageResult
-from selfprompt.engine.run import config_dict, summarize
+from selfprompt.engine.run import summarize
 from selfprompt.engine.rundir import RunDir, TrainingDir
 from selfprompt.engine.trained import find_stage, load_run_model, stage_order
 from selfprompt.serving.sources import resolve_source

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from selfprompt.apps.sweep import SweepSettings, _study, choose, grid_order, setting_name, sweep
 from selfprompt.cli import main
-from selfprompt.engine.run import config_dict
+from selfprompt.engine.lifecycle import config_dict
 
 import pytest
 import yaml

@@ -59,9 +59,12 @@ def method_settings(cfg: TrainConfig) -> tuple[Method, Any]:
     return method, settings
 
 
-def build_model(cfg: TrainConfig, backbone: nn.Module, num_classes: int) -> ViTClassifier:
-    """The configured method's model around ``backbone``."""
-    method, settings = method_settings(cfg)
+def build_model(
+    cfg: TrainConfig, backbone: nn.Module, num_classes: int, resolved: tuple[Method, Any] | None = None
+) -> ViTClassifier:
+    """The configured method's model around ``backbone`` (``resolved``: :func:`method_settings`'s answer,
+    when the caller has it)."""
+    method, settings = resolved or method_settings(cfg)
     return method.create(
         backbone,
         num_classes,
@@ -72,9 +75,11 @@ def build_model(cfg: TrainConfig, backbone: nn.Module, num_classes: int) -> ViTC
     )
 
 
-def preparer(cfg: TrainConfig) -> Callable[[ViTClassifier, DataLoader, int], None] | None:
+def preparer(
+    cfg: TrainConfig, resolved: tuple[Method, Any] | None = None
+) -> Callable[[ViTClassifier, DataLoader, int], None] | None:
     """``prepare(model, loader, seed)`` of the configured method (its prompts' initialisation), or None."""
-    method, settings = method_settings(cfg)
+    method, settings = resolved or method_settings(cfg)
     if method.prepare is None:
         return None
     return lambda model, loader, seed: method.prepare(method, model, settings, loader, seed)

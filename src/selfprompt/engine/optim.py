@@ -26,10 +26,14 @@ def param_groups(model: ViTClassifier, weight_decay: float, head_weight_decay: f
     return [{"params": p, "weight_decay": decay[k], "name": k} for k, p in groups.items() if p]
 
 
+def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (each with its weight decay) at ``optim.lr`` and ``optim.betas``."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
 def build_optimizer(model: ViTClassifier, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.head_weight_decay), lr=cfg.lr, betas=tuple(cfg.betas)
-    )
+    """AdamW over the model's :func:`param_groups`."""
+    return adamw(param_groups(model, cfg.weight_decay, cfg.head_weight_decay), cfg)
 
 
 def warmup_cosine(

@@ -2,132 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import importlib.util
 import json
-import platform
 import statistics
-import sys
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from selfprompt.backbones import backbone_info
-from selfprompt.config import RESUMABLE_CHANGES, TrainConfig, check_config, flatten, migrate
+from selfprompt.config import TrainConfig, check_config
 from selfprompt.data.splits import Splits, build_splits, preprocessing
 from selfprompt.engine.build import build_model, create_backbone, head_input, method_settings, preparer
-from selfprompt.engine.distributed import Context, barrier, broadcast_, setup, teardown
-from selfprompt.engine.loop import DivergedError, check_batch
+from selfprompt.engine.distributed import Context, barrier, setup, teardown
+from selfprompt.engine.lifecycle import claimed_run_dir, prepare_run_dir, run_environment
+from selfprompt.engine.loop import check_batch
 from selfprompt.engine.result import StageResult, headline_key
-from selfprompt.engine.rundir import RunDir, RunInUseError
+from selfprompt.engine.rundir import RunDir
 from selfprompt.engine.stage import STAGE_NAMES, StageOptions, build_stage, train_stage
 from selfprompt.engine.tracking import check_track
 from selfprompt.init.registry import get_initializer
-from selfprompt.version import __version__
+from selfprompt.methods import Method
 
-import numpy
-import timm
 import torch
-import torchvision
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    """A config dataclass as plain JSON/YAML data (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def changed_fields(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
-    """Fields whose value differs; a field the saved config lacks (added since) counts as its default."""
-    old, new = flatten(defaults) | flatten(saved), flatten(current)
-    return sorted(
-        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
-    )
-
-
-def prepare_run_dir(cfg: Any, ctx: Context, log: Callable[[str], None] = print) -> RunDir:
-    """Create the run directory, or check that a resumed run's config is unchanged; never overwrite a run.
-
-    Call it under :func:`claimed_run_dir`'s lock. A folder whose run never finished an epoch (a config and
-    no checkpoint or result: it failed or was stopped before) does not count as a run: a new start, or a
-    resume with a changed config, replaces its config. A run stopped by a non-finite loss is replaced by a
-    new start (what it wrote is removed; a resume continues it). Temporary files that a killed writer left
-    are removed. ``output_dir`` itself is not part of the comparison: a moved folder resumes where it is.
-    """
-    run = RunDir(Path(cfg.output_dir))
-    out = run.path
-    diverged = run.is_run() and run.diverged.is_file()
-    replace = diverged and not cfg.resume
-    if replace:
-        log(f"note: {out} holds a run stopped by a non-finite loss; replacing it with a new start.")
-    elif run.is_run() and run.has_progress():
-        if not cfg.resume:
-            raise FileExistsError(
-                f"{out} already holds a run. Continue it with --resume true, or pick a new --output_dir."
-            )
-        saved = migrate(run.read_config())
-        changed = changed_fields(saved, config_dict(cfg), config_dict(type(cfg)()))
-        if changed:
-            fix = (
-                "It stopped on a non-finite training loss: start it again with --resume false and the new "
-                "values (the new start replaces it)."
-                if diverged
-                else "Restore those values, or start a new run with another --output_dir."
-            )
-            raise ValueError(f"Cannot resume {out}: the config changed in {', '.join(changed)}. {fix}")
-    elif run.is_run():
-        log(f"note: {out} holds a run that never finished an epoch; starting it afresh with this config.")
-    elif cfg.resume:
-        raise FileNotFoundError(f"Nothing to resume: {run.config} does not exist.")
-    barrier()  # every rank has checked before the main one writes
-    if ctx.is_main:
-        if replace:
-            run.clear_training()
-        run.diverged.unlink(missing_ok=True)
-        run.remove_temporary_files()
-        run.write_config(config_dict(cfg))
-    barrier()
-    return run
-
-
-def _restart_fix(cfg: Any) -> str:
-    """What to change after a non-finite loss, as options of a new start in the same folder."""
-    clip = " or clip gradients (--optim.grad_clip 1.0)" if cfg.optim.grad_clip is None else ""
-    return (
-        f"start the run again with a lower learning rate (e.g. --optim.lr {cfg.optim.lr / 10:g}){clip} and "
-        f"--resume false: a new start replaces this stopped run in {cfg.output_dir}"
-    )
-
-
-@contextlib.contextmanager
-def claimed_run_dir(cfg: Any, ctx: Context) -> Iterator[RunDir]:
-    """The run folder of ``cfg``, locked by the main process for the block (the other ranks learn whether it
-    got the lock); :class:`~selfprompt.engine.rundir.RunInUseError` when another process holds it. A
-    non-finite loss or adapter in the block is recorded in the folder (``diverged.json``), and the loss's
-    error names the options of a new start (:func:`_restart_fix`)."""
-    run = RunDir(Path(cfg.output_dir))
-    with contextlib.ExitStack() as stack:
-        error = None
-        if ctx.is_main:
-            try:
-                stack.enter_context(run.locked())
-            except RunInUseError as caught:
-                error = caught
-        got = broadcast_(torch.tensor([error is None], dtype=torch.int64, device=ctx.device))
-        if error is not None:
-            raise error
-        if not got.item():
-            raise RunInUseError(f"{run.path} is in use by another selfprompt process (see rank 0's error).")
-        try:
-            yield run
-        except FloatingPointError as stopped:  # recorded, so that a new start may replace the run
-            if ctx.is_main and run.is_run():
-                run.write_diverged(str(stopped))
-            if isinstance(stopped, DivergedError):
-                raise stopped.with_fix(_restart_fix(cfg)) from None
-            raise
 
 
 def check_batches(cfg: TrainConfig, splits: Splits, ctx: Context) -> None:
@@ -137,27 +33,6 @@ def check_batches(cfg: TrainConfig, splits: Splits, ctx: Context) -> None:
         if name in stages:
             what = f"The {name} training split ({'train' if name == 'tune' else 'train+val'})"
             check_batch(len(dataset), cfg.data.batch_size, cfg.optim.accumulate, ctx.world_size, what)
-
-
-def run_environment(ctx: Context) -> dict[str, Any]:
-    """Versions, command line, processes and device of this run."""
-    return {
-        "versions": {
-            "selfprompt": __version__,
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "timm": timm.__version__,
-            "numpy": numpy.__version__,
-            "python": platform.python_version(),
-        },
-        "command": sys.argv,
-        "world_size": ctx.world_size,
-        "device": str(ctx.device),
-        "device_name": torch.cuda.get_device_name(ctx.device)
-        if ctx.device.type == "cuda"
-        else platform.processor(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 def backbone_record(cfg: TrainConfig, backbone: torch.nn.Module) -> dict[str, Any]:
@@ -253,7 +128,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                 "tensorboard true needs the tensorboard package: pip install 'selfprompt[tensorboard]'"
             )
         method, settings = method_settings(cfg)  # first: a method's own check says more than the generic one
-        check_track(cfg.track, cfg.model.method)
+        check_track(cfg.track, method)
         init = method.initializer(getattr(settings, "init", None)) if method.has_prompts else None
         if init is not None:
             get_initializer(init)
@@ -264,13 +139,14 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         check_batches(cfg, splits, ctx)
         with claimed_run_dir(cfg, ctx):
             run = prepare_run_dir(cfg, ctx, say)
-            return _run_stages(cfg, ctx, run, pristine, splits, backbone, say)
+            return _run_stages(cfg, (method, settings), ctx, run, pristine, splits, backbone, say)
     finally:
         teardown()
 
 
 def _run_stages(
     cfg: TrainConfig,
+    resolved: tuple[Method, Any],
     ctx: Context,
     run: RunDir,
     pristine: torch.nn.Module,
@@ -278,9 +154,11 @@ def _run_stages(
     backbone: dict[str, Any],
     say: Callable[[str], None],
 ) -> dict[str, Any]:
+    """Every seed's stages with the method and settings ``resolved`` once for the run; the summary."""
     if ctx.is_main:
         run.write_env(environment(cfg, ctx, splits, backbone))
     options = StageOptions.of(cfg.optim, cfg.data, cfg, cfg.track, cfg.eval_every)
+    prepare = preparer(cfg, resolved)
     results = []
     for seed in cfg.seeds:
         for name in STAGE_NAMES if cfg.stage == "both" else (cfg.stage,):
@@ -288,18 +166,8 @@ def _run_stages(
             if ctx.is_main:
                 stage.folder.path.mkdir(parents=True, exist_ok=True)
             barrier()
-            results.append(
-                train_stage(
-                    stage,
-                    options,
-                    ctx,
-                    lambda: build_model(cfg, copy.deepcopy(pristine), len(splits.classes)),
-                    preparer(cfg),
-                    splits.classes,
-                    seed,
-                    say,
-                )
-            )
+            build = lambda: build_model(cfg, copy.deepcopy(pristine), len(splits.classes), resolved)  # noqa: E731
+            results.append(train_stage(stage, options, ctx, build, prepare, splits.classes, seed, say))
     summary = {**summarize(results), "backbone": backbone} if ctx.is_main else {}
     if ctx.is_main:
         run.write_summary({"summary": summary, "results": [r.to_json() for r in results]})

@@ -11,18 +11,17 @@ from selfprompt.data.config import DataConfig
 from selfprompt.data.splits import Splits
 from selfprompt.engine.distributed import Context, broadcast_
 from selfprompt.engine.ema import ParameterEMA
-from selfprompt.engine.loop import EpochLoop, classification_loss, evaluate, peak_memory_mb, training_loader
+from selfprompt.engine.loop import classification_loss, evaluate, peak_memory_mb
 from selfprompt.engine.metrics import MetricsLog
-from selfprompt.engine.optim import build_optimizer, warmup_cosine
+from selfprompt.engine.optim import param_groups
 from selfprompt.engine.result import EVAL_SPLITS, StageResult
 from selfprompt.engine.rundir import RunDir, TrainingDir
-from selfprompt.engine.state import load_state, save_state
-from selfprompt.engine.subspace import gradient_subspace
+from selfprompt.engine.setup import TrainingOptions, training_setup
+from selfprompt.engine.subspace import GradientSubspace, gradient_subspace
 from selfprompt.engine.tracking import PromptTracker, probe_batch
 from selfprompt.model import ViTClassifier
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 STAGE_NAMES = tuple(EVAL_SPLITS)  # tune, final
@@ -56,19 +55,16 @@ def build_stage(name: str, splits: Splits, run: RunDir, seed: int, select_on_tes
 
 
 @dataclass(frozen=True)
-class StageOptions:
-    """The settings one stage reads: optimizer, loading, execution, tracking and evaluation cadence."""
+class StageOptions(TrainingOptions):
+    """What one stage reads: the training setup's options plus tracking and the evaluation cadence."""
 
-    optim: OptimConfig
-    batch_size: int
-    eval_batch_size: int
-    num_workers: int
-    run: RunOptions
     track: TrackConfig
     eval_every: int = 1
 
     @classmethod
-    def of(cls, optim: OptimConfig, data: DataConfig, run: RunOptions, track: TrackConfig, eval_every: int):
+    def of(  # type: ignore[override]
+        cls, optim: OptimConfig, data: DataConfig, run: RunOptions, track: TrackConfig, eval_every: int
+    ) -> StageOptions:
         return cls(optim, data.batch_size, data.eval_batch_size, data.num_workers, run, track, eval_every)
 
 
@@ -90,119 +86,165 @@ def train_stage(
     ``build()`` makes the model (under ``torch.manual_seed(seed)``); ``prepare(model, loader, seed)``, when
     given, initialises it from the training images (prompts) on the main process before the first step.
     """
-    folder, opt, run = stage.folder, options.optim, options.run
-    label = f"{stage.name} seed {seed}"
-    if run.resume and folder.result.is_file():
+    folder, opt, label = stage.folder, options.optim, f"{stage.name} seed {seed}"
+    if options.run.resume and folder.result.is_file():
         log(f"[{label}] already finished: {folder.result}")
         return folder.read_result()
-    sampler, loader, steps = training_loader(
-        stage.train, options.batch_size, opt.accumulate, options.num_workers, ctx, seed,
-        f"The {stage.name} training split",
-    )  # fmt: skip
-
     torch.manual_seed(seed)
     model = build().to(ctx.device)
-    optimizer = build_optimizer(model, opt)
-    scheduler = warmup_cosine(optimizer, opt.warmup_epochs * steps, opt.epochs * steps, opt.lr, opt.min_lr)
     ema = ParameterEMA(model.adapter_parameters(), opt.ema_decay) if opt.ema_decay else None
     subspace = gradient_subspace(model, opt)
-    metrics = MetricsLog(folder, run.tensorboard) if ctx.is_main else None
-    tracker = None
-    if options.track.every and ctx.is_main:  # the main process only
-        probe = probe_batch(stage.init, options.track.probe_images, seed).to(ctx.device)
-        tracker = PromptTracker(model, probe, options.track, opt.epochs, folder, seed)
-    start_epoch, best = 1, {}
-    if run.resume and folder.state.is_file():
-        state = load_state(folder.state, ctx, model.adapter_parameters(), optimizer, scheduler)
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if subspace is not None:
-            subspace.load_state_dict(state["subspace"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        if metrics is not None:
-            metrics.restore(state["history"])
-        if tracker is not None:
-            tracker.log.restore(state["analysis"])
-        log(f"[{label}] resuming after epoch {state['epoch']}")
+    setup = training_setup(
+        model.adapter_parameters(), param_groups(model, opt.weight_decay, opt.head_weight_decay),
+        stage.train, options, ctx, seed, folder,
+        label=label, log=log, what=f"The {stage.name} training split",
+    )  # fmt: skip
+    tracker = stage_tracker(stage, options, model, ctx, seed)
+    if setup.state is None:
+        _start(stage, options, ctx, model, prepare, tracker, seed)
     else:
-        if prepare is not None:
-            if ctx.is_main:  # computed once, then broadcast
-                loader_ = DataLoader(
-                    stage.init, batch_size=options.eval_batch_size, num_workers=options.num_workers
-                )
-                prepare(model, loader_, seed)
-            for param in model.adapter_parameters().values():
-                broadcast_(param.data)
-        if metrics is not None:
-            metrics.restore([])
-        if tracker is not None:
-            tracker.log.restore([])
-            tracker.record(0)
-        torch.manual_seed(seed * 1000 + ctx.rank)  # each rank its own dropout stream
-    net = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    trainable = model.num_adapter_parameters()
-    total = sum(p.numel() for p in model.parameters())
-
-    def evaluate_epoch(epoch: int) -> dict[str, Any]:
-        nonlocal best
-        if not (epoch == opt.epochs or (stage.eval_every_epoch and epoch % options.eval_every == 0)):
-            return {}
-        eval_batch = max(1, options.eval_batch_size // ctx.world_size)
-        eval_args = (stage.eval_set, ctx, eval_batch, run.precision, options.num_workers)
-        scores = evaluate(model, *eval_args)
-        row = {f"{stage.eval_name}_{k}": v for k, v in scores.items()}
-        if ema is not None:
-            with ema.applied():
-                row |= {f"ema_{stage.eval_name}_{k}": v for k, v in evaluate(model, *eval_args).items()}
-        if scores["acc"] > best.get("acc", -1.0):
-            best = {"acc": scores["acc"], "epoch": epoch}
-        return row
+        _restore(setup.state, ema, subspace, tracker)
+    scores = StageScores(stage, options, ctx, model, ema, setup.state["best"] if setup.state else {})
 
     def end_epoch(epoch: int) -> None:
         if tracker is not None and tracker.due(epoch):
             tracker.record(epoch)
-        save_state(
-            folder.state,
-            ctx,
-            epoch,
-            model.adapter_parameters(),
-            optimizer,
-            scheduler,
-            ema=ema.state_dict() if ema is not None else None,
-            subspace=subspace.state_dict() if subspace is not None else None,
-            best=best,
-            history=metrics.rows if metrics is not None else None,
-            analysis=tracker.log.rows if tracker is not None else None,
+        setup.save(epoch, best=scores.best, **_checkpoint_extras(ema, subspace, tracker))
+
+    loop = setup.loop(model, classification_loss, ema=ema, subspace=subspace)
+    epoch_times = loop.run(setup.start_epoch, opt.epochs, scores.evaluate, end_epoch)
+    result = scores.result(setup.metrics, epoch_times, seed)
+    if ctx.is_main:
+        _save(folder, model, ema, classes, result)
+        setup.metrics.close()
+    return result
+
+
+def stage_tracker(
+    stage: Stage, options: StageOptions, model: ViTClassifier, ctx: Context, seed: int
+) -> PromptTracker | None:
+    """The stage's prompt tracker (``track.every``), on the main process only."""
+    if not (options.track.every and ctx.is_main):
+        return None
+    probe = probe_batch(stage.init, options.track.probe_images, seed).to(ctx.device)
+    return PromptTracker(model, probe, options.track, options.optim.epochs, stage.folder, seed)
+
+
+def _start(
+    stage: Stage,
+    options: StageOptions,
+    ctx: Context,
+    model: ViTClassifier,
+    prepare: Preparer | None,
+    tracker: PromptTracker | None,
+    seed: int,
+) -> None:
+    """A new start: the method prepares the model from the training images (on the main process, then
+    broadcast), the tracker records epoch 0, and each rank seeds its own dropout stream."""
+    if prepare is not None:
+        if ctx.is_main:  # computed once, then broadcast
+            loader = DataLoader(
+                stage.init, batch_size=options.eval_batch_size, num_workers=options.num_workers
+            )
+            prepare(model, loader, seed)
+        for param in model.adapter_parameters().values():
+            broadcast_(param.data)
+    if tracker is not None:
+        tracker.log.restore([])
+        tracker.record(0)
+    torch.manual_seed(seed * 1000 + ctx.rank)
+
+
+def _checkpoint_extras(
+    ema: ParameterEMA | None, subspace: GradientSubspace | None, tracker: PromptTracker | None
+) -> dict[str, Any]:
+    """What a stage's checkpoint keeps besides the setup's: the EMA, the subspace and the tracked rows."""
+    return {
+        "ema": ema.state_dict() if ema is not None else None,
+        "subspace": subspace.state_dict() if subspace is not None else None,
+        "analysis": tracker.log.rows if tracker is not None else None,
+    }
+
+
+def _restore(
+    state: dict[str, Any],
+    ema: ParameterEMA | None,
+    subspace: GradientSubspace | None,
+    tracker: PromptTracker | None,
+) -> None:
+    """A resumed stage: the EMA, the gradient subspace and the tracked rows its checkpoint kept."""
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    if subspace is not None:
+        subspace.load_state_dict(state["subspace"])
+    if tracker is not None:
+        tracker.log.restore(state["analysis"])
+
+
+class StageScores:
+    """The stage's evaluations: when they are due, the best epoch so far, and the stage's result."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        options: StageOptions,
+        ctx: Context,
+        model: ViTClassifier,
+        ema: ParameterEMA | None,
+        best: dict[str, Any],
+    ) -> None:
+        self.stage, self.options, self.ctx, self.model, self.ema = stage, options, ctx, model, ema
+        self.best = best
+
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        """The metrics row's scores of ``epoch`` (empty when no evaluation is due)."""
+        stage, options = self.stage, self.options
+        if not (
+            epoch == options.optim.epochs or (stage.eval_every_epoch and epoch % options.eval_every == 0)
+        ):
+            return {}
+        eval_batch = max(1, options.eval_batch_size // self.ctx.world_size)
+        eval_args = (stage.eval_set, self.ctx, eval_batch, options.run.precision, options.num_workers)
+        scores = evaluate(self.model, *eval_args)
+        row = {f"{stage.eval_name}_{k}": v for k, v in scores.items()}
+        if self.ema is not None:
+            with self.ema.applied():
+                row |= {f"ema_{stage.eval_name}_{k}": v for k, v in evaluate(self.model, *eval_args).items()}
+        if scores["acc"] > self.best.get("acc", -1.0):
+            self.best = {"acc": scores["acc"], "epoch": epoch}
+        return row
+
+    def result(self, metrics: MetricsLog | None, epoch_times: list[float], seed: int) -> StageResult:
+        """The stage's result: its last and best scores, size, speed and memory."""
+        name, last = self.stage.eval_name, metrics.rows[-1] if metrics else None
+        trainable = self.model.num_adapter_parameters()
+        return StageResult(
+            stage=self.stage.name,
+            seed=seed,
+            epochs=self.options.optim.epochs,
+            last_acc=last[f"{name}_acc"] if last else None,
+            best_acc=self.best.get("acc"),
+            best_epoch=self.best.get("epoch"),
+            trainable_parameters=trainable,
+            trainable_share=trainable / sum(p.numel() for p in self.model.parameters()),
+            seconds_per_epoch=sum(epoch_times) / len(epoch_times) if epoch_times else None,
+            peak_memory_mb=peak_memory_mb(self.ctx),
+            selected_on_test=name == "test" and self.stage.eval_every_epoch,
+            last_ema_acc=last[f"ema_{name}_acc"] if self.ema is not None and last else None,
         )
 
-    loop = EpochLoop(
-        net, model, loader, sampler, steps, classification_loss, optimizer, scheduler, ctx, run.precision,
-        label, log, metrics, accumulate=opt.accumulate, grad_clip=opt.grad_clip, ema=ema,
-        subspace=subspace, progress=run.progress,
-    )  # fmt: skip
-    epoch_times = loop.run(start_epoch, opt.epochs, evaluate_epoch, end_epoch)
 
-    last = metrics.rows[-1] if metrics else None
-    result = StageResult(
-        stage=stage.name,
-        seed=seed,
-        epochs=opt.epochs,
-        last_acc=last[f"{stage.eval_name}_acc"] if last else None,
-        best_acc=best.get("acc"),
-        best_epoch=best.get("epoch"),
-        trainable_parameters=trainable,
-        trainable_share=trainable / total,
-        seconds_per_epoch=sum(epoch_times) / len(epoch_times) if epoch_times else None,
-        peak_memory_mb=peak_memory_mb(ctx),
-        selected_on_test=stage.eval_name == "test" and stage.eval_every_epoch,
-        last_ema_acc=last[f"ema_{stage.eval_name}_acc"] if ema is not None and last else None,
-    )
-    if ctx.is_main:
-        model.save_pretrained(folder.adapter())
-        if ema is not None:
-            with ema.applied():
-                model.save_pretrained(folder.adapter(ema=True))
-        folder.write_classes(classes)
-        folder.write_result(result)
-        metrics.close()
-    return result
+def _save(
+    folder: TrainingDir,
+    model: ViTClassifier,
+    ema: ParameterEMA | None,
+    classes: list[str],
+    result: StageResult,
+) -> None:
+    """The stage's adapter (and its EMA's), class names and result."""
+    model.save_pretrained(folder.adapter())
+    if ema is not None:
+        with ema.applied():
+            model.save_pretrained(folder.adapter(ema=True))
+    folder.write_classes(classes)
+    folder.write_result(result)

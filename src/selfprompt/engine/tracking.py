@@ -10,7 +10,7 @@ from selfprompt.atomic import atomic_write
 from selfprompt.config import TrackConfig
 from selfprompt.engine.metrics import MetricsLog
 from selfprompt.engine.rundir import TrainingDir
-from selfprompt.methods import get_method
+from selfprompt.methods import Method
 from selfprompt.model import ViTClassifier
 
 import torch
@@ -18,17 +18,11 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 
-def check_track(track: TrackConfig, method: str) -> None:
-    """Refuse tracking settings that cannot work, before anything runs."""
-    if track.every < 0:
-        raise ValueError(f"track.every must be >= 0 (0 tracks nothing), got {track.every}.")
-    if track.every and not get_method(method).has_prompts:
-        raise ValueError(f"track.every needs prompts and method {method!r} has none; set track.every 0.")
-    if track.probe_images < 1 or track.projection_tokens < 1:
-        raise ValueError(
-            f"track.probe_images ({track.probe_images}) and track.projection_tokens "
-            f"({track.projection_tokens}) must be >= 1."
-        )
+def check_track(track: TrackConfig, method: Method) -> None:
+    """Refuse tracking for a method without prompts, before anything runs (the fields' ranges are
+    :func:`~selfprompt.config.check_config`'s)."""
+    if track.every and not method.has_prompts:
+        raise ValueError(f"track.every needs prompts and method {method.name!r} has none; set track.every 0.")
 
 
 def probe_batch(dataset: Dataset, count: int, seed: int) -> torch.Tensor:

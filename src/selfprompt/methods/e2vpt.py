@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from selfprompt.init import init_prompts
@@ -333,8 +334,6 @@ def _refuse_shared(init: str) -> None:
 def _check(settings: Any, cfg: Any) -> None:
     if settings.e2vpt.kv_length:
         refuse_tracking(cfg, "e2vpt with key-value prompts")
-    if settings.e2vpt.pruning is not None:
-        refuse_trainval_source(read_pruning(settings.e2vpt.pruning)[0], cfg, settings.e2vpt.pruning)
     if settings.e2vpt.share_kv and settings.e2vpt.kv_length and _token_init(settings.init):
         _refuse_shared(settings.init)
 
@@ -371,20 +370,22 @@ def prepare(method: Method, model: E2VPT, settings: PromptSettings, loader: Data
             model.kv_prompts[name].copy_(values)
 
 
-def _masks(settings: Any, num_prompts: int) -> dict[str, Any]:
-    """The ``token_mask`` / ``segment_mask`` arguments from ``e2vpt.pruning`` and its shares."""
+def _resolve(settings: Any, cfg: Any) -> SimpleNamespace:
+    """The settings with ``masks``, the ``token_mask`` / ``segment_mask`` arguments from ``e2vpt.pruning``
+    and its shares: the record is read once per run."""
     e2vpt = settings.e2vpt
     if e2vpt.pruning is None:
-        return {}
-    _, token_scores, segment_scores = read_pruning(e2vpt.pruning)
-    scored = token_scores.numel()
+        return SimpleNamespace(**vars(settings), masks={})
+    record, token_scores, segment_scores = read_pruning(e2vpt.pruning)
+    refuse_trainval_source(record, cfg, e2vpt.pruning)
+    scored, num_prompts = token_scores.numel(), prompt_count(settings, 10)
     if scored != num_prompts:
         raise ValueError(
             f"{e2vpt.pruning} scores {scored} visual prompts and this run has {num_prompts}: set "
             f"prompt.num_prompts {scored} (the source run's) to rewind it."
         )
     tokens, segments = pruning_masks(token_scores, segment_scores, e2vpt.prune_tokens, e2vpt.prune_segments)
-    return {"token_mask": tokens, "segment_mask": segments}
+    return SimpleNamespace(**vars(settings), masks={"token_mask": tokens, "segment_mask": segments})
 
 
 def _build(backbone, num_classes, settings: Any, **common: Any) -> E2VPT:
@@ -397,7 +398,7 @@ def _build(backbone, num_classes, settings: Any, **common: Any) -> E2VPT:
         share_kv=settings.e2vpt.share_kv,
         deep_layers=settings.deep_layers,
         prompt_dropout=settings.dropout,
-        **_masks(settings, num_prompts),
+        **settings.masks,
         **common,
     )
 
@@ -410,6 +411,7 @@ register_method(
     settings="prompt",
     extra_settings=("e2vpt",),
     check=_check,
+    resolve=_resolve,
     default_init="xavier",
     prepare=prepare,
     search=PROMPT_SEARCH,

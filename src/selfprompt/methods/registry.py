@@ -60,6 +60,8 @@ class Method:
             an attribute of its name (:meth:`settings_of`).
         check: ``check(settings, cfg)``: refuses a combination of settings (``cfg``: the whole TrainConfig)
             the method cannot run; called by :meth:`settings_of`, i.e. before anything is built.
+        resolve: ``resolve(settings, cfg)`` -> the settings ``build`` and ``prepare`` read, after ``check``:
+            what a method reads from files, read once per run (E2VPT's pruning record as masks).
         condenses: The method whose trained run ``selfprompt condense`` turns into this one's start (``pc``:
             ``vpt-deep``); ``bench`` trains that cell first. Empty for methods that start from the backbone.
         search: Its default grid for the protocol's search (``bench --search default``), None without one.
@@ -77,6 +79,7 @@ class Method:
     order: int = 100
     extra_settings: tuple[str, ...] = ()
     check: Callable[[Any, Any], None] | None = None
+    resolve: Callable[[Any, Any], Any] | None = None
     condenses: str = ""
     search: Search | None = None
 
@@ -87,7 +90,8 @@ class Method:
 
     def settings_of(self, cfg: Any) -> Any:
         """Its settings in ``cfg`` (a TrainConfig): the ``settings`` section, or with ``extra_settings`` a
-        namespace of that section's fields plus each further section by its name; checked by ``check``."""
+        namespace of that section's fields plus each further section by its name; checked by ``check`` and
+        resolved by ``resolve``."""
         if not self.settings:
             return None
         settings = getattr(cfg, self.settings)
@@ -96,7 +100,7 @@ class Method:
             settings = SimpleNamespace(**fields, **{name: getattr(cfg, name) for name in self.extra_settings})
         if self.check is not None:
             self.check(settings, cfg)
-        return settings
+        return self.resolve(settings, cfg) if self.resolve is not None else settings
 
     @property
     def has_prompts(self) -> bool:

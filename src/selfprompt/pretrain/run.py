@@ -14,12 +14,10 @@ from typing import Any
 from selfprompt.atomic import atomic_write
 from selfprompt.data import build_transform, data_config
 from selfprompt.engine.distributed import Context, setup, teardown
-from selfprompt.engine.loop import EpochLoop, LossFn, check_batch, evaluate, training_loader
-from selfprompt.engine.metrics import MetricsLog
-from selfprompt.engine.optim import warmup_cosine
-from selfprompt.engine.run import claimed_run_dir, prepare_run_dir, run_environment
+from selfprompt.engine.lifecycle import claimed_run_dir, prepare_run_dir, run_environment
+from selfprompt.engine.loop import LossFn, check_batch, evaluate
 from selfprompt.engine.rundir import RunDir
-from selfprompt.engine.state import load_state, save_state
+from selfprompt.engine.setup import TrainingOptions, training_setup
 from selfprompt.pretrain.config import PretrainConfig, check_pretrain_config
 from selfprompt.pretrain.data import pretrain_datasets
 from selfprompt.pretrain.mae import MaskedAutoencoder
@@ -29,22 +27,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 _UNDECAYED_TOKENS = ("pos_embed", "cls_token", "reg_token", "mask_token")
 
 
-def pretrain_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases, norms and position/class/register/mask tokens are not decayed (the MAE recipe)."""
+def pretrain_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's groups: biases, norms and position/class/register/mask tokens are not decayed (the MAE
+    recipe); every other weight decays by ``weight_decay``."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         undecayed = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in _UNDECAYED_TOKENS
         (no_decay if undecayed else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _mae_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -120,23 +114,11 @@ def _train(
         say(f"[pretrain] already finished: {run.summary}")
         return run.read_summary()
     opt, data = cfg.optim, cfg.data
-    sampler, loader, steps = training_loader(
-        train, data.batch_size, opt.accumulate, data.num_workers, ctx, cfg.seed, "The pretraining set"
-    )
-    optimizer = pretrain_optimizer(model, cfg)
-    scheduler = warmup_cosine(optimizer, opt.warmup_epochs * steps, opt.epochs * steps, opt.lr, opt.min_lr)
-    params = dict(model.named_parameters())
-    metrics = MetricsLog(run, cfg.tensorboard) if ctx.is_main else None
-    start_epoch = 1
-    if cfg.resume and run.state.is_file():
-        state = load_state(run.state, ctx, params, optimizer, scheduler)
-        start_epoch = state["epoch"] + 1
-        if metrics is not None:
-            metrics.restore(state["history"])
-        say(f"[pretrain] resuming after epoch {state['epoch']}")
-    elif metrics is not None:
-        metrics.restore([])
-    net = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    setup = training_setup(
+        dict(model.named_parameters()), pretrain_param_groups(model, opt.weight_decay), train,
+        TrainingOptions.of(opt, data, cfg), ctx, cfg.seed, run, label="pretrain", log=say,
+        what="The pretraining set",
+    )  # fmt: skip
 
     def evaluate_epoch(epoch: int) -> dict[str, Any]:
         if evaluation is None or not (epoch % cfg.eval_every == 0 or epoch == opt.epochs):
@@ -144,21 +126,12 @@ def _train(
         scores = evaluate(model, evaluation, ctx, data.eval_batch_size, cfg.precision, data.num_workers)
         return {f"eval_{k}": v for k, v in scores.items()}
 
-    def end_epoch(epoch: int) -> None:
-        save_state(
-            run.state, ctx, epoch, params, optimizer, scheduler, history=metrics.rows if metrics else None
-        )
-
-    loop = EpochLoop(
-        net, model, loader, sampler, steps, compute_loss, optimizer, scheduler, ctx, cfg.precision,
-        "pretrain", say, metrics, accumulate=opt.accumulate, grad_clip=opt.grad_clip, progress=cfg.progress,
-    )  # fmt: skip
-    loop.run(start_epoch, opt.epochs, evaluate_epoch, end_epoch)
+    setup.loop(model, compute_loss).run(setup.start_epoch, opt.epochs, evaluate_epoch, setup.save)
     if not ctx.is_main:
         return {}
     weights = {k: v.detach().cpu().contiguous() for k, v in _encoder_state(model).items()}
     atomic_write(run.encoder, lambda p: save_file(weights, str(p)))
-    rows = metrics.rows
+    rows = setup.metrics.rows
     summary = {
         "objective": cfg.objective,
         "backbone": cfg.backbone,
@@ -172,7 +145,7 @@ def _train(
     if "eval_acc" in rows[-1]:
         summary["final_eval_acc"] = rows[-1]["eval_acc"]
     run.write_summary(summary)
-    metrics.close()
+    setup.metrics.close()
     say(
         f"[pretrain] {cfg.objective} {cfg.backbone}: final loss {summary['final_train_loss']:.4f} after "
         f"{opt.epochs} epochs, {summary['wall_time_s']:.0f} s; encoder weights {run.encoder}"
