@@ -28,7 +28,6 @@ from typing import Any
 from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
 from selfprompt.methods.settings import (
     adapter_config,
-    check_settings,
     number_problem,
     positive_int,
     settings_from,
@@ -118,12 +117,7 @@ class AdaptFormer(ViTClassifier):
     ) -> None:
         if train_backbone:
             raise ValueError("AdaptFormer trains its adapters only; train_backbone must be False.")
-        settings = settings_from(AdaptFormerSettings, settings, fields)
-        if fields:
-            raise TypeError(
-                f"AdaptFormer got unknown arguments {sorted(fields)}; its settings are AdaptFormerSettings'."
-            )
-        check_settings("adaptformer", settings)
+        settings = settings_from("adaptformer", AdaptFormerSettings, settings, fields, owner="AdaptFormer")
         bottleneck, scale, dropout = settings.bottleneck, float(settings.scale), settings.dropout
         super().__init__(
             backbone,

@@ -22,7 +22,7 @@ from typing import Any
 from selfprompt.methods.prompt import PromptedViT, PromptedViTConfig, prepare, prompt_count
 from selfprompt.methods.prompt_tools import check_attention, refuse_tracking, self_attention
 from selfprompt.methods.registry import Search, register_method, register_settings
-from selfprompt.methods.settings import adapter_config, check_settings, settings_from
+from selfprompt.methods.settings import adapter_config, settings_from
 from selfprompt.model import residual_branches
 
 import torch
@@ -67,8 +67,7 @@ class GaPT(PromptedViT):
     ) -> None:
         if deep or deep_layers is not None:
             raise ValueError("GaPT has one shallow prompt set; drop deep / prompt.deep_layers.")
-        settings = settings_from(GaPTSettings, settings, common)
-        check_settings("gapt", settings)
+        settings = settings_from("gapt", GaPTSettings, settings, common)
         super().__init__(
             backbone, num_classes, num_prompts=num_prompts, prompt_dropout=prompt_dropout, **common
         )

@@ -32,7 +32,6 @@ from typing import Any
 from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
 from selfprompt.methods.settings import (
     adapter_config,
-    check_settings,
     number_problem,
     positive_int,
     settings_from,
@@ -145,10 +144,7 @@ class LoRA(ViTClassifier):
     ) -> None:
         if train_backbone:
             raise ValueError("LoRA trains its low-rank matrices only; train_backbone must be False.")
-        settings = settings_from(LoRASettings, settings, fields)
-        if fields:
-            raise TypeError(f"LoRA got unknown arguments {sorted(fields)}; its settings are LoRASettings'.")
-        check_settings("lora", settings)
+        settings = settings_from("lora", LoRASettings, settings, fields, owner="LoRA")
         rank, alpha, dropout = settings.rank, float(settings.alpha), settings.dropout
         targets = normalise_targets(settings.targets)
         try:

@@ -57,11 +57,18 @@ def check_settings(section: str, settings: Any) -> None:
         raise ValueError("; ".join(f"{section}.{problem}" for problem in problems) + ".")
 
 
-def settings_from(cls: type[S], settings: S | None, kwargs: dict[str, Any]) -> S:
-    """``settings`` (default ``cls()``) with the fields ``kwargs`` names replaced; those are removed from
-    ``kwargs``, so a constructor taking ``settings=`` or the fields by name passes the rest on."""
+def settings_from(
+    section: str, cls: type[S], settings: S | None, kwargs: dict[str, Any], owner: str | None = None
+) -> S:
+    """``settings`` (default ``cls()``) with the fields ``kwargs`` names replaced, checked
+    (:func:`check_settings`). Those fields are removed from ``kwargs``, so a constructor taking ``settings=``
+    or the fields by name passes the rest on; with ``owner`` (the model's name) a leftover is refused."""
     names = {f.name for f in dataclasses.fields(cls)} & set(kwargs)
-    return dataclasses.replace(settings or cls(), **{name: kwargs.pop(name) for name in names})
+    settings = dataclasses.replace(settings or cls(), **{name: kwargs.pop(name) for name in names})
+    if owner is not None and kwargs:
+        raise TypeError(f"{owner} got unknown arguments {sorted(kwargs)}; its settings are {cls.__name__}'.")
+    check_settings(section, settings)
+    return settings
 
 
 def adapter_config(settings: type, base: type = ClassifierConfig, name: str | None = None) -> type:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
-from selfprompt.methods.settings import adapter_config, check_settings, settings_from
+from selfprompt.methods.settings import adapter_config, settings_from
 from selfprompt.model import PoolType, ViTClassifier, private_copy, timm_classifier
 
 import torch
@@ -164,10 +164,7 @@ class SSF(ViTClassifier):
     ) -> None:
         if train_backbone:
             raise ValueError("SSF trains its scales and shifts only; train_backbone must be False.")
-        settings = settings_from(SSFSettings, settings, fields)
-        if fields:
-            raise TypeError(f"SSF got unknown arguments {sorted(fields)}; its settings are SSFSettings'.")
-        check_settings("ssf", settings)
+        settings = settings_from("ssf", SSFSettings, settings, fields, owner="SSF")
         final_placement = settings.final_placement
         super().__init__(
             private_copy(backbone),

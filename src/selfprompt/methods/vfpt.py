@@ -29,7 +29,7 @@ from selfprompt.methods.prompt import (
 )
 from selfprompt.methods.prompt_tools import PromptPart
 from selfprompt.methods.registry import Method, register_method, register_settings
-from selfprompt.methods.settings import adapter_config, check_settings, number_problem, settings_from
+from selfprompt.methods.settings import adapter_config, number_problem, settings_from
 
 import torch
 from torch import nn
@@ -83,8 +83,7 @@ class VFPT(PromptedViT):
     ) -> None:
         if not deep:
             raise ValueError("VFPT's prompts are deep; deep must be True.")
-        settings = settings_from(VFPTSettings, settings, common)
-        check_settings("vfpt", settings)
+        settings = settings_from("vfpt", VFPTSettings, settings, common)
         fourier_share = settings.fourier_share
         super().__init__(
             backbone,
