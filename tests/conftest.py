@@ -1,8 +1,10 @@
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import selfprompt  # noqa: F401  (before timm: makes torchvision importable on CPU-only torch)
+from selfprompt.data import vtab_mini
 
 import pytest
 import torch
@@ -24,3 +26,13 @@ def tiny_vit(seed: int = 0, **overrides) -> VisionTransformer:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@contextlib.contextmanager
+def small_vtab_mini(train: int = 128, val: int = 64, test: int = 128):
+    """VTAB-mini tasks prepared by the real code with fewer images per split (the list files keep VTAB-1k's
+    names, the manifest records the smaller counts): for tests of what runs on a task, not of its sizes."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("TRAIN", train), ("VAL", val), ("MAX_TEST", test), ("MIN_TEST", test)):
+            patch.setattr(vtab_mini, name, value)
+        yield

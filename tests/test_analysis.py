@@ -161,6 +161,7 @@ def test_a_resumed_run_keeps_its_tracked_history(data, tmp_path):
     assert analysis_rows(tmp_path / "cut") == analysis_rows(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_tracking_under_two_processes_records_on_the_main_one(data, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -437,6 +437,7 @@ def test_predict_refuses_topk_below_one(trained, data, capsys):
 # a real process -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_real_process_prints_one_message_and_no_traceback(data, tmp_path):
     for extra in (["--optim.lr", "0"], ["--optim.epochs", "0"]):
         done = subprocess.run(

@@ -17,6 +17,17 @@ from selfprompt.data import vtab_mini
 from selfprompt.methods import get_method, method_names
 
 import pytest
+from conftest import small_vtab_mini
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> Path:
+    """One small dsprites_location task (128 train+val, 128 test) read by every bench test of this module:
+    the grid, resumption and the reports do not depend on how many images a cell trains and tests on."""
+    root = tmp_path_factory.mktemp("vtab-mini")
+    with small_vtab_mini():
+        vtab_mini.prepare(root, ["dsprites_location"], log=lambda _: None)
+    return root
 
 
 def row(task: str, seed: int, acc: float, variant: str = "linear") -> dict:
@@ -42,10 +53,9 @@ def test_vtab_means_follow_both_conventions_per_seed():
     assert table["mnist"] == pytest.approx((85.0, statistics.stdev([90.0, 80.0]), 2))
 
 
-def test_grid_sweeps_only_where_a_setting_applies(tmp_path):
-    vtab_mini.prepare(tmp_path, ["dsprites_location"], log=lambda _: None)
+def test_grid_sweeps_only_where_a_setting_applies(mini):
     cfg = BenchConfig(
-        root=str(tmp_path), methods=["linear", "vpt-deep", "spt-deep"], backbones=["b"], seeds=[0, 1],
+        root=str(mini), methods=["linear", "vpt-deep", "spt-deep"], backbones=["b"], seeds=[0, 1],
         inits=["kmeans", "mean_pool"], num_prompts=[1, 5],
     )  # fmt: skip
     cells = grid(cfg)
@@ -54,20 +64,19 @@ def test_grid_sweeps_only_where_a_setting_applies(tmp_path):
     assert [c.seed for c in cells] == [0] * 7 + [1] * 7
     assert Cell("b", "dsprites_location", "spt-deep", 0, "mean_pool", 5).variant == "spt-deep[mean_pool,M=5]"
     with pytest.raises(FileNotFoundError, match="data prepare vtab-mini"):
-        grid(BenchConfig(root=str(tmp_path), tasks=["mnist"]))
+        grid(BenchConfig(root=str(mini), tasks=["mnist"]))
     # pc: one cell per share kept, plus the vpt-deep cell it condenses, asked for or not; final stage only
-    pc = grid(BenchConfig(root=str(tmp_path), methods=["pc"], backbones=["b"], seeds=[0], keep=[0.5, 0.25]))
+    pc = grid(BenchConfig(root=str(mini), methods=["pc"], backbones=["b"], seeds=[0], keep=[0.5, 0.25]))
     assert [c.variant for c in pc] == ["pc[keep=0.5]", "pc[keep=0.25]", "vpt-deep"]
     assert {c.source for c in pc} == {Cell("b", "dsprites_location", "vpt-deep", 0), None}
     with pytest.raises(ValueError, match="Run them with --stage final"):
-        grid(BenchConfig(root=str(tmp_path), methods=["pc"], backbones=["b"], stage="both"))
+        grid(BenchConfig(root=str(mini), methods=["pc"], backbones=["b"], stage="both"))
 
 
-def test_bench_runs_cells_once_and_reports(tmp_path):
-    root = tmp_path / "vtab-mini"
-    vtab_mini.prepare(root, ["dsprites_location"], log=lambda _: None)
+@pytest.mark.slow
+def test_bench_runs_cells_once_and_reports(tmp_path, mini):
     cfg = BenchConfig(
-        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear", "spt-deep", "bitfit", "pc"],
+        root=str(mini), output_dir=str(tmp_path / "bench"), methods=["linear", "spt-deep", "bitfit", "pc"],
         backbones=["vit_mini_patch4_32.mae_fmnist"], seeds=[0], epochs=1, device="cpu", num_workers=0,
         keep=[0.5],
     )  # fmt: skip
@@ -87,12 +96,11 @@ def test_bench_runs_cells_once_and_reports(tmp_path):
     assert (Path(cfg.output_dir) / "cells.csv").read_text().count("\n") == 6
 
 
-def test_cells_run_as_submitit_jobs_and_are_not_recomputed(tmp_path):
+@pytest.mark.slow
+def test_cells_run_as_submitit_jobs_and_are_not_recomputed(tmp_path, mini):
     """The slurm code path through submitit's local executor (jobs on this machine)."""
-    root = tmp_path / "vtab-mini"
-    vtab_mini.prepare(root, ["dsprites_location"], log=lambda _: None)
     cfg = BenchConfig(
-        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear"], seeds=[0, 1],
+        root=str(mini), output_dir=str(tmp_path / "bench"), methods=["linear"], seeds=[0, 1],
         backbones=["vit_mini_patch4_32.mae_fmnist"], epochs=1, device="cpu", num_workers=0, workers=2,
         launcher="submitit", slurm={"timeout_min": 10},
     )  # fmt: skip
@@ -132,12 +140,11 @@ def test_search_grids_come_from_the_methods_or_the_command(tmp_path):
     assert parsed.bench.search == per_method
 
 
-def test_a_searched_cell_is_a_sweep_recorded_with_its_choice(tmp_path):
-    root = tmp_path / "vtab-mini"
-    vtab_mini.prepare(root, ["dsprites_location"], log=lambda _: None)
+@pytest.mark.slow
+def test_a_searched_cell_is_a_sweep_recorded_with_its_choice(tmp_path, mini):
     search = {"optim.lr": [0.05, 0.001]}
     cfg = BenchConfig(
-        root=str(root), output_dir=str(tmp_path / "bench"), methods=["linear"], search=search,
+        root=str(mini), output_dir=str(tmp_path / "bench"), methods=["linear"], search=search,
         backbones=["vit_mini_patch4_32.mae_fmnist"], seeds=[0], epochs=1, device="cpu", num_workers=0,
     )  # fmt: skip
     (row,) = bench(cfg, log=lambda _: None)

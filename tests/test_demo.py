@@ -8,11 +8,14 @@ from selfprompt.apps.demo import DEMO_METHODS, demo, summary_sentence
 from selfprompt.cli import main
 
 import pytest
+from conftest import small_vtab_mini
 
 
+@pytest.mark.slow
 def test_demo_trains_three_methods_and_writes_its_results(tmp_path):
     lines: list[str] = []
-    results = demo(tmp_path / "demo", task="dsprites_location", epochs=1, log=lines.append)
+    with small_vtab_mini():  # the demo prepares its task itself: 128 train, 64 val, 128 test images
+        results = demo(tmp_path / "demo", task="dsprites_location", epochs=1, log=lines.append)
     assert list(results["methods"]) == list(DEMO_METHODS)
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert saved == json.loads(json.dumps(results))

@@ -134,6 +134,7 @@ def _train_command(cfg_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "selfprompt", "train", *cfg_args]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_result(data, tmp_path):
     slow = ["--optim.epochs", "8", "--data.batch_size", "4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -162,6 +163,7 @@ def test_a_killed_run_resumes_to_the_same_result(data, tmp_path):
             assert torch.equal(adapter(tmp_path / "killed", stage)[key], value), (stage, key)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(data, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(

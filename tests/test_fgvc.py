@@ -398,6 +398,7 @@ def test_cli_prepares_checks_and_trains_by_task_name(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_bench_on_a_fake_fgvc_copy_fills_every_column(tmp_path):
     make_fake("cub", tmp_path / "fgvc", num_classes=200, per_class=4)
     fgvc.prepare("cub", tmp_path / "fgvc" / fgvc.ROOT_FOLDERS["cub"])

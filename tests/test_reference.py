@@ -43,6 +43,7 @@ def task_dir(tmp_path_factory) -> Path:
     return root / TASK
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_one_epoch_run_trains_what_the_release_before_trained(method, task_dir, tmp_path):
     out = tmp_path / method

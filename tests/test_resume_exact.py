@@ -46,6 +46,7 @@ def _kill_after(command: list[str], rows_file, rows: int) -> None:
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES)
 def test_a_run_killed_in_its_final_stage_resumes_exactly(source, data, tmp_path):
     extra = SOURCES[source]

@@ -158,6 +158,7 @@ def _good(client):
     assert set(body["predictions"]) == {"run", "shallow"}
 
 
+@pytest.mark.slow
 def test_predictions_equal_selfprompt_predict(served):
     client, root, data = served
     files = sorted((data / "test").rglob("*.png"))[:4]
@@ -171,6 +172,7 @@ def test_predictions_equal_selfprompt_predict(served):
             assert abs(got[0]["probability"] - row["probability_1"]) <= 2e-6
 
 
+@pytest.mark.slow
 def test_tasks_and_health(served):
     client, _, _ = served
     status, body = client.call("/tasks")
@@ -184,6 +186,7 @@ def _truncated_png() -> bytes:
     return _png()[:60]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, status",
     [
@@ -271,6 +274,7 @@ def _bad_topk(client: Client) -> dict:
     return {**calls, "topk as text": lambda: client.predict(_png(), ["run"], topk="3")}
 
 
+@pytest.mark.slow
 def test_bad_requests_batched_with_good_ones_leave_them_untouched(served):
     """24 good requests sent at once, in among bad ones that reach the model's process (and some that do
     not): the server batches them (up to 16 a batch, 50 ms to fill) and every good one gets the answer
@@ -310,6 +314,7 @@ def test_bad_requests_batched_with_good_ones_leave_them_untouched(served):
         assert abs(got[0]["probability"] - row["probability_1"]) <= 2e-6
 
 
+@pytest.mark.slow
 def test_tasks_listing_needs_the_token(served):
     client, _, _ = served
     assert client.call("/tasks", token=False)[0] == 401
@@ -341,6 +346,7 @@ def _request(tasks=("run",), topk=1) -> dict:
     return {"image": base64.b64encode(_png()).decode(), "tasks": list(tasks), "topk": topk}
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_reading_a_request_is_its_own_500(api, monkeypatch, caplog):
     def broken(data, max_pixels):
         raise RuntimeError("a bug in decoding")
@@ -352,6 +358,7 @@ def test_an_unexpected_error_reading_a_request_is_its_own_500(api, monkeypatch, 
     assert "a bug in decoding" in caplog.text  # the traceback is logged
 
 
+@pytest.mark.slow
 def test_a_request_whose_forward_fails_fails_alone(api, caplog):
     good = [api.decode_request(_request(("run", "shallow"), topk=2)) for _ in range(3)]
     image = torch.zeros(3, 16, 16)  # a size the backbone refuses: stacking the batch fails, then its forward
@@ -368,6 +375,7 @@ def test_a_request_whose_forward_fails_fails_alone(api, caplog):
     assert "one by one" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_response_that_cannot_be_encoded_is_a_500(api):
     nan = {"predictions": {"run": [{"class": "class0", "probability": float("nan")}]}}
     assert api.encode_response(nan).status_code == 500
@@ -398,6 +406,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the server's processes in /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_server_process_stops_every_process_of_it(served, tmp_path, signum):
@@ -423,6 +432,7 @@ def test_a_signal_to_the_server_process_stops_every_process_of_it(served, tmp_pa
         _stop(server)
 
 
+@pytest.mark.slow
 def test_an_adapter_of_another_backbone_is_refused_before_any_worker_starts(served):
     _, root, _ = served
     command = [

@@ -1,6 +1,8 @@
 """`selfprompt sweep`: trials on val, the choice and its tie rule, one final test, resumption after a kill,
 and two processes sharing one study."""
 
+import contextlib
+import io
 import json
 import signal
 import socket
@@ -37,6 +39,16 @@ def sweep_args(data: Path, tmp_path: Path, out: Path) -> list[str]:
     return ["sweep", str(recipe(data, tmp_path)), "--search", json.dumps(SEARCH), "--output_dir", str(out)]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> tuple[Path, str]:
+    """One sweep of SEARCH, run to its end, and what it printed: one test checks it, another compares."""
+    tmp_path = tmp_path_factory.mktemp("whole")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(sweep_args(data, tmp_path, tmp_path / "sweep")) == 0
+    return tmp_path / "sweep", printed.getvalue()
+
+
 def test_ties_go_to_the_first_setting_of_the_search_order():
     order = grid_order(SEARCH)
     assert order[1] == {"optim.lr": 0.02, "optim.weight_decay": 0.1}  # first key slowest
@@ -50,9 +62,8 @@ def test_ties_go_to_the_first_setting_of_the_search_order():
     assert choose(trials, SEARCH, "tpe")["number"] == 0
 
 
-def test_sweep_records_every_trial_chooses_on_val_and_tests_once(data, tmp_path, capsys):
-    out = tmp_path / "sweep"
-    assert main(sweep_args(data, tmp_path, out)) == 0
+def test_sweep_records_every_trial_chooses_on_val_and_tests_once(uninterrupted):
+    out, printed = uninterrupted
     record = json.loads((out / "sweep.json").read_text())
     assert record["complete"] and len(record["trials"]) == 4
     assert {setting_name(t["params"]) for t in record["trials"]} == {
@@ -68,12 +79,12 @@ def test_sweep_records_every_trial_chooses_on_val_and_tests_once(data, tmp_path,
     assert record["final"]["params"] == record["best"]["params"]
     assert record["final"]["test_acc"] == final[0]["last_test_acc"]
     assert (out / "study.db").is_file()
-    assert "final (train+val, tested once)" in capsys.readouterr().out
+    assert "final (train+val, tested once)" in printed
 
 
-def test_killed_mid_trial_resumes_and_ends_as_an_uninterrupted_sweep(data, tmp_path):
-    whole = tmp_path / "whole"
-    assert main(sweep_args(data, tmp_path, whole)) == 0
+@pytest.mark.slow
+def test_killed_mid_trial_resumes_and_ends_as_an_uninterrupted_sweep(data, uninterrupted, tmp_path):
+    whole, _ = uninterrupted
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "selfprompt", *sweep_args(data, tmp_path, killed)])
     deadline = time.monotonic() + 120
@@ -139,6 +150,7 @@ def test_a_worker_that_ends_before_the_others_announces_no_choice(data, tmp_path
     assert f"best setting {record['best']['params']}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study_without_running_a_trial_twice(data, tmp_path):
     out = tmp_path / "shared"
     args = [sys.executable, "-m", "selfprompt", *sweep_args(data, tmp_path, out), "--final", "false"]

@@ -3,10 +3,9 @@ prompts, and the CLI."""
 
 import hashlib
 import json
-import subprocess
-import sys
 
 from selfprompt import PromptedViT, ViTClassifier
+from selfprompt.cli import main
 from selfprompt.engine import run
 from selfprompt.engine.tta import PromptTuner, TPTConfig
 
@@ -71,28 +70,20 @@ def test_bad_settings_and_models_without_prompts_are_refused():
         PromptTuner(ViTClassifier(tiny_vit(), 3))
 
 
-def test_predict_and_eval_with_tpt_from_the_command_line(tmp_path):
+def test_predict_and_eval_with_tpt_from_the_command_line(tmp_path, capsys):
     data = make_dataset(tmp_path / "data")
     run(tiny_config(data, tmp_path / "run", stage="tune", **{"optim.epochs": 1}), log=lambda _: None)
     weights = tmp_path / "run" / "seed0" / "tune" / "adapter" / "adapter.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    base = [sys.executable, "-m", "selfprompt"]
     common = [str(tmp_path / "run"), "--stage", "tune", "--device", "cpu"]
     tpt = ["--tta", "tpt", "--tpt.views", "4", "--tpt.keep", "0.5"]
-    env = {"HF_HUB_OFFLINE": "1", "PATH": ""}
-    out = subprocess.run(
-        [*base, "predict", *common, str(data / "test"), *tpt], capture_output=True, text=True, env=env
-    )
-    assert out.returncode == 0, out.stderr
-    assert "s per image" in out.stderr and len(out.stdout.strip().splitlines()) == 1 + 24
-    scores = subprocess.run(
-        [*base, "eval", *common, "--split", "val", *tpt], capture_output=True, text=True, env=env
-    )
-    assert scores.returncode == 0, scores.stderr
-    row = json.loads(scores.stdout)
+    capsys.readouterr()
+    assert main(["predict", *common, str(data / "test"), *tpt]) == 0  # the command line, in this process
+    out = capsys.readouterr()
+    assert "s per image" in out.err and len(out.out.strip().splitlines()) == 1 + 24
+    assert main(["eval", *common, "--split", "val", *tpt]) == 0, capsys.readouterr().err
+    row = json.loads(capsys.readouterr().out)
     assert row["tta"] == "tpt" and row["views"] == 4 and row["seconds_per_image"] > 0
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
-    refused = subprocess.run(
-        [*base, "eval", *common, "--tpt.steps", "2"], capture_output=True, text=True, env=env
-    )
-    assert refused.returncode != 0 and "need --tta tpt" in refused.stderr
+    assert main(["eval", *common, "--tpt.steps", "2"]) != 0
+    assert "need --tta tpt" in capsys.readouterr().err

@@ -1,10 +1,8 @@
 """Transferred and meta-learned prompt initialisations: exact reproduction, combination rules, refusals."""
 
-import subprocess
-import sys
-
 from selfprompt.apps.meta_prompts import meta_prompts
 from selfprompt.apps.transfer_prompts import combine_prompts, transfer_prompts
+from selfprompt.cli import main
 from selfprompt.data import write_image_folder
 from selfprompt.engine import run
 from selfprompt.engine.build import build_model, create_backbone, preparer
@@ -54,10 +52,10 @@ def test_several_sources_are_averaged_or_interleaved(trained, tmp_path):
     transfer_prompts(runs, tmp_path / "mean.safetensors", "mean")
     torch.testing.assert_close(load_file(tmp_path / "mean.safetensors")["prompts"], (a + b) / 2)
     # the CLI, with the concat rule cut to 3 prompts of 2 layers: a0 b0 a1
-    cli = [sys.executable, "-m", "selfprompt", "transfer-prompts", *map(str, runs), "--stage", "tune"]
+    cli = ["transfer-prompts", *map(str, runs), "--stage", "tune"]  # the command line, in this process
     out = tmp_path / "concat.safetensors"
     cli += ["--output", str(out), "--combine", "concat", "--num_prompts", "3"]
-    subprocess.run(cli, check=True, capture_output=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert main(cli) == 0
     assert torch.equal(load_file(out)["prompts"], torch.stack([a[:, 0], b[:, 0], a[:, 1]], dim=1))
 
 

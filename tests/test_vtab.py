@@ -198,6 +198,7 @@ def test_data_list_shows_every_task(capsys):
     assert [sum(t.group == g for t in registry.tasks("vtab-1k").values()) for g in vtab.GROUPS] == [7, 4, 8]
 
 
+@pytest.mark.slow
 def test_bench_on_a_fake_vtab_1k_copy_fills_every_column(tmp_path):
     root = tmp_path / "vtab-1k"
     # one task per group; test splits cut to a few hundred images to keep the test quick
