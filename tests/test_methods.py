@@ -10,6 +10,7 @@ from selfprompt.config import TrainConfig, migrate
 from selfprompt.engine.build import build_model, method_settings
 from selfprompt.methods import get_method, method_names, register_method, settings_sections
 from selfprompt.methods.bitfit import BitFit
+from selfprompt.methods.registry import backbone_sharing_classes
 from selfprompt.model import ViTClassifier, residual_branches
 
 import pytest
@@ -25,6 +26,14 @@ def test_the_six_original_names_and_bitfit_are_registered_in_order():
     assert [get_method(n).default_init for n in method_names()[:7]] == [
         None, None, "xavier", "xavier", "sample", "sample", None
     ]  # fmt: skip
+
+
+def test_only_the_linear_probe_and_input_prompts_share_the_served_backbone_forward():
+    sharing = {"linear", "vpt-shallow", "vpt-deep", "spt-shallow", "spt-deep"}
+    assert {n: get_method(n).shares_backbone for n in method_names()} == {
+        n: n in sharing for n in method_names()
+    }
+    assert backbone_sharing_classes() == {"ViTClassifier", "PromptedViT"}
 
 
 def test_unknown_and_duplicate_methods_are_refused():

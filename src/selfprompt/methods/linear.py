@@ -17,6 +17,7 @@ register_method(
     ViTClassifier,
     _build,
     order=0,
+    shares_backbone=True,
     search=Search(
         {"optim.lr": [5e-2, 1e-2, 5e-3, 1e-3], "optim.head_weight_decay": [0.5, 1e-4]},
         "ours: the prompt methods' rates (only the head trains); head_weight_decay: SPT's MAE wd_head 0.5 "

@@ -305,4 +305,5 @@ for _order, (_name, _deep, _init) in enumerate(
         prepare=prepare,
         order=2 + _order,
         search=PROMPT_SEARCH,
+        shares_backbone=True,
     )

@@ -65,6 +65,9 @@ class Method:
         condenses: The method whose trained run ``selfprompt condense`` turns into this one's start (``pc``:
             ``vpt-deep``); ``bench`` trains that cell first. Empty for methods that start from the backbone.
         search: Its default grid for the protocol's search (``bench --search default``), None without one.
+        shares_backbone: Its adapters (those holding no ``backbone.*`` tensors) run through the backbone's
+            forward shared by a multi-task server (:mod:`selfprompt.serving.multitask` knows the seams of
+            the plain classifier and of input prompts only); False runs its tasks through their own models.
     """
 
     name: str
@@ -82,6 +85,7 @@ class Method:
     resolve: Callable[[Any, Any], Any] | None = None
     condenses: str = ""
     search: Search | None = None
+    shares_backbone: bool = False
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -209,3 +213,9 @@ def settings_sections() -> dict[str, Settings]:
 def model_classes() -> dict[str, type[ViTClassifier]]:
     """The model class of every method by class name (what ``adapter_config.json`` records)."""
     return {m.model_class.__name__: m.model_class for m in _METHODS.values()}
+
+
+def backbone_sharing_classes() -> frozenset[str]:
+    """The names of the model classes whose adapters share a multi-task server's backbone forward: those of
+    the methods registered with ``shares_backbone``."""
+    return frozenset(m.model_class.__name__ for m in _METHODS.values() if m.shares_backbone)

@@ -32,6 +32,7 @@ from selfprompt.backbones import backbone_info
 from selfprompt.data.config import DataConfig
 from selfprompt.methods import load_pretrained
 from selfprompt.methods.prompt import PromptedViT
+from selfprompt.methods.registry import backbone_sharing_classes
 from selfprompt.model import POOL_TYPES, ViTClassifier, check_backbone
 from selfprompt.serving.packed import packable, packed_block
 from selfprompt.serving.sources import AdapterSource, resolve_source
@@ -39,8 +40,6 @@ from selfprompt.serving.sources import AdapterSource, resolve_source
 import torch
 from safetensors import safe_open
 from torch import nn
-
-SHARED_CLASSES = ("ViTClassifier", "PromptedViT")
 
 
 @dataclass(frozen=True)
@@ -200,12 +199,13 @@ class MultiTaskViT(nn.Module):
         source = resolve_source(path, seed, stage, ema)
         config = source.config
         check_signature(config["backbone"], self.backbone, self.backbone_name, source.adapter)
-        shared = config["class"] in SHARED_CLASSES and not _holds_backbone_tensors(source.adapter)
+        sharing = backbone_sharing_classes()
+        shared = config["class"] in sharing and not _holds_backbone_tensors(source.adapter)
         # a method that changes backbone weights gets its own copy: the shared backbone never changes
         backbone = self.backbone if shared else copy.deepcopy(self.backbone)
         model = load_pretrained(source.adapter, backbone, self.backbone_name)
         model.requires_grad_(False).eval()
-        if shared and type(model).__name__ not in SHARED_CLASSES:
+        if shared and type(model).__name__ not in sharing:
             raise ValueError(f"{source.adapter}: {type(model).__name__} cannot share the backbone.")
         num_classes = model.config.num_classes
         classes = source.classes if source.classes is not None else [f"class_{i}" for i in range(num_classes)]
