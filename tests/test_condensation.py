@@ -5,7 +5,7 @@ import json
 from selfprompt import PromptedViT
 from selfprompt.cli import main
 from selfprompt.engine.run import run
-from selfprompt.methods.condensation import CondensedViT, condense, kept_mask, prompt_importance
+from selfprompt.methods.condensation.model import CondensedViT, condense, kept_mask, prompt_importance
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import math
 from selfprompt import PromptedViT
 from selfprompt.engine.build import method_settings
 from selfprompt.methods import get_method
-from selfprompt.methods.e2vpt import E2VPT
+from selfprompt.methods.e2vpt.model import E2VPT
 from selfprompt.methods.prompt import PromptSettings
 
 import pytest

@@ -8,8 +8,8 @@ from selfprompt.cli import main
 from selfprompt.engine.build import method_settings
 from selfprompt.engine.run import run
 from selfprompt.engine.trained import load_run_model
-from selfprompt.methods import e2vpt
-from selfprompt.methods.e2vpt import E2VPT, SEGMENTS, mask_importance, pruning_masks, read_pruning
+from selfprompt.methods.e2vpt import model as e2vpt
+from selfprompt.methods.e2vpt.model import E2VPT, SEGMENTS, mask_importance, pruning_masks, read_pruning
 
 import pytest
 import torch

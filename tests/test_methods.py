@@ -10,7 +10,7 @@ from selfprompt.config import TrainConfig, migrate
 from selfprompt.engine.build import build_model, method_settings
 from selfprompt.methods import get_method, method_names, register_method, settings_sections
 from selfprompt.methods.bitfit import BitFit
-from selfprompt.methods.registry import backbone_sharing_classes
+from selfprompt.methods.registry import backbone_sharing_classes, stage_commands
 from selfprompt.model import ViTClassifier, residual_branches
 
 import pytest
@@ -34,6 +34,16 @@ def test_only_the_linear_probe_and_input_prompts_share_the_served_backbone_forwa
         n: n in sharing for n in method_names()
     }
     assert backbone_sharing_classes() == {"ViTClassifier", "PromptedViT"}
+
+
+def test_the_second_stages_are_registered_with_their_methods_and_reach_the_cli():
+    commands = {n: [c.name for c in get_method(n).commands] for n in method_names()}
+    assert {n: names for n, names in commands.items() if names} == {"e2vpt": ["prune"], "pc": ["condense"]}
+    assert [c.name for c in stage_commands()] == ["prune", "condense"]
+    from selfprompt.cli import COMMANDS, methods
+
+    assert [c.name for c in methods.COMMANDS] == ["prune", "condense"]
+    assert {"prune", "condense"} <= set(COMMANDS)
 
 
 def test_unknown_and_duplicate_methods_are_refused():

@@ -1,5 +1,5 @@
-"""``selfprompt eval``, ``predict``, ``analyze``, ``condense``, ``prune`` and ``transfer-prompts``: commands
-on trained runs."""
+"""``selfprompt eval``, ``predict``, ``analyze`` and ``transfer-prompts``: commands on trained runs (the
+methods' second stages, ``prune`` and ``condense``, come from the registry: :mod:`selfprompt.cli.methods`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.apps.analyze import analyze
-from selfprompt.apps.condense import condense_run
 from selfprompt.apps.predict import evaluate_run, predict_run
-from selfprompt.apps.prune import prune_run
 from selfprompt.apps.transfer_prompts import COMBINE, transfer_prompts
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import run_dir_parser
@@ -123,47 +121,6 @@ def _analyze(args: Namespace) -> None:
         print(f"Wrote {path}")
 
 
-def _condense_parser() -> ArgumentParser:
-    parser = run_dir_parser(
-        "selfprompt condense",
-        "Prompt Condensation: keep the best share of a vpt-*/spt-* run's prompts, ranked on its training "
-        "images, as an adapter that method pc fine-tunes (--condense.adapter).",
-    )
-    parser.add_argument("--keep", type=float, default=0.3, help="Share of the prompts kept, in (0, 1].")
-    parser.add_argument("--output", type=str, required=True, help="The folder of the condensed adapter.")
-    return _max_batches(parser)
-
-
-def _max_batches(parser: ArgumentParser) -> ArgumentParser:
-    parser.add_argument(
-        "--max_batches", type=int | None, default=None, help="Score on this many batches (default: all)."
-    )
-    return parser
-
-
-def _condense(args: Namespace) -> None:
-    if args.ema:
-        raise ValueError("--ema: condense ranks the trained prompts themselves; drop --ema.")
-    condense_run(args.run_dir, args.keep, args.output, args.seed, args.stage, args.device, args.max_batches)
-
-
-def _prune_parser() -> ArgumentParser:
-    parser = run_dir_parser(
-        "selfprompt prune",
-        "E2VPT pruning: score the token and segment masks of an e2vpt run's visual prompts on its training "
-        "images, for a run that retrains from its initial values with them pruned (--e2vpt.pruning FILE "
-        "--e2vpt.prune_tokens T --e2vpt.prune_segments S).",
-    )
-    parser.add_argument("--output", type=str, required=True, help="The file of the scores (JSON).")
-    return _max_batches(parser)
-
-
-def _prune(args: Namespace) -> None:
-    if args.ema:
-        raise ValueError("--ema: prune scores the trained prompts themselves; drop --ema.")
-    prune_run(args.run_dir, args.output, args.seed, args.stage, args.device, args.max_batches)
-
-
 def _transfer_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="selfprompt transfer-prompts",
@@ -204,18 +161,6 @@ COMMANDS = [
         "Plots of NMI, inertia, similarity and norms per layer over training.",
         _analyze_parser,
         _analyze,
-    ),
-    Command(
-        "condense",
-        "Prompt Condensation: keep a run's most important prompts for method pc.",
-        _condense_parser,
-        _condense,
-    ),
-    Command(
-        "prune",
-        "E2VPT pruning: score an e2vpt run's prompt masks for a pruned, rewound run.",
-        _prune_parser,
-        _prune,
     ),
     Command(
         "transfer-prompts",

@@ -1,4 +1,5 @@
-"""A finished run's config and trained models, as ``eval``, ``predict``, ``analyze`` and serving read them:
+"""A finished run's config and trained models, as ``eval``, ``predict``, ``analyze``, serving and the methods'
+second stages (``prune``, ``condense``) read them:
 the one place that says which seed and stage a command reads (default: the first seed; ``final`` if it
 finished, else ``tune``) and where that stage's adapter is."""
 
@@ -6,15 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from selfprompt.adapter import CONFIG_NAME
 from selfprompt.config import TrainConfig
+from selfprompt.data.splits import build_splits
 from selfprompt.engine.build import backbone_name, create_backbone
 from selfprompt.engine.distributed import resolve_device
 from selfprompt.engine.result import EVAL_SPLITS
 from selfprompt.engine.rundir import RunDir, TrainingDir
 from selfprompt.methods import load_pretrained
 from selfprompt.model import ViTClassifier
+
+from torch.utils.data import DataLoader
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
@@ -81,3 +86,26 @@ def load_run_model(
             f"belong to this adapter; restore it (the class names in label order)."
         )
     return cfg, model.to(resolve_device(device)).eval(), classes
+
+
+def scoring_source(
+    run_dir: str | Path, seed: int | None, stage: str, device: str, model_class: type, wanted: str
+) -> tuple[TrainConfig, ViTClassifier, DataLoader, dict[str, Any]]:
+    """``run_dir``'s trained model of ``seed`` and ``stage`` (a ``model_class``, else an error asking for
+    ``wanted``), a loader of that stage's training images (eval transforms) and the scoring's key: source,
+    method, seed, stage and the images' fingerprint. What a method's second stage scores
+    (:class:`selfprompt.methods.registry.StageCommand`)."""
+    cfg, model, _ = load_run_model(run_dir, seed, stage, device)
+    if not isinstance(model, model_class):
+        raise ValueError(f"{run_dir} trained {cfg.model.method}; {wanted}.")
+    splits = build_splits(cfg.data, model.backbone)
+    data = splits.init_trainval if stage == "final" else splits.init_train
+    key = {
+        "source": str(Path(run_dir).resolve()),
+        "method": cfg.model.method,
+        "seed": cfg.seeds[0] if seed is None else seed,
+        "stage": stage,
+        "data": data.fingerprint(),
+    }
+    loader = DataLoader(data, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    return cfg, model, loader, key

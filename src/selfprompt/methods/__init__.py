@@ -20,6 +20,7 @@ from selfprompt.methods.registry import (
     register_method,
     register_settings,
     settings_sections,
+    stage_commands,
 )
 from selfprompt.model import ViTClassifier
 
@@ -54,4 +55,5 @@ __all__ = [
     "register_method",
     "register_settings",
     "settings_sections",
+    "stage_commands",
 ]

@@ -35,6 +35,31 @@ class Search:
 
 
 Preparer = Callable[["Method", ViTClassifier, Any, DataLoader, int], None]
+ScoringSource = Callable[..., tuple[Any, ViTClassifier, DataLoader, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    """``selfprompt <name> RUN_DIR ...``: a method's second stage on one of its trained runs (E2VPT's
+    ``prune``, Prompt Condensation's ``condense``), which the CLI adds to its command table.
+
+    Attributes:
+        name: The command word.
+        help: One line for ``selfprompt --help``.
+        description: The paragraph of ``selfprompt <name> --help``.
+        arguments: ``arguments(parser)`` adds its options beside the trained-run ones (``run_dir``,
+            ``--seed``, ``--stage``, ``--device``, ``--ema``).
+        run: ``run(args, source)`` runs the parsed arguments; ``source(run_dir, seed, stage, device,
+            model_class, wanted)`` loads the trained run to score (config, model, loader of its stage's
+            training images, the scoring's key), handed in by the CLI since loading a run is the engine's
+            (``selfprompt.engine.trained.scoring_source``), above this package.
+    """
+
+    name: str
+    help: str
+    description: str
+    arguments: Callable[[Any], None]
+    run: Callable[[Any, ScoringSource], None]
 
 
 @dataclass(frozen=True)
@@ -65,6 +90,7 @@ class Method:
         condenses: The method whose trained run ``selfprompt condense`` turns into this one's start (``pc``:
             ``vpt-deep``); ``bench`` trains that cell first. Empty for methods that start from the backbone.
         search: Its default grid for the protocol's search (``bench --search default``), None without one.
+        commands: Its second stage's commands (:class:`StageCommand`), empty for most methods.
         shares_backbone: Its adapters (those holding no ``backbone.*`` tensors) run through the backbone's
             forward shared by a multi-task server (:mod:`selfprompt.serving.multitask` knows the seams of
             the plain classifier and of input prompts only); False runs its tasks through their own models.
@@ -85,6 +111,7 @@ class Method:
     resolve: Callable[[Any, Any], Any] | None = None
     condenses: str = ""
     search: Search | None = None
+    commands: tuple[StageCommand, ...] = ()
     shares_backbone: bool = False
 
     @property
@@ -219,3 +246,8 @@ def backbone_sharing_classes() -> frozenset[str]:
     """The names of the model classes whose adapters share a multi-task server's backbone forward: those of
     the methods registered with ``shares_backbone``."""
     return frozenset(m.model_class.__name__ for m in _METHODS.values() if m.shares_backbone)
+
+
+def stage_commands() -> list[StageCommand]:
+    """The second-stage commands of every method, in listing order."""
+    return [c for m in sorted(_METHODS.values(), key=lambda m: m.order) for c in m.commands]

@@ -1,31 +1,34 @@
 """``selfprompt condense``: Prompt Condensation's scoring step on a trained vpt-*/spt-* run (see
-:mod:`selfprompt.methods.condensation`), written as a ``pc`` adapter plus a record of what was kept."""
+:mod:`selfprompt.methods.condensation.model`), written as a ``pc`` adapter plus a record of what was kept."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from selfprompt.apps.scoring import reusable, scoring_source
 from selfprompt.atomic import write_json
-from selfprompt.methods.condensation import RECORD, check_keep, condense, kept_mask, prompt_importance
+from selfprompt.methods.condensation.model import RECORD, check_keep, condense, kept_mask, prompt_importance
 from selfprompt.methods.prompt import PromptedViT
+from selfprompt.methods.registry import ScoringSource, StageCommand
+from selfprompt.methods.scoring import max_batches_argument, reusable
 
 
 def condense_run(
     run_dir: str | Path,
     keep: float,
     output: str | Path,
+    source: ScoringSource,
     seed: int | None = None,
     stage: str = "final",
     device: str = "auto",
     max_batches: int | None = None,
 ) -> dict[str, Any]:
     """Score the prompts of ``run_dir``'s trained model on the training images of its ``stage`` (eval
-    transforms), keep the best ``keep`` share and write the condensed adapter into ``output``; an ``output``
-    condensed from the same run, seed, stage and data is reused. Returns the record."""
+    transforms, loaded by ``source``), keep the best ``keep`` share and write the condensed adapter into
+    ``output``; an ``output`` condensed from the same run, seed, stage and data is reused. Returns the
+    record."""
     check_keep(keep)
-    _, model, loader, key = scoring_source(
+    _, model, loader, key = source(
         run_dir,
         seed,
         stage,
@@ -58,3 +61,27 @@ def condense_run(
     for layer, (count, row) in enumerate(zip(counts, scores, strict=True)):
         print(f"{layer:5d} {count:5d} {row.max():11.3e} {row.median():13.3e}")
     return record
+
+
+def _arguments(parser: Any) -> None:
+    parser.add_argument("--keep", type=float, default=0.3, help="Share of the prompts kept, in (0, 1].")
+    parser.add_argument("--output", type=str, required=True, help="The folder of the condensed adapter.")
+    max_batches_argument(parser)
+
+
+def _run(args: Any, source: ScoringSource) -> None:
+    if args.ema:
+        raise ValueError("--ema: condense ranks the trained prompts themselves; drop --ema.")
+    condense_run(
+        args.run_dir, args.keep, args.output, source, args.seed, args.stage, args.device, args.max_batches
+    )
+
+
+CONDENSE = StageCommand(
+    "condense",
+    "Prompt Condensation: keep a run's most important prompts for method pc.",
+    "Prompt Condensation: keep the best share of a vpt-*/spt-* run's prompts, ranked on its training "
+    "images, as an adapter that method pc fine-tunes (--condense.adapter).",
+    _arguments,
+    _run,
+)

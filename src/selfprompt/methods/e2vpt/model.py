@@ -45,7 +45,6 @@ from selfprompt.init import init_prompts
 from selfprompt.init.registry import get_initializer
 from selfprompt.methods import prompt
 from selfprompt.methods.prompt import (
-    PROMPT_SEARCH,
     PromptedViT,
     PromptedViTConfig,
     PromptSettings,
@@ -61,7 +60,7 @@ from selfprompt.methods.prompt_tools import (
     refuse_trainval_source,
     self_attention,
 )
-from selfprompt.methods.registry import Method, register_method, register_settings
+from selfprompt.methods.registry import Method, register_settings
 from selfprompt.methods.settings import check_settings, positive_int
 from selfprompt.model import residual_branches
 
@@ -401,19 +400,3 @@ def _build(backbone, num_classes, settings: Any, **common: Any) -> E2VPT:
         **settings.masks,
         **common,
     )
-
-
-register_method(
-    "e2vpt",
-    "E2VPT: VPT-deep visual prompts plus key-value prompts prepended to every block's keys and values",
-    E2VPT,
-    _build,
-    settings="prompt",
-    extra_settings=("e2vpt",),
-    check=_check,
-    resolve=_resolve,
-    default_init="xavier",
-    prepare=prepare,
-    search=PROMPT_SEARCH,
-    order=21,
-)

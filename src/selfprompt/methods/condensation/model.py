@@ -25,7 +25,7 @@ from typing import Any
 
 from selfprompt.methods.prompt import PromptedViT, check_prompt_dropout
 from selfprompt.methods.prompt_tools import prompt_saliency, refuse_trainval_source
-from selfprompt.methods.registry import register_method, register_settings
+from selfprompt.methods.registry import register_settings
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier
 
 import torch
@@ -227,15 +227,3 @@ def _check(settings: CondensedViTSettings, cfg: Any) -> None:
     record = Path(settings.adapter or "") / RECORD
     if record.is_file():
         refuse_trainval_source(json.loads(record.read_text()), cfg, settings.adapter)
-
-
-register_method(
-    "pc",
-    "Prompt Condensation: fine-tune the best share of a trained vpt-deep/spt-deep model's prompts",
-    CondensedViT,
-    _build,
-    settings="condense",
-    check=_check,
-    order=30,
-    condenses="vpt-deep",
-)
