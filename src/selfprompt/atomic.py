@@ -70,3 +70,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """``data`` as indented JSON with a final newline."""
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path, fix: str = "restore it, or delete it and resume to write it again") -> Any:
+    """The JSON in ``path``; a damaged file is a ValueError naming it and ``fix``."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the file is damaged; {fix}.") from None

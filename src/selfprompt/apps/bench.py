@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 from selfprompt.apps.report import write_report
 from selfprompt.apps.stats import paired_difference
-from selfprompt.atomic import write_json
+from selfprompt.atomic import read_json, write_json
 from selfprompt.config import MethodName
 from selfprompt.data import registry
 from selfprompt.data.vtab_mini import RECIPES as RECIPES  # the package's recipes, re-exported
-from selfprompt.engine.rundir import RunDir, read_json
+from selfprompt.engine.rundir import RunDir
 from selfprompt.methods import get_method, method_names
 from selfprompt.zoo.models import ZOO_TAGS
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfprompt.atomic import TEMPORARY, write_json, write_text
+from selfprompt.atomic import TEMPORARY, read_json, write_json, write_text
 from selfprompt.engine.result import StageResult
 from selfprompt.safe_yaml import load_yaml
 
@@ -46,14 +46,6 @@ except ImportError:  # not POSIX: runs are not locked
 
 class RunInUseError(RuntimeError):
     """Another process holds the run folder's lock."""
-
-
-def read_json(path: Path, fix: str = "restore it, or delete it and resume to write it again") -> Any:
-    """The JSON in ``path``; a damaged file is a ValueError naming it and ``fix``."""
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): the file is damaged; {fix}.") from None
 
 
 _HELD: set[Path] = set()  # lock files this process holds

@@ -4,9 +4,10 @@ scoring be reused and the ``--max_batches`` option."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from selfprompt.atomic import read_json
 
 
 def reusable(record: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -14,13 +15,7 @@ def reusable(record: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     ValueError naming it."""
     if not record.is_file():
         return None
-    try:
-        saved = json.loads(record.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"{record} is not valid JSON ({error}): the file is damaged; restore it, or delete it and resume "
-            f"to write it again."
-        ) from None
+    saved = read_json(record)
     return saved if {k: saved.get(k) for k in key} == key else None
 
 
