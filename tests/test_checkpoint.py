@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(num_prompts=3), dict(num_prompts=2, deep=True, deep_layers=2, pool="mae", prompt_dropout=0.1)],
+    [dict(num_prompts=3), dict(num_prompts=2, deep=True, deep_layers=2, pool="mae", dropout=0.1)],
 )
 def test_save_reload_gives_identical_logits(tmp_path, images, kwargs):
     model = PromptedViT(tiny_vit(), num_classes=5, **kwargs).eval()

@@ -5,7 +5,7 @@ import math
 from selfprompt.engine.build import method_settings
 from selfprompt.methods import get_method
 from selfprompt.methods.cvpt import CVPT
-from selfprompt.methods.prompt import PromptSettings
+from selfprompt.methods.prompt import PromptRunSettings
 from selfprompt.model import ViTClassifier
 
 import pytest
@@ -85,7 +85,7 @@ def test_round_trip(images, tmp_path):
 
 def test_default_init_is_xavier_over_the_3d_tensor():
     model, method = CVPT(tiny_vit(), num_classes=5, num_prompts=7), get_method("cvpt")
-    method.prepare(method, model, PromptSettings(), None, 0)
+    method.prepare(method, model, PromptRunSettings(), None, 0)
     bound = math.sqrt(6 / ((7 + 3) * 32))  # fan_in = M D, fan_out = L D
     assert model.xavier_bound() == pytest.approx(bound)
     assert bound * 0.9 < model.prompts.abs().max() <= bound
@@ -94,7 +94,7 @@ def test_default_init_is_xavier_over_the_3d_tensor():
 def test_spt_init_builds_prompts_from_the_post_attention_stream(images):
     vit = tiny_vit(reg_tokens=2)
     model, method = CVPT(vit, num_classes=5, num_prompts=4), get_method("cvpt")
-    method.prepare(method, model, PromptSettings(init="sample"), [images], 0)
+    method.prepare(method, model, PromptRunSettings(init="sample"), [images], 0)
     with torch.no_grad():
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
         for layer, block in enumerate(vit.blocks):

@@ -6,7 +6,7 @@ from selfprompt import PromptedViT
 from selfprompt.engine.build import method_settings
 from selfprompt.methods import get_method
 from selfprompt.methods.e2vpt.model import E2VPT
-from selfprompt.methods.prompt import PromptSettings
+from selfprompt.methods.prompt import PromptRunSettings
 
 import pytest
 import torch
@@ -98,7 +98,7 @@ def test_spt_init_visual_prompts_from_patch_tokens_and_kv_from_keys_and_values(i
     l are whole tokens' keys (values) LN1(x) W_k + b_k of that block, split into heads."""
     model = E2VPT(tiny_vit(reg_tokens=2), num_classes=5, num_prompts=3, kv_length=4, share_kv=False)
     method = get_method("e2vpt")
-    method.prepare(method, model, PromptSettings(init="sample"), [images], 0)
+    method.prepare(method, model, PromptRunSettings(init="sample"), [images], 0)
     vit, dim = model.backbone, model.embed_dim
     for layer, block in enumerate(vit.blocks):
         assert_rows_are_tokens(model.prompts[layer], patch_tokens(vit, images, layer))
@@ -120,12 +120,12 @@ def test_shared_key_value_prompts_refuse_a_token_initializer(tmp_path, images):
     method_settings(cfg)
     model, method = E2VPT(tiny_vit(), num_classes=5, num_prompts=3), get_method("e2vpt")
     with pytest.raises(ValueError, match=r"set e2vpt\.share_kv false"):
-        method.prepare(method, model, PromptSettings(init="sample"), [images], 0)
+        method.prepare(method, model, PromptRunSettings(init="sample"), [images], 0)
 
 
 def test_default_init_is_xavier_visual_prompts():
     model, method = E2VPT(tiny_vit(), num_classes=5, num_prompts=3), get_method("e2vpt")
     kv = model.kv_prompts["kv"].clone()
-    method.prepare(method, model, PromptSettings(), None, 0)
+    method.prepare(method, model, PromptRunSettings(), None, 0)
     assert model.prompts.abs().max() <= model.xavier_bound()
     assert torch.equal(model.kv_prompts["kv"], kv), "the key-value prompts keep their kaiming draw"

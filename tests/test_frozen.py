@@ -10,7 +10,7 @@ from conftest import tiny_vit
 @pytest.mark.parametrize("deep", [False, True])
 def test_optimizer_steps_move_only_prompts_and_head(deep, images):
     backbone = tiny_vit(drop_path_rate=0.2, proj_drop_rate=0.2, attn_drop_rate=0.2)
-    model = PromptedViT(backbone, num_classes=4, num_prompts=3, deep=deep, prompt_dropout=0.1).train()
+    model = PromptedViT(backbone, num_classes=4, num_prompts=3, deep=deep, dropout=0.1).train()
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"prompts", "head.weight", "head.bias"}
     assert set(model.adapter_parameters()) == trainable

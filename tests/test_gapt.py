@@ -5,7 +5,7 @@ import math
 from selfprompt import PromptedViT
 from selfprompt.methods import get_method
 from selfprompt.methods.gapt import GaPT
-from selfprompt.methods.prompt import PromptSettings
+from selfprompt.methods.prompt import PromptRunSettings
 from selfprompt.model import ViTClassifier
 
 import pytest
@@ -95,7 +95,7 @@ def test_round_trip(images, tmp_path):
 def test_spt_init_builds_the_prompts_from_patch_embedding_tokens(images):
     model = GaPT(tiny_vit(), num_classes=5, num_prompts=4)
     method = get_method("gapt")
-    method.prepare(method, model, PromptSettings(init="sample"), [images], 0)
+    method.prepare(method, model, PromptRunSettings(init="sample"), [images], 0)
     assert_rows_are_tokens(model.prompts[0], patch_tokens(model.backbone, images, 0), atol=0)
 
 
@@ -103,7 +103,7 @@ def test_default_init_is_the_official_uniform_draw():
     model = GaPT(tiny_vit(), num_classes=5, num_prompts=4)
     method = get_method("gapt")
     assert method.initializer(None) == "xavier"
-    method.prepare(method, model, PromptSettings(), None, 0)
+    method.prepare(method, model, PromptRunSettings(), None, 0)
     assert model.prompts.abs().max() <= model.xavier_bound()
 
 
@@ -112,7 +112,7 @@ def test_settings_are_the_prompt_section_plus_gapt(tmp_path):
 
     cfg = tiny_config(tmp_path, tmp_path, "gapt", **{"gapt.gate_init": 3.0, "prompt.dropout": 0.1})
     model = build_model(cfg, tiny_vit(), 3)
-    assert (model.config.gate_init, model.config.prompt_dropout, model.num_prompts) == (3.0, 0.1, 4)
+    assert (model.config.gate_init, model.config.dropout, model.num_prompts) == (3.0, 0.1, 4)
     with pytest.raises(ValueError, match=r"one shallow prompt set; drop prompt\.deep_layers"):
         method_settings(tiny_config(tmp_path, tmp_path, "gapt", **{"prompt.deep_layers": 2}))
     with pytest.raises(ValueError, match=r"does not read the gapt settings; drop gapt\.gate_init"):

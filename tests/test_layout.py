@@ -122,7 +122,7 @@ def test_deep_with_one_layer_equals_shallow(images):
 
 
 def test_prompt_dropout_only_while_training(images):
-    model = PromptedViT(tiny_vit(), num_classes=3, num_prompts=M, deep=True, prompt_dropout=0.5)
+    model = PromptedViT(tiny_vit(), num_classes=3, num_prompts=M, deep=True, dropout=0.5)
     torch.nn.init.normal_(model.prompts)
     with torch.no_grad():
         model.eval()
@@ -141,7 +141,7 @@ def test_prompt_dropout_only_while_training(images):
         (dict(num_prompts=5, deep_layers=2), "deep=True"),
         (dict(num_prompts=5, deep=True, deep_layers=9), r"deep_layers must be in \[1, 3\]"),
         (dict(num_prompts=5, pool="cls"), "pool must be one of"),
-        (dict(num_prompts=5, prompt_dropout=1.0), "prompt_dropout"),
+        (dict(num_prompts=5, dropout=1.0), r"prompt\.dropout must be in \[0, 1\)"),
     ],
 )
 def test_bad_arguments(kwargs, message):

@@ -11,6 +11,7 @@ from selfprompt.methods import settings_sections
 from selfprompt.methods.adaptformer import AdaptFormer, AdaptFormerConfig, AdaptFormerSettings
 from selfprompt.methods.gapt import GaPT, GaPTSettings
 from selfprompt.methods.lora import LoRA, LoRAConfig, LoRASettings
+from selfprompt.methods.prompt import PromptedViT
 from selfprompt.methods.vfpt import VFPT, VFPTSettings
 
 import pytest
@@ -53,6 +54,7 @@ BAD = [
     ("vpt-shallow", ["--prompt.deep_layers", "1"], "vpt-shallow has one prompt set, before block 0"),
     ("spt-deep", ["--prompt.num_prompts", "0"], "prompt.num_prompts must be an integer in 1..1024"),
     ("spt-deep", ["--prompt.deep_layers", "0"], "prompt.deep_layers must be an integer >= 1 or null"),
+    ("spt-deep", ["--prompt.deep_layers", "99"], "prompt.deep_layers must be in [1, 2] (the backbone's depth), got 99"),
     ("spt-deep", ["--prompt.dropout", "1"], "prompt.dropout must be in [0, 1), got 1.0"),
     ("spt-deep", ["--prompt.init_fraction", "0"], "prompt.init_fraction must be in (0, 1]"),
     ("spt-deep", ["--prompt.init_max_images", "0"], "prompt.init_max_images must be >= 1 or null"),
@@ -132,17 +134,26 @@ OLD_MODEL_FIELDS = {
 def test_an_adapter_of_the_earlier_release_still_loads(model_class, images, tmp_path):
     common = {"num_classes": 5, "pool": "token", "head_init_std": 0.02, "train_backbone": False}
     old = {**common, **OLD_MODEL_FIELDS[model_class]}
-    model = model_class(tiny_vit(), backbone_name=None, **old).eval()
+    renamed = model_class.config_class.renamed_fields  # prompt_dropout -> dropout (PromptSettings.dropout)
+    now = {renamed.get(name, name): value for name, value in old.items()}
+    model = model_class(tiny_vit(), backbone_name=None, **now).eval()
     model.save_pretrained(tmp_path)
     config_file = tmp_path / "adapter_config.json"
     record = json.loads(config_file.read_text())
     assert record["class"] == model_class.__name__
-    assert list(record["model"]) == list(old), "the saved field set and order are the earlier release's"
+    assert record["model"] == now, "the saved fields are the earlier release's, renamed ones renamed"
     record["model"] = old
     config_file.write_text(json.dumps(record))
     reloaded = sp.load_pretrained(tmp_path, tiny_vit()).eval()
+    assert reloaded.config == model.config
     with torch.no_grad():
         assert torch.equal(reloaded(images), model(images))
+
+
+def test_the_deprecated_prompt_dropout_keyword_still_works():
+    with pytest.warns(FutureWarning, match="now dropout"):
+        model = PromptedViT(tiny_vit(), 5, num_prompts=2, prompt_dropout=0.25)
+    assert model.config.dropout == 0.25 and model.prompt_dropout.p == 0.25
 
 
 def test_old_names_still_import():

@@ -172,3 +172,15 @@ def test_two_processes_share_one_study_without_running_a_trial_twice(data, tmp_p
     for trial in complete:
         rows = (out / trial["folder"] / "seed0" / "tune" / "metrics.jsonl").read_text().splitlines()
         assert len(rows) == 3, "each setting trained once: one row per epoch"
+
+
+def test_every_setting_of_the_search_is_checked_before_anything_is_written(data, tmp_path, capsys):
+    """The second setting breaks a rule across sections (vfpt's share 1 leaves no prompt for prompt.init
+    sample): refused with the method's own sentence, and no folder is made."""
+    out = tmp_path / "sweep"
+    args = ["sweep", str(recipe(data, tmp_path)), "--search", json.dumps({"vfpt.fourier_share": [0.5, 1.0]})]
+    args += ["--output_dir", str(out), "--model.method", "vfpt", "--prompt.init", "sample"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "every prompt is a Fourier prompt" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -5,7 +5,7 @@ import math
 from selfprompt import PromptedViT
 from selfprompt.engine.build import method_settings
 from selfprompt.methods import get_method
-from selfprompt.methods.prompt import PromptSettings
+from selfprompt.methods.prompt import PromptRunSettings
 from selfprompt.methods.vfpt import VFPT, fourier_prompts
 
 import pytest
@@ -74,7 +74,7 @@ def test_round_trip(images, tmp_path):
 def test_spt_init_fills_the_plain_share_from_patch_tokens(images):
     model = VFPT(tiny_vit(), num_classes=5, num_prompts=4, fourier_share=0.5)
     method = get_method("vfpt")
-    method.prepare(method, model, PromptSettings(init="sample"), [images], 0)
+    method.prepare(method, model, PromptRunSettings(init="sample"), [images], 0)
     for layer in range(3):
         assert_rows_are_tokens(model.prompts[layer, 2:], patch_tokens(model.backbone, images, layer))
     assert model.prompts[:, :2].abs().max() <= model.xavier_bound(), "the Fourier share stays xavier"
@@ -88,4 +88,4 @@ def test_all_fourier_prompts_refuse_a_token_initializer(tmp_path, images):
     method_settings(cfg)
     model, method = VFPT(tiny_vit(), num_classes=5, num_prompts=4, fourier_share=1.0), get_method("vfpt")
     with pytest.raises(ValueError, match="every prompt is a Fourier prompt"):
-        method.prepare(method, model, PromptSettings(init="kmeans"), [images], 0)
+        method.prepare(method, model, PromptRunSettings(init="kmeans"), [images], 0)

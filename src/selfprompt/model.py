@@ -30,7 +30,11 @@ class ClassifierConfig:
             None picks ``token`` when the backbone pools its class token, else ``avg``.
         head_init_std: Std of the truncated-normal head weight init (SPT: 0.02, 0.01 for MoCo v3).
         train_backbone: Fine-tune the backbone too (full fine-tuning) instead of freezing it.
+
+    ``renamed_fields`` maps a field's name in the adapters of earlier releases to its name now.
     """
+
+    renamed_fields: ClassVar[dict[str, str]] = {}
 
     num_classes: int
     pool: PoolType | None = None
@@ -179,14 +183,16 @@ class ViTClassifier(nn.Module):
                 f"selfprompt.{config['class']}.from_pretrained or selfprompt.load_pretrained."
             )
         check_signature(config["backbone"], backbone, backbone_name, directory)
+        renamed = cls.config_class.renamed_fields
+        saved = {renamed.get(k, k): v for k, v in config["model"].items()}
         accepted = {f.name for f in fields(cls.config_class)}  # what save_pretrained writes
-        unknown = sorted(set(config["model"]) - accepted)
+        unknown = sorted(set(saved) - accepted)
         if unknown:
             raise ValueError(
                 f"{directory / 'adapter_config.json'}: 'model' holds {unknown}, which {cls.__name__} does "
                 f"not take (it takes {sorted(accepted)}); the file is damaged or from another selfprompt."
             )
-        model = cls(backbone, backbone_name=backbone_name, **config["model"])
+        model = cls(backbone, backbone_name=backbone_name, **saved)
         load_tensors(directory, model.adapter_parameters())
         return model
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from selfprompt.atomic import write_json
 from selfprompt.config import TrainConfig, check_config
+from selfprompt.engine.build import method_settings
 from selfprompt.engine.run import run
 from selfprompt.engine.rundir import RunDir
 
@@ -160,7 +161,11 @@ def sweep(base: TrainConfig, settings: SweepSettings, log: Callable[[str], None]
     (:func:`_record`)."""
     check_search(base, settings)
     out = Path(base.output_dir)
-    check_config(with_setting(base, {k: v[0] for k, v in settings.search.items()}, "tune", out))
+    keys = list(settings.search)
+    for values in itertools.product(*settings.search.values()):  # each setting, before anything is written
+        cell = with_setting(base, dict(zip(keys, values, strict=True)), "tune", out)
+        check_config(cell)
+        method_settings(cell)  # the method's rules across sections (e.g. vfpt's share and prompt.init)
     out.mkdir(parents=True, exist_ok=True)
     optuna, study = _study(out, settings)
 

@@ -137,6 +137,9 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         say(backbone_info(pristine).describe())
         splits = build_splits(cfg.data, pristine)
         check_batches(cfg, splits, ctx)
+        # a trial build: every rule a model's constructor checks against the backbone (e.g.
+        # prompt.deep_layers <= depth, an attention it can act on) is refused before the folder exists
+        build_model(cfg, copy.deepcopy(pristine), len(splits.classes), (method, settings))
         with claimed_run_dir(cfg, ctx):
             run = prepare_run_dir(cfg, ctx, say)
             return _run_stages(cfg, (method, settings), ctx, run, pristine, splits, backbone, say)

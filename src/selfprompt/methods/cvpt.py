@@ -17,9 +17,9 @@ the raw prompts CA reads).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
-from selfprompt.methods.prompt import PromptedViT, prepare, prompt_count
+from selfprompt.methods.prompt import PromptedViT, PromptSettings, prepare, with_prompt_count
 from selfprompt.methods.prompt_tools import (
     as_grid,
     check_attention,
@@ -36,31 +36,24 @@ from torch import nn
 
 class CVPT(PromptedViT):
     """A frozen timm ``VisionTransformer`` whose tokens cross-attend to per-block prompts after
-    self-attention. Args: as :class:`PromptedViT` (``deep`` / ``deep_layers``: which blocks get prompts)."""
+    self-attention. Args: as :class:`PromptedViT` (deep; ``deep_layers``: which blocks get prompts)."""
+
+    prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 10, "dropout": 0.1}
 
     def __init__(
         self,
         backbone: nn.Module,
         num_classes: int,
-        num_prompts: int = 10,
-        prompt_dropout: float = 0.1,
+        settings: PromptSettings | None = None,
+        *,
         deep: bool = True,
-        deep_layers: int | None = None,
-        **common: Any,
+        **fields: Any,
     ) -> None:
         if not deep:
             raise ValueError("CVPT prompts every block (deep); deep must be True.")
         for block in backbone.blocks:
             check_attention(block.attn, "CVPT")
-        super().__init__(
-            backbone,
-            num_classes,
-            num_prompts=num_prompts,
-            deep=True,
-            deep_layers=deep_layers,
-            prompt_dropout=prompt_dropout,
-            **common,
-        )
+        super().__init__(backbone, num_classes, settings, deep=True, **fields)
         self.num_extra_tokens = 0
 
     def xavier_bound(self) -> float:
@@ -93,14 +86,7 @@ def _check(settings: Any, cfg: Any) -> None:
 
 
 def _build(backbone, num_classes, settings: Any, **common: Any) -> CVPT:
-    return CVPT(
-        backbone,
-        num_classes,
-        num_prompts=prompt_count(settings, 10),
-        deep_layers=settings.deep_layers,
-        prompt_dropout=settings.dropout,
-        **common,
-    )
+    return CVPT(backbone, num_classes, with_prompt_count(settings, 10), **common)
 
 
 register_method(

@@ -17,9 +17,15 @@ embedding), exactly as spt-shallow; gates and temperatures are unaffected.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from selfprompt.methods.prompt import PromptedViT, PromptedViTConfig, prepare, prompt_count
+from selfprompt.methods.prompt import (
+    PromptedViT,
+    PromptedViTConfig,
+    PromptSettings,
+    prepare,
+    with_prompt_count,
+)
 from selfprompt.methods.prompt_tools import check_attention, refuse_tracking, self_attention
 from selfprompt.methods.registry import Search, register_method, register_settings
 from selfprompt.methods.settings import adapter_config, settings_from
@@ -49,28 +55,26 @@ GaPTConfig = adapter_config(GaPTSettings, PromptedViTConfig)
 
 class GaPT(PromptedViT):
     """A frozen timm ``VisionTransformer`` with one gated shallow prompt set and per-block attention
-    temperatures. Args: as :class:`PromptedViT` (shallow only) plus its :class:`GaPTSettings` (``settings``,
-    or ``gate_init`` by name)."""
+    temperatures. Args: as :class:`PromptedViT` (shallow only; its :class:`PromptSettings` as ``prompt``)
+    plus its :class:`GaPTSettings` (``settings``); ``fields`` by name go to either."""
 
     config_class = GaPTConfig
+    prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 100, "dropout": 0.1}
 
     def __init__(
         self,
         backbone: nn.Module,
         num_classes: int,
-        num_prompts: int = 100,
-        prompt_dropout: float = 0.1,
-        deep: bool = False,
-        deep_layers: int | None = None,
         settings: GaPTSettings | None = None,
-        **common: Any,
+        *,
+        prompt: PromptSettings | None = None,
+        deep: bool = False,
+        **fields: Any,
     ) -> None:
-        if deep or deep_layers is not None:
+        if deep or fields.get("deep_layers") is not None or getattr(prompt, "deep_layers", None) is not None:
             raise ValueError("GaPT has one shallow prompt set; drop deep / prompt.deep_layers.")
-        settings = settings_from("gapt", GaPTSettings, settings, common)
-        super().__init__(
-            backbone, num_classes, num_prompts=num_prompts, prompt_dropout=prompt_dropout, **common
-        )
+        settings = settings_from("gapt", GaPTSettings, settings, fields)
+        super().__init__(backbone, num_classes, prompt, **fields)
         self.config.gate_init = settings.gate_init
         for block in self.backbone.blocks:
             check_attention(block.attn, "GaPT")
@@ -109,14 +113,7 @@ def _check(settings: Any, cfg: Any) -> None:
 
 
 def _build(backbone, num_classes, settings: Any, **common: Any) -> GaPT:
-    return GaPT(
-        backbone,
-        num_classes,
-        num_prompts=prompt_count(settings, 100),
-        settings=settings.gapt,
-        prompt_dropout=settings.dropout,
-        **common,
-    )
+    return GaPT(backbone, num_classes, settings.gapt, prompt=with_prompt_count(settings, 100), **common)
 
 
 register_method(

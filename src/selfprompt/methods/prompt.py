@@ -8,17 +8,27 @@ train the same model; only the initializer differs, so they are one module with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from selfprompt.adapter import check_finite, read_tensors
 from selfprompt.atomic import atomic_write
 from selfprompt.init import init_prompts
 from selfprompt.methods.registry import Method, Search, register_method, register_settings
-from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier
+from selfprompt.methods.settings import (
+    adapter_config,
+    in_range,
+    is_integer,
+    number_problem,
+    positive_int,
+    settings_from,
+)
+from selfprompt.model import PoolType, ViTClassifier
 
 import torch
 from safetensors import safe_open
@@ -26,27 +36,78 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+MAX_PROMPTS = 1024  # per layer; the papers use at most 200, and attention grows with their square
+
 
 @dataclass
-class PromptedViTConfig(ClassifierConfig):
-    """A ClassifierConfig plus the prompts.
+class PromptSettings:
+    """The prompts of a prompted model: how many, on how many blocks, their dropout. What every prompted
+    model takes (``PromptedViT(backbone, n, num_prompts=20)``) and its adapter stores; the ``prompt`` recipe
+    section is these fields plus the initializer's (:class:`PromptRunSettings`).
 
     Attributes:
-        num_prompts: Prompt tokens per prompted layer (M).
-        deep: Prompts before every block (VPT-deep) instead of once before block 0 (shallow).
-        deep_layers: With ``deep``, prompt only the first k blocks (None: all of them).
-        prompt_dropout: Dropout on the prompt tokens while training (VPT uses 0.1 for deep).
+        num_prompts: Prompt tokens per prompted layer (M); None is the default (a method's: VPT/SPT 20 deep,
+            100 shallow, the official README; a model built directly: its class's, 10 for PromptedViT).
+        deep_layers: Deep prompts on the first k blocks only; None prompts all blocks.
+        dropout: Dropout on prompt tokens while training (VPT: 0.1).
     """
 
-    num_prompts: int = 10
-    deep: bool = False
+    num_prompts: int | None = None
     deep_layers: int | None = None
-    prompt_dropout: float = 0.0
+    dropout: float = 0.0
+
+    def problems(self) -> list[str]:
+        """Values that cannot run, as ``field must be ..., got ...`` (the check prefixes the section)."""
+        out = []
+        n = self.num_prompts
+        if n is not None and not (is_integer(n) and 1 <= n <= MAX_PROMPTS):
+            out.append(f"num_prompts must be an integer in 1..{MAX_PROMPTS} or null (the default), got {n!r}")
+        if self.deep_layers is not None and not positive_int(self.deep_layers):
+            out.append(f"deep_layers must be an integer >= 1 or null (all blocks), got {self.deep_layers!r}")
+        return out + number_problem("dropout", self.dropout, 0, 1, "in [0, 1)")
 
 
-def check_prompt_dropout(value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"prompt_dropout must be in [0, 1), got {value}.")
+@dataclass
+class PromptRunSettings(PromptSettings):
+    """The ``prompt`` recipe section: :class:`PromptSettings` plus where the prompts' first values come from,
+    which a run reads before training and an adapter does not store.
+
+    Attributes:
+        init: Prompt initializer (``selfprompt.available_initializers()``); None is the method's default
+            (xavier for vpt-*, sample for spt-*, the official default).
+        init_fraction: Share of training images that SPT prototypes are built from; None uses all.
+        init_max_images: Cap on the number of images SPT prototypes are built from.
+        file: Start from prompts saved by ``selfprompt init-prompts`` instead of initialising.
+    """
+
+    init: str | None = None
+    init_fraction: float | None = None
+    init_max_images: int | None = None
+    file: str | None = None
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.init_fraction is not None and not in_range(
+            self.init_fraction, 0, 1, low_open=True, high_open=False
+        ):
+            out.append(f"init_fraction must be in (0, 1] or null (all images), got {self.init_fraction!r}")
+        if self.init_max_images is not None and not positive_int(self.init_max_images):
+            out.append(f"init_max_images must be >= 1 or null, got {self.init_max_images!r}")
+        return out
+
+
+#: What a prompted model's adapter stores: ClassifierConfig's fields, PromptSettings' and ``deep``.
+PromptedViTConfig = adapter_config(PromptSettings, extra=[("deep", bool, False)])
+PromptedViTConfig.renamed_fields = {"prompt_dropout": "dropout"}
+
+
+def with_prompt_count(settings: Any, default: int) -> PromptSettings:
+    """The :class:`PromptSettings` of ``settings`` (a ``prompt`` section, or a namespace of its fields), with
+    ``num_prompts`` the method's ``default`` when unset (0 is refused, not "unset")."""
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(PromptSettings)}
+    return PromptSettings(
+        **fields | {"num_prompts": default if fields["num_prompts"] is None else fields["num_prompts"]}
+    )
 
 
 class PromptedViT(ViTClassifier):
@@ -59,31 +120,49 @@ class PromptedViT(ViTClassifier):
 
     Args:
         backbone: A timm ``VisionTransformer``; see :class:`~selfprompt.model.ViTClassifier`.
-        num_classes, num_prompts, deep, deep_layers, pool, prompt_dropout, head_init_std, train_backbone:
-            See :class:`PromptedViTConfig`.
-        backbone_name: Name recorded in saved adapters; defaults to timm's ``architecture.tag``.
+        num_classes, pool, head_init_std, train_backbone, backbone_name: See
+            :class:`~selfprompt.model.ViTClassifier`.
+        settings: Its :class:`PromptSettings` (default: ``prompt_defaults``); ``fields`` replace single ones
+            by name (``num_prompts=20, dropout=0.1``).
+        deep: Prompts before every block (VPT-deep) instead of once before block 0 (shallow).
     """
 
-    config_class = PromptedViTConfig
+    config_class: ClassVar[type] = PromptedViTConfig
+    #: The settings of a model built without them (subclasses: their papers' defaults).
+    prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 10}
 
     def __init__(
         self,
         backbone: nn.Module,
         num_classes: int,
-        num_prompts: int = 10,
+        settings: PromptSettings | None = None,
+        *,
         deep: bool = False,
-        deep_layers: int | None = None,
         pool: PoolType | None = None,
-        prompt_dropout: float = 0.0,
         head_init_std: float = 0.02,
         train_backbone: bool = False,
         backbone_name: str | None = None,
+        **fields: Any,
     ) -> None:
-        if not isinstance(num_prompts, int) or num_prompts < 1:
-            raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}.")
-        if deep_layers is not None and not deep:
+        if "prompt_dropout" in fields:
+            warnings.warn(
+                "PromptedViT(prompt_dropout=...) is now dropout=... (PromptSettings.dropout).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            fields.setdefault("dropout", fields.pop("prompt_dropout"))
+        prompt = settings_from(
+            "prompt",
+            PromptSettings,
+            settings,
+            fields,
+            owner=type(self).__name__,
+            defaults=self.prompt_defaults,
+        )
+        if prompt.num_prompts is None:
+            prompt = dataclasses.replace(prompt, num_prompts=self.prompt_defaults["num_prompts"])
+        if prompt.deep_layers is not None and not deep:
             raise ValueError("deep_layers applies only to deep prompts; pass deep=True or drop deep_layers.")
-        check_prompt_dropout(prompt_dropout)
         super().__init__(
             backbone,
             num_classes,
@@ -91,23 +170,22 @@ class PromptedViT(ViTClassifier):
             head_init_std=head_init_std,
             train_backbone=train_backbone,
             backbone_name=backbone_name,
-            num_prompts=num_prompts,
+            **dataclasses.asdict(prompt),
             deep=deep,
-            deep_layers=deep_layers,
-            prompt_dropout=prompt_dropout,
         )
         depth = len(self.backbone.blocks)
-        if deep_layers is not None and not 1 <= deep_layers <= depth:
+        layers = prompt.deep_layers
+        if layers is not None and not 1 <= layers <= depth:
             raise ValueError(
-                f"deep_layers must be in [1, {depth}] (the backbone's depth), got {deep_layers}."
+                f"prompt.deep_layers must be in [1, {depth}] (the backbone's depth), got {layers}."
             )
-        self.num_prompts = self.num_extra_tokens = num_prompts
-        self.num_prompt_layers = (deep_layers or depth) if deep else 1
+        self.num_prompts = self.num_extra_tokens = prompt.num_prompts
+        self.num_prompt_layers = (prompt.deep_layers or depth) if deep else 1
         device = next(backbone.parameters()).device
         self.prompts = nn.Parameter(
-            torch.empty(self.num_prompt_layers, num_prompts, self.embed_dim, device=device)
+            torch.empty(self.num_prompt_layers, prompt.num_prompts, self.embed_dim, device=device)
         )
-        self.prompt_dropout = nn.Dropout(prompt_dropout)
+        self.prompt_dropout = nn.Dropout(prompt.dropout)
         self.reset_prompts()
 
     def xavier_bound(self) -> float:
@@ -147,53 +225,9 @@ PROMPT_SEARCH = Search(
     "lr: SPT README's AdamW rates 5e-2 (MAE) and 1e-3 (supervised), BPT's 5e-3 (SPT.md 4), 1e-2 ours "
     "between; weight_decay: two of the VPT-family grid's {1e-2, 1e-3, 1e-4, 0} (docs/methods.md, VPT)",
 )
-MAX_PROMPTS = 1024  # per layer; the papers use at most 200, and attention grows with their square
-
-
-@dataclass
-class PromptSettings:
-    """Prompts: how many, where, their dropout and where their initial values come from.
-
-    Attributes:
-        num_prompts: Prompt tokens per layer (M); None is the method's default (VPT/SPT: 20 deep, 100
-            shallow, the official README).
-        deep_layers: Deep prompts on the first k blocks only; None prompts all blocks.
-        dropout: Dropout on prompt tokens while training (VPT: 0.1).
-        init: Prompt initializer (``selfprompt.available_initializers()``); None is the method's default
-            (xavier for vpt-*, sample for spt-*, the official default).
-        init_fraction: Share of training images that SPT prototypes are built from; None uses all.
-        init_max_images: Cap on the number of images SPT prototypes are built from.
-        file: Start from prompts saved by ``selfprompt init-prompts`` instead of initialising.
-    """
-
-    num_prompts: int | None = None
-    deep_layers: int | None = None
-    dropout: float = 0.0
-    init: str | None = None
-    init_fraction: float | None = None
-    init_max_images: int | None = None
-    file: str | None = None
-
-    def problems(self) -> list[str]:
-        """Values that cannot run, as ``field must be ..., got ...`` (the check prefixes the section)."""
-        out = []
-        n = self.num_prompts
-        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_PROMPTS):
-            out.append(f"num_prompts must be an integer in 1..{MAX_PROMPTS} or null (the default), got {n!r}")
-        if self.deep_layers is not None and not (isinstance(self.deep_layers, int) and self.deep_layers >= 1):
-            out.append(f"deep_layers must be an integer >= 1 or null (all blocks), got {self.deep_layers!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
-            out.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init_fraction is not None and not 0 < self.init_fraction <= 1:
-            out.append(f"init_fraction must be in (0, 1] or null (all images), got {self.init_fraction!r}")
-        if self.init_max_images is not None and self.init_max_images < 1:
-            out.append(f"init_max_images must be >= 1 or null, got {self.init_max_images!r}")
-        return out
-
-
 register_settings(
     "prompt",
-    PromptSettings,
+    PromptRunSettings,
     "Prompt settings of the prompt methods (vpt-*, spt-*).",
     legacy={
         "model.num_prompts": "num_prompts",
@@ -205,11 +239,6 @@ register_settings(
         "model.prompts_file": "file",
     },
 )
-
-
-def prompt_count(settings: Any, default: int) -> int:
-    """``settings.num_prompts``, or the method's ``default`` when unset (0 is refused, not "unset")."""
-    return default if settings.num_prompts is None else settings.num_prompts
 
 
 def save_prompts_file(path: str | Path, prompts: torch.Tensor, metadata: dict[str, Any]) -> Path:
@@ -241,7 +270,7 @@ def load_prompts_file(path: str, shape: torch.Size) -> torch.Tensor:
 
 
 def prepare(
-    method: Method, model: PromptedViT, settings: PromptSettings, loader: DataLoader, seed: int
+    method: Method, model: PromptedViT, settings: PromptRunSettings, loader: DataLoader, seed: int
 ) -> None:
     """The prompts' initial values: from ``settings.file``, or the method's initializer on ``loader``."""
     if settings.file is not None:
@@ -259,21 +288,14 @@ def prepare(
 
 
 def _builder(deep: bool):
-    def build(backbone, num_classes, settings: PromptSettings, **common: Any) -> PromptedViT:
-        return PromptedViT(
-            backbone,
-            num_classes,
-            num_prompts=prompt_count(settings, 20 if deep else 100),
-            deep=deep,
-            deep_layers=settings.deep_layers,
-            prompt_dropout=settings.dropout,
-            **common,
-        )
+    def build(backbone, num_classes, settings: PromptRunSettings, **common: Any) -> PromptedViT:
+        prompt = with_prompt_count(settings, 20 if deep else 100)
+        return PromptedViT(backbone, num_classes, prompt, deep=deep, **common)
 
     return build
 
 
-def _check_shallow(settings: PromptSettings, cfg: Any) -> None:
+def _check_shallow(settings: PromptRunSettings, cfg: Any) -> None:
     if settings.deep_layers is not None:
         raise ValueError(
             f"{cfg.model.method} has one prompt set, before block 0; drop prompt.deep_layers (a deep method "

@@ -2,10 +2,13 @@
 model's constructor takes and, added to :class:`~selfprompt.model.ClassifierConfig`, what its adapter's
 ``adapter_config.json`` stores under ``"model"`` (:func:`adapter_config`).
 
-Naming: the model ``LoRA``, its settings ``LoRASettings``, its adapter config ``LoRAConfig``; a section that
-several models read is named after itself (``PromptSettings``). A settings dataclass states its range rules
-once, in ``problems()``: config validation (``selfprompt.config.check_config``) runs them before any run
-folder exists, and the model's constructor runs the same ones (:func:`check_settings`).
+Naming: the model ``LoRA``, its settings ``LoRASettings``, its adapter config ``LoRAConfig``; settings that
+several models take are named after themselves (``PromptSettings``). Where a recipe section also holds what
+a run reads before training and an adapter does not store (the prompts' initializer, a pruning file), the
+section is a subclass ``<Name>RunSettings`` adding those fields, and a model given it keeps its own
+settings' fields only. A settings dataclass states its range rules once, in ``problems()``: config
+validation (``selfprompt.config.check_config``) runs them before any run folder exists, and the model's
+constructor runs the same ones (:func:`check_settings`).
 """
 
 from __future__ import annotations
@@ -58,24 +61,46 @@ def check_settings(section: str, settings: Any) -> None:
 
 
 def settings_from(
-    section: str, cls: type[S], settings: S | None, kwargs: dict[str, Any], owner: str | None = None
+    section: str,
+    cls: type[S],
+    settings: S | None,
+    kwargs: dict[str, Any],
+    owner: str | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> S:
-    """``settings`` (default ``cls()``) with the fields ``kwargs`` names replaced, checked
+    """``settings`` (default ``cls(**defaults)``) with the fields ``kwargs`` names replaced, checked
     (:func:`check_settings`). Those fields are removed from ``kwargs``, so a constructor taking ``settings=``
-    or the fields by name passes the rest on; with ``owner`` (the model's name) a leftover is refused."""
-    names = {f.name for f in dataclasses.fields(cls)} & set(kwargs)
-    settings = dataclasses.replace(settings or cls(), **{name: kwargs.pop(name) for name in names})
+    or the fields by name passes the rest on; with ``owner`` (the model's name) a leftover is refused. A
+    subclass instance (a ``<Name>RunSettings`` section) gives ``cls``'s fields only."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    if settings is None:
+        settings = cls(**(defaults or {}))
+    elif not isinstance(settings, cls):
+        raise TypeError(
+            f"{owner or section} takes its settings as a {cls.__name__} (or its fields by name, e.g. "
+            f"{names[0]}=...), got {type(settings).__name__} {settings!r}."
+        )
+    elif type(settings) is not cls:
+        settings = cls(**{name: getattr(settings, name) for name in names})
+    settings = dataclasses.replace(settings, **{name: kwargs.pop(name) for name in names if name in kwargs})
     if owner is not None and kwargs:
-        raise TypeError(f"{owner} got unknown arguments {sorted(kwargs)}; its settings are {cls.__name__}'.")
+        raise TypeError(f"{owner} got unknown arguments {sorted(kwargs)}; its settings are {cls.__name__}'s.")
     check_settings(section, settings)
     return settings
 
 
-def adapter_config(settings: type, base: type = ClassifierConfig, name: str | None = None) -> type:
-    """The adapter config of a model with ``settings``: ``base``'s fields, then the settings' (a subclass of
-    both, so ``model.config.rank`` and ``model.config.num_classes`` both read)."""
+def adapter_config(
+    settings: type,
+    base: type = ClassifierConfig,
+    name: str | None = None,
+    extra: list[tuple[str, type, Any]] | None = None,
+) -> type:
+    """The adapter config of a model with ``settings``: ``base``'s fields, then the settings', then
+    ``extra`` ``(name, type, default)`` fields the model decides itself (a subclass of both, so
+    ``model.config.rank`` and ``model.config.num_classes`` both read)."""
     name = name or settings.__name__.removesuffix("Settings") + "Config"
-    cls = dataclasses.make_dataclass(name, [], bases=(settings, base))
+    more = [(field, kind, dataclasses.field(default=default)) for field, kind, default in extra or []]
+    cls = dataclasses.make_dataclass(name, more, bases=(settings, base))
     cls.__module__ = settings.__module__
     cls.__doc__ = f"What an adapter stores: {base.__name__}'s fields plus :class:`{settings.__name__}`'s."
     return cls

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from selfprompt.init import init_prompts
 from selfprompt.init.registry import get_initializer
@@ -24,8 +24,9 @@ from selfprompt.methods.prompt import (
     PROMPT_SEARCH,
     PromptedViT,
     PromptedViTConfig,
+    PromptRunSettings,
     PromptSettings,
-    prompt_count,
+    with_prompt_count,
 )
 from selfprompt.methods.prompt_tools import PromptPart
 from selfprompt.methods.registry import Method, register_method, register_settings
@@ -65,37 +66,28 @@ VFPTConfig = adapter_config(VFPTSettings, PromptedViTConfig)
 
 class VFPT(PromptedViT):
     """A frozen timm ``VisionTransformer`` with VPT-deep prompts, the first floor(alpha * N) of each layer
-    through a 2-D FFT. Args: as :class:`PromptedViT` (deep) plus its :class:`VFPTSettings` (``settings``, or
-    ``fourier_share`` by name)."""
+    through a 2-D FFT. Args: as :class:`PromptedViT` (deep; its :class:`PromptSettings` as ``prompt``) plus
+    its :class:`VFPTSettings` (``settings``); ``fields`` by name go to either."""
 
     config_class = VFPTConfig
+    prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 10, "dropout": 0.1}
 
     def __init__(
         self,
         backbone: nn.Module,
         num_classes: int,
-        num_prompts: int = 10,
-        prompt_dropout: float = 0.1,
-        deep: bool = True,
-        deep_layers: int | None = None,
         settings: VFPTSettings | None = None,
-        **common: Any,
+        *,
+        prompt: PromptSettings | None = None,
+        deep: bool = True,
+        **fields: Any,
     ) -> None:
         if not deep:
             raise ValueError("VFPT's prompts are deep; deep must be True.")
-        settings = settings_from("vfpt", VFPTSettings, settings, common)
-        fourier_share = settings.fourier_share
-        super().__init__(
-            backbone,
-            num_classes,
-            num_prompts=num_prompts,
-            deep=True,
-            deep_layers=deep_layers,
-            prompt_dropout=prompt_dropout,
-            **common,
-        )
-        self.config.fourier_share = fourier_share
-        self.num_fourier = math.floor(fourier_share * num_prompts)
+        settings = settings_from("vfpt", VFPTSettings, settings, fields)
+        super().__init__(backbone, num_classes, prompt, deep=True, **fields)
+        self.config.fourier_share = settings.fourier_share
+        self.num_fourier = math.floor(settings.fourier_share * self.num_prompts)
 
     def _layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
         prompts = super()._layer_prompts(layer, batch)
@@ -121,12 +113,12 @@ def _token_init(init: str | None) -> bool:
 
 
 def _check(settings: Any, cfg: Any) -> None:
-    num_prompts = prompt_count(settings, 10)
+    num_prompts = with_prompt_count(settings, 10).num_prompts
     if _token_init(settings.init) and math.floor(settings.vfpt.fourier_share * num_prompts) >= num_prompts:
         _refuse_all_fourier(settings.init)
 
 
-def prepare(method: Method, model: VFPT, settings: PromptSettings, loader: DataLoader, seed: int) -> None:
+def prepare(method: Method, model: VFPT, settings: PromptRunSettings, loader: DataLoader, seed: int) -> None:
     """A prompts file or xavier: as :func:`selfprompt.methods.prompt.prepare`. A token initializer: xavier
     for every prompt, then the plain share from the initializer (as spt-deep's prompts)."""
     init = method.initializer(settings.init)
@@ -151,15 +143,7 @@ def prepare(method: Method, model: VFPT, settings: PromptSettings, loader: DataL
 
 
 def _build(backbone, num_classes, settings: Any, **common: Any) -> VFPT:
-    return VFPT(
-        backbone,
-        num_classes,
-        num_prompts=prompt_count(settings, 10),
-        settings=settings.vfpt,
-        deep_layers=settings.deep_layers,
-        prompt_dropout=settings.dropout,
-        **common,
-    )
+    return VFPT(backbone, num_classes, settings.vfpt, prompt=with_prompt_count(settings, 10), **common)
 
 
 register_method(

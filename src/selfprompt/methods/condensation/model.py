@@ -21,11 +21,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from selfprompt.methods.prompt import PromptedViT, check_prompt_dropout
+from selfprompt.methods.prompt import PromptedViT
 from selfprompt.methods.prompt_tools import prompt_saliency, refuse_trainval_source
 from selfprompt.methods.registry import register_settings
+from selfprompt.methods.settings import check_settings, number_problem
 from selfprompt.model import ClassifierConfig, PoolType, ViTClassifier
 
 import torch
@@ -41,11 +42,16 @@ class CondensedViTConfig(ClassifierConfig):
 
     Attributes:
         layer_counts: Prompts kept at each prompted layer (layer 0 first; a shallow source has one layer).
-        prompt_dropout: Dropout on the prompt tokens while training (the source's).
+        dropout: Dropout on the prompt tokens while training (the source's).
     """
 
     layer_counts: list[int] = field(default_factory=lambda: [1])
-    prompt_dropout: float = 0.0
+    dropout: float = 0.0
+
+    renamed_fields: ClassVar[dict[str, str]] = {"prompt_dropout": "dropout"}
+
+    def problems(self) -> list[str]:
+        return number_problem("dropout", self.dropout, 0, 1, "in [0, 1)")
 
 
 class CondensedViT(ViTClassifier):
@@ -64,7 +70,7 @@ class CondensedViT(ViTClassifier):
         num_classes: int,
         layer_counts: list[int],
         pool: PoolType | None = None,
-        prompt_dropout: float = 0.0,
+        dropout: float = 0.0,
         head_init_std: float = 0.02,
         train_backbone: bool = False,
         backbone_name: str | None = None,
@@ -79,7 +85,7 @@ class CondensedViT(ViTClassifier):
             raise ValueError(f"layer_counts must be integers >= 0 with at least one prompt, got {counts!r}.")
         if len(counts) > depth:
             raise ValueError(f"layer_counts names {len(counts)} layers; the backbone has {depth} blocks.")
-        check_prompt_dropout(prompt_dropout)
+        check_settings("condensed", CondensedViTConfig(1, dropout=dropout))
         super().__init__(
             backbone,
             num_classes,
@@ -88,13 +94,13 @@ class CondensedViT(ViTClassifier):
             train_backbone=train_backbone,
             backbone_name=backbone_name,
             layer_counts=counts,
-            prompt_dropout=prompt_dropout,
+            dropout=dropout,
         )
         self.offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
         self.num_extra_tokens = counts[-1]
         device = next(backbone.parameters()).device
         self.prompts = nn.Parameter(torch.zeros(sum(counts), self.embed_dim, device=device))
-        self.prompt_dropout = nn.Dropout(prompt_dropout)
+        self.prompt_dropout = nn.Dropout(dropout)
 
     @property
     def layer_counts(self) -> list[int]:
@@ -163,7 +169,7 @@ def condense(model: PromptedViT, mask: torch.Tensor) -> CondensedViT:
         cfg.num_classes,
         mask.sum(1).tolist(),
         pool=cfg.pool,
-        prompt_dropout=cfg.prompt_dropout,
+        dropout=cfg.dropout,
         head_init_std=cfg.head_init_std,
         backbone_name=model.backbone_name,
     )

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 from selfprompt.init import init_prompts
 from selfprompt.init.registry import get_initializer
@@ -47,8 +47,9 @@ from selfprompt.methods import prompt
 from selfprompt.methods.prompt import (
     PromptedViT,
     PromptedViTConfig,
+    PromptRunSettings,
     PromptSettings,
-    prompt_count,
+    with_prompt_count,
 )
 from selfprompt.methods.prompt_tools import (
     PromptPart,
@@ -61,7 +62,7 @@ from selfprompt.methods.prompt_tools import (
     self_attention,
 )
 from selfprompt.methods.registry import Method, register_settings
-from selfprompt.methods.settings import check_settings, positive_int
+from selfprompt.methods.settings import adapter_config, positive_int, settings_from
 from selfprompt.model import residual_branches
 
 import torch
@@ -73,18 +74,62 @@ MIN_SEGMENTS = 4  # official MIN_NUMBER_CLS_TOKEN_PIECE: segments every kept tok
 
 
 @dataclass
-class E2VPTConfig(PromptedViTConfig):
-    """PromptedViTConfig (deep) plus the key-value prompts' length and sharing and the pruning masks.
+class E2VPTSettings:
+    """E2VPT's own model settings (the visual prompts' are :class:`PromptSettings`).
 
     Attributes:
-        token_mask: 0/1 per visual prompt (N_P), None without pruning.
-        segment_mask: 0/1 per visual prompt and segment (N_P x 16), None without pruning.
+        kv_length: Key-value prompts per block (L_kv; official VTAB runs 1-10); 0 turns them off.
+        share_kv: One tensor as both key and value prompts (the official default); set false for SPT inits.
     """
 
     kv_length: int = 5
     share_kv: bool = True
-    token_mask: list[int] | None = None
-    segment_mask: list[list[int]] | None = None
+
+    def problems(self) -> list[str]:
+        """Values that cannot run, as ``field must be ..., got ...``."""
+        if positive_int(self.kv_length, 0):
+            return []
+        return [f"kv_length must be an integer >= 0 (0: no key-value prompts), got {self.kv_length!r}"]
+
+
+@dataclass
+class E2VPTRunSettings(E2VPTSettings):
+    """The ``e2vpt`` recipe section: :class:`E2VPTSettings` plus the pruning a rewound run reads (its masks,
+    not these fields, are what the adapter stores).
+
+    Attributes:
+        pruning: The scores ``selfprompt prune RUN --output FILE`` wrote from a trained e2vpt run: this run
+            retrains from its initial values with the visual prompts pruned by the two shares below.
+        prune_tokens: Share of the visual prompt tokens pruned (official candidates 0.1-0.9; one is kept).
+        prune_segments: Share of each token's 16 segments pruned (official 0.1-0.9; 4 are kept).
+    """
+
+    pruning: str | None = None
+    prune_tokens: float = 0.0
+    prune_segments: float = 0.0
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        shares = [_share_problem(name, getattr(self, name)) for name in ("prune_tokens", "prune_segments")]
+        out += [problem for problem in shares if problem]
+        if self.pruning is None and (self.prune_tokens or self.prune_segments):
+            out.append(
+                "prune_tokens and prune_segments need pruning: the file selfprompt prune RUN --output FILE "
+                "writes from a trained e2vpt run"
+            )
+        if self.pruning is not None and not Path(self.pruning).is_file():
+            out.append(f"pruning must be a file written by selfprompt prune, got {self.pruning!r}")
+        return out
+
+
+#: What an E2VPT adapter stores: PromptedViTConfig's fields (deep), E2VPTSettings' and the pruning masks:
+#: ``token_mask`` 0/1 per visual prompt (N_P) and ``segment_mask`` per visual prompt and segment (N_P x 16),
+#: None without pruning.
+E2VPTConfig = adapter_config(
+    E2VPTSettings,
+    PromptedViTConfig,
+    extra=[("token_mask", list[int] | None, None), ("segment_mask", list[list[int]] | None, None)],
+)
 
 
 def _check_masks(token_mask: Any, segment_mask: Any, num_prompts: int) -> torch.Tensor | None:
@@ -113,38 +158,32 @@ def _check_masks(token_mask: Any, segment_mask: Any, num_prompts: int) -> torch.
 class E2VPT(PromptedViT):
     """A frozen timm ``VisionTransformer`` with VPT-deep visual prompts and key-value prompts in every block.
 
-    Args: as :class:`PromptedViT` (deep) plus ``kv_length`` (L_kv >= 0; 0 is VPT-deep) and ``share_kv``.
+    Args: as :class:`PromptedViT` (deep; its :class:`PromptSettings` as ``prompt``) plus its
+    :class:`E2VPTSettings` (``settings``: ``kv_length`` L_kv >= 0, 0 is VPT-deep, and ``share_kv``; ``fields``
+    by name go to either) and the pruning masks (:func:`pruning_masks` makes them).
     """
 
     config_class = E2VPTConfig
+    prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 10, "dropout": 0.1}
 
     def __init__(
         self,
         backbone: nn.Module,
         num_classes: int,
-        num_prompts: int = 10,
-        kv_length: int = 5,
-        share_kv: bool = True,
-        prompt_dropout: float = 0.1,
+        settings: E2VPTSettings | None = None,
+        *,
+        prompt: PromptSettings | None = None,
         deep: bool = True,
-        deep_layers: int | None = None,
         token_mask: list[int] | None = None,
         segment_mask: list[list[int]] | None = None,
-        **common: Any,
+        **fields: Any,
     ) -> None:
-        keep = _check_masks(token_mask, segment_mask, num_prompts)
         if not deep:
             raise ValueError("E2VPT's visual prompts are deep; deep must be True.")
-        check_settings("e2vpt", E2VPTSettings(kv_length=kv_length, share_kv=share_kv))
-        super().__init__(
-            backbone,
-            num_classes,
-            num_prompts=num_prompts,
-            deep=True,
-            deep_layers=deep_layers,
-            prompt_dropout=prompt_dropout,
-            **common,
-        )
+        settings = settings_from("e2vpt", E2VPTSettings, settings, fields)
+        super().__init__(backbone, num_classes, prompt, deep=True, **fields)
+        keep = _check_masks(token_mask, segment_mask, self.num_prompts)
+        kv_length, share_kv = settings.kv_length, settings.share_kv
         self.config.kv_length, self.config.share_kv = kv_length, share_kv
         self.config.token_mask, self.config.segment_mask = token_mask, segment_mask
         self.kv_length, self.share_kv = kv_length, share_kv
@@ -278,45 +317,7 @@ def read_pruning(path: str | Path) -> tuple[dict[str, Any], torch.Tensor, torch.
     return record, tokens, segments
 
 
-@dataclass
-class E2VPTSettings:
-    """E2VPT's own settings (the visual prompts' count, init and dropout are the ``prompt`` section's).
-
-    Attributes:
-        kv_length: Key-value prompts per block (L_kv; official VTAB runs 1-10); 0 turns them off.
-        share_kv: One tensor as both key and value prompts (the official default); set false for SPT inits.
-        pruning: The scores ``selfprompt prune RUN --output FILE`` wrote from a trained e2vpt run: this run
-            retrains from its initial values with the visual prompts pruned by the two shares below.
-        prune_tokens: Share of the visual prompt tokens pruned (official candidates 0.1-0.9; one is kept).
-        prune_segments: Share of each token's 16 segments pruned (official 0.1-0.9; 4 are kept).
-    """
-
-    kv_length: int = 5
-    share_kv: bool = True
-    pruning: str | None = None
-    prune_tokens: float = 0.0
-    prune_segments: float = 0.0
-
-    def problems(self) -> list[str]:
-        """Values that cannot run, as ``field must be ..., got ...``."""
-        out = (
-            []
-            if positive_int(self.kv_length, 0)
-            else [f"kv_length must be an integer >= 0 (0: no key-value prompts), got {self.kv_length!r}"]
-        )
-        shares = [_share_problem(name, getattr(self, name)) for name in ("prune_tokens", "prune_segments")]
-        out += [problem for problem in shares if problem]
-        if self.pruning is None and (self.prune_tokens or self.prune_segments):
-            out.append(
-                "prune_tokens and prune_segments need pruning: the file selfprompt prune RUN --output FILE "
-                "writes from a trained e2vpt run"
-            )
-        if self.pruning is not None and not Path(self.pruning).is_file():
-            out.append(f"pruning must be a file written by selfprompt prune, got {self.pruning!r}")
-        return out
-
-
-register_settings("e2vpt", E2VPTSettings, "E2VPT's key-value prompts (with the prompt section).")
+register_settings("e2vpt", E2VPTRunSettings, "E2VPT's key-value prompts (with the prompt section).")
 
 
 def _token_init(init: str | None) -> bool:
@@ -337,7 +338,7 @@ def _check(settings: Any, cfg: Any) -> None:
         _refuse_shared(settings.init)
 
 
-def prepare(method: Method, model: E2VPT, settings: PromptSettings, loader: DataLoader, seed: int) -> None:
+def prepare(method: Method, model: E2VPT, settings: PromptRunSettings, loader: DataLoader, seed: int) -> None:
     """Visual prompts as :func:`selfprompt.methods.prompt.prepare`; with a token initializer the key and
     value prompts too, from the keys and values of each block (the kaiming draw otherwise)."""
     init = method.initializer(settings.init)
@@ -377,7 +378,7 @@ def _resolve(settings: Any, cfg: Any) -> SimpleNamespace:
         return SimpleNamespace(**vars(settings), masks={})
     record, token_scores, segment_scores = read_pruning(e2vpt.pruning)
     refuse_trainval_source(record, cfg, e2vpt.pruning)
-    scored, num_prompts = token_scores.numel(), prompt_count(settings, 10)
+    scored, num_prompts = token_scores.numel(), with_prompt_count(settings, 10).num_prompts
     if scored != num_prompts:
         raise ValueError(
             f"{e2vpt.pruning} scores {scored} visual prompts and this run has {num_prompts}: set "
@@ -388,15 +389,5 @@ def _resolve(settings: Any, cfg: Any) -> SimpleNamespace:
 
 
 def _build(backbone, num_classes, settings: Any, **common: Any) -> E2VPT:
-    num_prompts = prompt_count(settings, 10)
-    return E2VPT(
-        backbone,
-        num_classes,
-        num_prompts=num_prompts,
-        kv_length=settings.e2vpt.kv_length,
-        share_kv=settings.e2vpt.share_kv,
-        deep_layers=settings.deep_layers,
-        prompt_dropout=settings.dropout,
-        **settings.masks,
-        **common,
-    )
+    prompt = with_prompt_count(settings, 10)
+    return E2VPT(backbone, num_classes, settings.e2vpt, prompt=prompt, **settings.masks, **common)
