@@ -54,7 +54,7 @@ BAD = [
     ("vpt-shallow", ["--prompt.deep_layers", "1"], "vpt-shallow has one prompt set, before block 0"),
     ("spt-deep", ["--prompt.num_prompts", "0"], "prompt.num_prompts must be an integer in 1..1024"),
     ("spt-deep", ["--prompt.deep_layers", "0"], "prompt.deep_layers must be an integer >= 1 or null"),
-    ("spt-deep", ["--prompt.deep_layers", "99"], "prompt.deep_layers must be in [1, 2] (the backbone's depth), got 99"),
+    ("spt-deep", ["--prompt.deep_layers", "99"], "prompt.deep_layers must be in [1, 2] (the backbone's"),
     ("spt-deep", ["--prompt.dropout", "1"], "prompt.dropout must be in [0, 1), got 1.0"),
     ("spt-deep", ["--prompt.init_fraction", "0"], "prompt.init_fraction must be in (0, 1]"),
     ("spt-deep", ["--prompt.init_max_images", "0"], "prompt.init_max_images must be >= 1 or null"),
