@@ -102,6 +102,28 @@ def test_ema_is_evaluated_and_saved(data, tmp_path):
     assert not torch.equal(adapter(tmp_path, "tune")["prompts"], load_file(ema)["prompts"])
 
 
+def test_the_ema_starts_from_the_prepared_prompts(data, tmp_path, monkeypatch):
+    """SPT's prototypes, not the constructor's xavier draw, are the average's first values."""
+    from selfprompt.engine import stage
+
+    seen = {}
+    start, ema_class = stage._start, stage.ParameterEMA
+
+    def recording_start(stage_, options, ctx, model, *args):
+        start(stage_, options, ctx, model, *args)
+        seen["prepared"] = model.prompts.detach().clone()
+
+    def recording_ema(params, decay):
+        seen["first_average"] = params["prompts"].detach().clone()
+        return ema_class(params, decay)
+
+    monkeypatch.setattr(stage, "_start", recording_start)
+    monkeypatch.setattr(stage, "ParameterEMA", recording_ema)
+    overrides = {"optim.ema_decay": 0.9, "stage": "tune", "optim.epochs": 1}
+    run(tiny_config(data, tmp_path, **overrides), log=quiet)
+    assert torch.equal(seen["first_average"], seen["prepared"])
+
+
 def test_optimizer_groups_and_schedule():
     from conftest import tiny_vit
 

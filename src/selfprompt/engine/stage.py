@@ -92,7 +92,6 @@ def train_stage(
         return folder.read_result()
     torch.manual_seed(seed)
     model = build().to(ctx.device)
-    ema = ParameterEMA(model.adapter_parameters(), opt.ema_decay) if opt.ema_decay else None
     subspace = gradient_subspace(model, opt)
     setup = training_setup(
         model.adapter_parameters(), param_groups(model, opt.weight_decay, opt.head_weight_decay),
@@ -102,7 +101,9 @@ def train_stage(
     tracker = stage_tracker(stage, options, model, ctx, seed)
     if setup.state is None:
         _start(stage, options, ctx, model, prepare, tracker, seed)
-    else:
+    # the average starts from the prepared values (SPT's prototypes), not the constructor's draw
+    ema = ParameterEMA(model.adapter_parameters(), opt.ema_decay) if opt.ema_decay else None
+    if setup.state is not None:
         _restore(setup.state, ema, subspace, tracker)
     scores = StageScores(stage, options, ctx, model, ema, setup.state["best"] if setup.state else {})
 
