@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from selfprompt.adapter import check_signature, load_tensors, read_config, save_adapter, timm_name
-from selfprompt.backbones import BackboneFamily, backbone_family
+from selfprompt.backbones import BackboneFamily, backbone_family, backbone_info
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -27,7 +27,8 @@ class ClassifierConfig:
         num_classes: Output classes of the new linear head.
         pool: ``token`` (class token), ``avg`` (mean of patch tokens, prompts excluded) or ``mae``
             (official SPT MAE head: mean over prompt and patch outputs, then the backbone's final norm).
-            None picks ``token`` when the backbone pools its class token, else ``avg``.
+            None picks ``mae`` for MAE weights, else ``token`` when the backbone pools its class token, else
+            ``avg`` (:func:`backbone_pool`, as the CLI).
         head_init_std: Std of the truncated-normal head weight init (SPT: 0.02, 0.01 for MoCo v3).
         train_backbone: Fine-tune the backbone too (full fine-tuning) instead of freezing it.
 
@@ -43,7 +44,12 @@ class ClassifierConfig:
 
 
 def backbone_pool(backbone: nn.Module) -> PoolType:
-    """The head input a backbone pools itself: ``token`` for a class-token backbone, else ``avg``."""
+    """The head input of ``pool=None``, as the CLI resolves ``model.pool: null``: the weights family's
+    (``mae``, SPT's MAE head, for MAE weights, known from :func:`~selfprompt.backbones.backbone_info`), else
+    what the backbone pools itself: ``token`` for a class-token backbone, else ``avg``."""
+    family_pool = backbone_info(backbone).pool
+    if family_pool is not None:
+        return family_pool
     return "token" if getattr(backbone, "global_pool", None) == "token" else "avg"
 
 

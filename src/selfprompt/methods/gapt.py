@@ -16,6 +16,7 @@ embedding), exactly as spt-shallow; gates and temperatures are unaffected.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,7 +29,7 @@ from selfprompt.methods.prompt import (
 )
 from selfprompt.methods.prompt_tools import check_attention, refuse_tracking, self_attention
 from selfprompt.methods.registry import Search, register_method, register_settings
-from selfprompt.methods.settings import adapter_config, settings_from
+from selfprompt.methods.settings import adapter_config, number_problem, settings_from
 from selfprompt.model import residual_branches
 
 import torch
@@ -47,6 +48,10 @@ class GaPTSettings:
     """
 
     gate_init: float = 10.0
+
+    def problems(self) -> list[str]:
+        """Values that cannot run, as ``field must be ..., got ...``."""
+        return number_problem("gate_init", self.gate_init, -math.inf, math.inf, "a finite number")
 
 
 #: What a GaPT adapter stores: PromptedViTConfig's fields (shallow) plus GaPTSettings'.

@@ -125,13 +125,26 @@ class Method:
         resolved by ``resolve``."""
         if not self.settings:
             return None
-        settings = getattr(cfg, self.settings)
-        if self.extra_settings:
-            fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
-            settings = SimpleNamespace(**fields, **{name: getattr(cfg, name) for name in self.extra_settings})
+        settings = self._combined(cfg)
         if self.check is not None:
             self.check(settings, cfg)
         return self.resolve(settings, cfg) if self.resolve is not None else settings
+
+    def default_settings(self) -> Any:
+        """Its settings with every section at its defaults, what a run without a recipe reads (defaults pass
+        every ``check``, and ``resolve`` reads no file for them)."""
+        if not self.settings:
+            return None
+        defaults = SimpleNamespace(**{name: _SETTINGS[name].cls() for name in self.sections})
+        settings = self._combined(defaults)
+        return self.resolve(settings, None) if self.resolve is not None else settings
+
+    def _combined(self, sections: Any) -> Any:
+        settings = getattr(sections, self.settings)
+        if not self.extra_settings:
+            return settings
+        fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+        return SimpleNamespace(**fields, **{name: getattr(sections, name) for name in self.extra_settings})
 
     @property
     def has_prompts(self) -> bool:
@@ -163,11 +176,12 @@ class Method:
         head_init_std: float = 0.02,
         backbone_name: str | None = None,
     ) -> ViTClassifier:
-        """Wrap ``backbone`` as this method's model."""
+        """Wrap ``backbone`` as this method's model; ``settings`` None is :meth:`default_settings`
+        (``selfprompt.get_model`` takes them as keywords, checked as the CLI checks them)."""
         return self.build(
             backbone,
             num_classes,
-            settings,
+            self.default_settings() if settings is None else settings,
             pool=pool,
             head_init_std=head_init_std,
             backbone_name=backbone_name,
