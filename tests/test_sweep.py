@@ -12,8 +12,17 @@ import time
 import warnings
 from pathlib import Path
 
-from selfprompt.apps.sweep import SweepSettings, _study, choose, grid_order, setting_name, sweep
+from selfprompt.apps.sweep import (
+    SweepSettings,
+    _report_done_epochs,
+    _study,
+    choose,
+    grid_order,
+    setting_name,
+    sweep,
+)
 from selfprompt.cli import main
+from selfprompt.config import TrainConfig
 from selfprompt.engine.lifecycle import config_dict
 
 import pytest
@@ -106,7 +115,7 @@ def test_killed_mid_trial_resumes_and_ends_as_an_uninterrupted_sweep(data, unint
 
 def ask_trial(out: Path, search: dict, host: str, pid: int):
     """A trial of the study in ``out`` started by a worker ``(host, pid)``: Optuna's own record of it."""
-    optuna, study = _study(out, SweepSettings(search))
+    optuna, study = _study(out, SweepSettings(search), TrainConfig())
     with warnings.catch_warnings():  # a heartbeat is for Study.optimize: this trial has none, never stale
         warnings.simplefilter("ignore")
         trial = study.ask()
@@ -184,3 +193,46 @@ def test_every_setting_of_the_search_is_checked_before_anything_is_written(data,
     err = capsys.readouterr().err
     assert "every prompt is a Fourier prompt" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+PRUNED_SEARCH = {"optim.lr": [0.02, 0.01, 0.005, 1e-7]}  # the last one barely moves: the hopeless setting
+
+
+@pytest.mark.slow
+def test_the_median_pruner_stops_the_hopeless_setting_and_never_chooses_it(data, tmp_path):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    base = tiny_config(data, out)
+    _, study = _study(out, SweepSettings(PRUNED_SEARCH, pruner="median"), base)
+    for lr in PRUNED_SEARCH["optim.lr"]:  # this order: the median has 3 finished trials when it judges 1e-7
+        study.enqueue_trial({"optim.lr": lr})
+    args = ["sweep", str(recipe(data, tmp_path)), "--search", json.dumps(PRUNED_SEARCH)]
+    assert main([*args, "--output_dir", str(out), "--pruner", "median", "--final", "false"]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    states = {t["params"]["optim.lr"]: t for t in record["trials"]}
+    hopeless = states[1e-7]
+    assert record["pruner"] == "median" and record["complete"], record
+    assert hopeless["state"] == "PRUNED" and hopeless["pruned_at"]["epoch"] in (2, 3), hopeless  # not warmup
+    assert [states[lr]["state"] for lr in PRUNED_SEARCH["optim.lr"][:3]] == ["COMPLETE"] * 3
+    assert record["best"]["params"]["optim.lr"] != 1e-7
+    assert not (out / hopeless["folder"] / "seed0" / "tune" / "result.json").exists()
+
+
+def test_a_resumed_trial_reports_the_epochs_its_folder_holds_before_it_goes_on(data, tmp_path):
+    from selfprompt.engine.run import run
+
+    folder = tmp_path / "trial"
+    cfg = tiny_config(data, folder, **{"stage": "tune", "seeds": [0, 1], "optim.epochs": 2})
+    run(cfg, log=lambda _: None)
+    _, study = _study(tmp_path, SweepSettings({"optim.lr": [0.02]}, pruner="median"), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trial = study.ask()
+    _report_done_epochs(trial, cfg, folder)
+    reported = study.trials[-1].intermediate_values
+    expected = {}
+    for index, seed in enumerate(cfg.seeds):
+        for line in (folder / f"seed{seed}" / "tune" / "metrics.jsonl").open():
+            row = json.loads(line)
+            expected[index * 2 + row["epoch"]] = row["val_acc"]
+    assert reported == expected and len(expected) == 4

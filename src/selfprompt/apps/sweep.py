@@ -16,6 +16,13 @@ retrained on train+val (the final stage) and tested once. Nothing is selected on
   half-trained setting from its last epoch; a trial left ``RUNNING`` by a process that died on this machine
   is failed and retried with the same setting (Optuna's ``RetryHeartbeatStaleTrialCallback``), and the
   database's heartbeat does the same for workers on other machines. Finished trials are never run again.
+- **Pruning** (``pruner``: ``none``, the default, ``median`` or ``hyperband``, Optuna's pruners): a trial
+  reports the validation accuracy of every evaluated tune epoch (step = seed index x epochs + epoch) and
+  stops when the pruner says its setting is hopeless; the learning-rate warmup's epochs are never judged
+  (median: ``n_warmup_steps``; hyperband: ``min_resource``), and the median pruner waits for 3 finished
+  trials. A pruned setting is recorded with the epoch it stopped at and is never chosen. A trial resumed
+  after a kill first reports the epochs its folder already holds, so its pruning decisions are those of an
+  uninterrupted sweep.
 - **Record**: ``sweep.json`` holds every trial (setting, state, score, folder; a killed trial once, as its
   rerun), the choice, the tie rule and the final test accuracy; ``trials/<setting>/`` and ``final/`` are
   ordinary run folders. A worker that ends while trials still run in others writes the best so far, not a
@@ -43,6 +50,8 @@ from selfprompt.engine.run import run
 from selfprompt.engine.rundir import RunDir
 
 SAMPLERS = ("grid", "tpe")
+PRUNERS = ("none", "median", "hyperband")
+MEDIAN_STARTUP_TRIALS = 3  # finished trials before the median pruner judges (Optuna's default is 5)
 STUDY_NAME = "sweep"
 HEARTBEAT_SECONDS = 60
 
@@ -57,6 +66,7 @@ class SweepSettings:
         trials: tpe: how many settings to try (across every process sharing the study).
         storage: Optuna storage URL; None is a SQLite file ``study.db`` in the output folder.
         final: Retrain the chosen setting on train+val and test it once, when every trial has finished.
+        pruner: none, median or hyperband: stop a trial whose validation accuracy the pruner finds hopeless.
     """
 
     search: dict[str, list[Any]]
@@ -64,12 +74,15 @@ class SweepSettings:
     trials: int | None = None
     storage: str | None = None
     final: bool = True
+    pruner: str = "none"
 
 
 def check_search(base: TrainConfig, settings: SweepSettings) -> None:
     """Refuse a search that names unknown fields, has empty lists, or cannot run with its sampler."""
     if settings.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {settings.sampler!r}.")
+    if settings.pruner not in PRUNERS:
+        raise ValueError(f"pruner must be one of {PRUNERS}, got {settings.pruner!r}.")
     if not settings.search:
         raise ValueError("--search is empty; give e.g. '{\"optim.lr\": [0.05, 0.01]}'.")
     for key, values in settings.search.items():
@@ -109,7 +122,45 @@ def mean_val_acc(run: RunDir) -> float:
     return sum(accs) / len(accs)
 
 
-def _study(out: Path, settings: SweepSettings):
+def _pruner(optuna, settings: SweepSettings, base: TrainConfig):
+    """Optuna's pruner for ``settings.pruner``; the warmup epochs are never judged."""
+    warmup = base.optim.warmup_epochs
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=warmup)
+    if settings.pruner == "hyperband":
+        steps = base.optim.epochs * len(base.seeds)
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup), max_resource=steps)
+    return optuna.pruners.NopPruner()
+
+
+def _reporter(optuna, trial, cfg: TrainConfig):
+    """The engine's epoch observer of a trial: reports each tune epoch's validation accuracy and raises
+    TrialPruned when the pruner says so (recording the epoch in the trial)."""
+
+    def observe(stage: str, seed: int, epoch: int, scores: dict[str, Any]) -> None:
+        if stage != "tune" or "val_acc" not in scores:
+            return
+        trial.report(scores["val_acc"], cfg.seeds.index(seed) * cfg.optim.epochs + epoch)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at", {"seed": seed, "epoch": epoch})
+            raise optuna.TrialPruned(f"pruned at seed {seed} epoch {epoch}")
+
+    return observe
+
+
+def _report_done_epochs(trial, cfg: TrainConfig, folder: Path) -> None:
+    """A resumed trial's epochs that its folder already holds, reported again (without judging them: the
+    killed run went on past them)."""
+    run = RunDir(folder)
+    for index, seed in enumerate(cfg.seeds):
+        stage = run.stage(seed, "tune")
+        rows = stage.read_rows() if stage.log_file("metrics", "jsonl").is_file() else []
+        for row in rows:
+            if "val_acc" in row:
+                trial.report(row["val_acc"], index * cfg.optim.epochs + row["epoch"])
+
+
+def _study(out: Path, settings: SweepSettings, base: TrainConfig):
     import optuna  # the `sweep` extra
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -125,7 +176,12 @@ def _study(out: Path, settings: SweepSettings):
     else:
         sampler = optuna.samplers.TPESampler(seed=0)
     study = optuna.create_study(
-        study_name=STUDY_NAME, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
+        study_name=STUDY_NAME,
+        storage=storage,
+        sampler=sampler,
+        pruner=_pruner(optuna, settings, base),
+        direction="maximize",
+        load_if_exists=True,
     )
     _retry_dead_local_trials(optuna, study, storage)
     return optuna, study
@@ -167,7 +223,7 @@ def sweep(base: TrainConfig, settings: SweepSettings, log: Callable[[str], None]
         check_config(cell)
         method_settings(cell)  # the method's rules across sections (e.g. vfpt's share and prompt.init)
     out.mkdir(parents=True, exist_ok=True)
-    optuna, study = _study(out, settings)
+    optuna, study = _study(out, settings, base)
 
     def objective(trial) -> float:
         trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": os.getpid()})
@@ -179,14 +235,16 @@ def sweep(base: TrainConfig, settings: SweepSettings, log: Callable[[str], None]
         folder = out / "trials" / setting_name(params)
         trial.set_user_attr("folder", str(folder.relative_to(out)))
         log(f"[sweep] trial {trial.number}: {params}")
-        run(with_setting(base, params, "tune", folder), log=lambda _: None)
+        cfg = with_setting(base, params, "tune", folder)
+        if cfg.resume:
+            _report_done_epochs(trial, cfg, folder)
+        run(cfg, log=lambda _: None, observe=_reporter(optuna, trial, cfg))
         return mean_val_acc(RunDir(folder))
 
     if settings.sampler == "grid":
         left = None if not study.sampler.is_exhausted(study) else 0  # optimize would re-run a setting
     else:
-        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-        left = max(0, settings.trials - done)
+        left = max(0, settings.trials - len(_judged(optuna, study)))
     if left != 0:
         study.optimize(objective, n_trials=left)
     record = _record(optuna, study, settings, out)
@@ -194,6 +252,16 @@ def sweep(base: TrainConfig, settings: SweepSettings, log: Callable[[str], None]
         record["final"] = _final(base, record["best"]["params"], out, log)
     write_json(out / "sweep.json", record)
     return record
+
+
+def _judged(optuna, study) -> list:
+    """The trials that ended with a verdict on their setting: finished, or stopped by the pruner."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if _verdict(t)]
+
+
+def _verdict(trial) -> bool:
+    return trial.state.name == "COMPLETE" or "pruned_at" in trial.user_attrs
 
 
 def choose(trials: list[dict[str, Any]], search: dict[str, list[Any]], sampler: str) -> dict[str, Any]:
@@ -222,20 +290,23 @@ def _record(optuna, study, settings: SweepSettings, out: Path) -> dict[str, Any]
             "state": t.state.name,
             "val_acc": t.value,
             "folder": t.user_attrs.get("folder"),
+            **({"pruned_at": t.user_attrs["pruned_at"]} if "pruned_at" in t.user_attrs else {}),
             **({"rerun_of": retries(t)} if retries(t) else {}),
         }
         for t in found
         if t.number not in superseded
     ]
     done = [t for t in trials if t["state"] == "COMPLETE"]
+    judged = done + [t for t in trials if "pruned_at" in t]
     if settings.sampler == "grid":
-        finished, wanted = len({setting_name(t["params"]) for t in done}), len(grid_order(settings.search))
+        finished, wanted = len({setting_name(t["params"]) for t in judged}), len(grid_order(settings.search))
     else:
-        finished, wanted = len(done), settings.trials
+        finished, wanted = len(judged), settings.trials
     record: dict[str, Any] = {
         "search": settings.search,
         "sampler": settings.sampler,
         "score": "validation accuracy of the last tune epoch, mean over seeds",
+        "pruner": settings.pruner,
         "tie_rule": "first in the search's order (first key slowest)"
         if settings.sampler == "grid"
         else "earliest trial",

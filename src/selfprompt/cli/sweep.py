@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from selfprompt.apps.sweep import SAMPLERS, SweepSettings, sweep
+from selfprompt.apps.sweep import PRUNERS, SAMPLERS, SweepSettings, sweep
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import config_from, config_parser
 from selfprompt.config import TrainConfig
 
 from jsonargparse import ArgumentParser, Namespace
 
-EXTRAS = ("--search", "--sampler", "--trials", "--storage", "--final")
+EXTRAS = ("--search", "--sampler", "--trials", "--storage", "--final", "--pruner")
 
 
 def _parser() -> ArgumentParser:
@@ -31,11 +31,15 @@ def _parser() -> ArgumentParser:
         help="Optuna storage URL shared by every worker (default: sqlite file study.db in output_dir).",
     )  # fmt: skip
     parser.add_argument("--final", type=bool, default=True, help="Retrain the best and test it once.")
+    parser.add_argument(
+        "--pruner", type=str, default="none",
+        help=f"One of {PRUNERS}: stop trials whose validation accuracy Optuna's pruner finds hopeless.",
+    )  # fmt: skip
     return parser
 
 
 def _sweep(args: Namespace) -> None:
-    settings = SweepSettings(args.search, args.sampler, args.trials, args.storage, args.final)
+    settings = SweepSettings(args.search, args.sampler, args.trials, args.storage, args.final, args.pruner)
     record = sweep(config_from(args, TrainConfig, EXTRAS), settings)
     best = record.get("best")
     if best is not None:

@@ -18,7 +18,7 @@ from selfprompt.engine.lifecycle import claimed_run_dir, prepare_run_dir, run_en
 from selfprompt.engine.loop import check_batch
 from selfprompt.engine.result import StageResult, headline_key
 from selfprompt.engine.rundir import RunDir
-from selfprompt.engine.stage import STAGE_NAMES, StageOptions, build_stage, train_stage
+from selfprompt.engine.stage import STAGE_NAMES, EpochObserver, StageOptions, build_stage, train_stage
 from selfprompt.engine.tracking import check_track
 from selfprompt.init.registry import get_initializer
 from selfprompt.methods import Method
@@ -115,8 +115,11 @@ def format_summary(cfg: TrainConfig, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``cfg`` (single process, or one rank under torchrun) and return the summary."""
+def run(
+    cfg: TrainConfig, log: Callable[[str], None] = print, observe: EpochObserver | None = None
+) -> dict[str, Any]:
+    """Run ``cfg`` (single process, or one rank under torchrun) and return the summary; ``observe`` sees
+    every evaluated epoch (:data:`~selfprompt.engine.stage.EpochObserver`)."""
     check_config(cfg)
     ctx = setup(cfg.device)
     say = log if ctx.is_main else (lambda _: None)
@@ -142,7 +145,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         build_model(cfg, copy.deepcopy(pristine), len(splits.classes), (method, settings))
         with claimed_run_dir(cfg, ctx):
             run = prepare_run_dir(cfg, ctx, say)
-            return _run_stages(cfg, (method, settings), ctx, run, pristine, splits, backbone, say)
+            return _run_stages(cfg, (method, settings), ctx, run, pristine, splits, backbone, say, observe)
     finally:
         teardown()
 
@@ -156,6 +159,7 @@ def _run_stages(
     splits: Splits,
     backbone: dict[str, Any],
     say: Callable[[str], None],
+    observe: EpochObserver | None,
 ) -> dict[str, Any]:
     """Every seed's stages with the method and settings ``resolved`` once for the run; the summary."""
     if ctx.is_main:
@@ -170,7 +174,8 @@ def _run_stages(
                 stage.folder.path.mkdir(parents=True, exist_ok=True)
             barrier()
             build = lambda: build_model(cfg, copy.deepcopy(pristine), len(splits.classes), resolved)  # noqa: E731
-            results.append(train_stage(stage, options, ctx, build, prepare, splits.classes, seed, say))
+            trained = train_stage(stage, options, ctx, build, prepare, splits.classes, seed, say, observe)
+            results.append(trained)
     summary = {**summarize(results), "backbone": backbone} if ctx.is_main else {}
     if ctx.is_main:
         run.write_summary({"summary": summary, "results": [r.to_json() for r in results]})

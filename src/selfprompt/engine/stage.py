@@ -69,6 +69,9 @@ class StageOptions(TrainingOptions):
 
 
 Preparer = Callable[[ViTClassifier, DataLoader, int], None]
+#: ``observe(stage, seed, epoch, scores)`` after each evaluated epoch's checkpoint, on the main process; an
+#: exception it raises (e.g. Optuna's TrialPruned) ends the run there, the checkpoint kept.
+EpochObserver = Callable[[str, int, int, dict[str, Any]], None]
 
 
 def train_stage(
@@ -80,6 +83,7 @@ def train_stage(
     classes: list[str],
     seed: int,
     log: Callable[[str], None],
+    observe: EpochObserver | None = None,
 ) -> StageResult:
     """Train one stage to its end (or resume it) and return its result; writes into ``stage.folder``.
 
@@ -111,6 +115,8 @@ def train_stage(
         if tracker is not None and tracker.due(epoch):
             tracker.record(epoch)
         setup.save(epoch, best=scores.best, **_checkpoint_extras(ema, subspace, tracker))
+        if observe is not None and ctx.is_main and scores.last:
+            observe(stage.name, seed, epoch, scores.last)
 
     loop = setup.loop(model, classification_loss, ema=ema, subspace=subspace)
     epoch_times = loop.run(setup.start_epoch, opt.epochs, scores.evaluate, end_epoch)
@@ -196,6 +202,7 @@ class StageScores:
     ) -> None:
         self.stage, self.options, self.ctx, self.model, self.ema = stage, options, ctx, model, ema
         self.best = best
+        self.last: dict[str, Any] = {}  # the latest epoch's scores, empty when it was not evaluated
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """The metrics row's scores of ``epoch`` (empty when no evaluation is due)."""
@@ -203,6 +210,7 @@ class StageScores:
         if not (
             epoch == options.optim.epochs or (stage.eval_every_epoch and epoch % options.eval_every == 0)
         ):
+            self.last = {}
             return {}
         eval_batch = max(1, options.eval_batch_size // self.ctx.world_size)
         eval_args = (stage.eval_set, self.ctx, eval_batch, options.run.precision, options.num_workers)
@@ -213,6 +221,7 @@ class StageScores:
                 row |= {f"ema_{stage.eval_name}_{k}": v for k, v in evaluate(self.model, *eval_args).items()}
         if scores["acc"] > self.best.get("acc", -1.0):
             self.best = {"acc": scores["acc"], "epoch": epoch}
+        self.last = row
         return row
 
     def result(self, metrics: MetricsLog | None, epoch_times: list[float], seed: int) -> StageResult:
