@@ -163,3 +163,27 @@ def test_tensorboard_without_its_package(data, tmp_path, capsys):
         ["train", *cli_args(data, out), "--tensorboard", "true"], capsys
     )
     assert not out.exists()
+
+
+def test_version_names_the_package_torch_and_timm(capsys):
+    import selfprompt
+
+    import timm
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert out.startswith(
+        f"selfprompt {selfprompt.__version__} (torch {torch.__version__}, timm {timm.__version__}"
+    )
+
+
+def test_a_log_gets_one_plain_line_per_epoch_and_no_progress_updates(data, tmp_path, capsys):
+    """stdout and stderr are not terminals here (pytest captures them), as in a log file."""
+    args = [*cli_args(data, tmp_path / "run"), "--progress", "true", "--stage", "tune"]
+    assert main(["train", *args, "--optim.epochs", "2", "--optim.warmup_epochs", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    epoch_lines = [line for line in captured.out.splitlines() if "] epoch " in line]
+    assert [line.split("] epoch ")[1][:3] for line in epoch_lines] == ["1/2", "2/2"], captured.out

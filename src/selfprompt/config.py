@@ -117,7 +117,7 @@ class RunOptions:
         precision: auto (bf16 autocast on CUDA with bf16 support, else fp32), fp32 or bf16.
         resume: Continue the run in output_dir from its last checkpoint; refused if the config changed.
         tensorboard: Also write TensorBoard event files (needs the tensorboard package).
-        progress: Show progress bars.
+        progress: Show progress bars (on a terminal only; a log gets one line per epoch).
     """
 
     device: str = "auto"

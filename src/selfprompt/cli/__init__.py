@@ -11,6 +11,7 @@ from selfprompt.atomic import disk_full_error
 from selfprompt.cli import apps, data, methods, runs, serve, sweep, train, zoo
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import UsageError, prepare_config_argv
+from selfprompt.version import __version__
 
 import torch
 from jsonargparse import ArgumentParser
@@ -24,6 +25,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="selfprompt", description="Visual prompt tuning (VPT, SPT) and PETL for timm ViTs."
     )
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subcommands(dest="command")
     for command in COMMANDS.values():
         sub = command.parser()
@@ -31,6 +33,16 @@ def build_parser() -> ArgumentParser:
         if command.actions is not None:
             command.actions(sub)
     return parser
+
+
+def version_line() -> str:
+    """``selfprompt X (torch Y, timm Z, Python W)``."""
+    import platform
+
+    import timm
+
+    versions = f"torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}"
+    return f"selfprompt {__version__} ({versions})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -297,7 +298,9 @@ class EpochLoop:
             bar = tqdm(
                 total=self.steps,
                 desc=f"{self.label} epoch {epoch}/{epochs}",
-                disable=not (self.progress and self.ctx.is_main),
+                disable=not (
+                    self.progress and self.ctx.is_main and sys.stderr.isatty()
+                ),  # a log: epoch lines
                 leave=False,
             )
             advance_model_stream()
