@@ -190,13 +190,19 @@ def load_tensors(directory: str | Path, params: dict[str, torch.Tensor]) -> None
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the adapter directory is incomplete.")
-    tensors = read_tensors(weights)
+    copy_tensors(read_tensors(weights), params, weights)
+
+
+@torch.no_grad()
+def copy_tensors(tensors: Mapping[str, torch.Tensor], params: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``tensors`` (read from ``source``) into ``params``, which must name exactly the same tensors and
+    shapes."""
     if set(tensors) != set(params):
-        raise ValueError(f"{weights} holds tensors {sorted(tensors)}, expected {sorted(params)}.")
+        raise ValueError(f"{source} holds tensors {sorted(tensors)}, expected {sorted(params)}.")
     for key, param in params.items():
         if tensors[key].shape != param.shape:
             raise ValueError(
-                f"{weights}: {key} has shape {tuple(tensors[key].shape)}, the config implies "
+                f"{source}: {key} has shape {tuple(tensors[key].shape)}, the config implies "
                 f"{tuple(param.shape)}."
             )
         param.copy_(tensors[key])

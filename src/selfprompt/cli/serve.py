@@ -65,8 +65,13 @@ def _export_parser() -> ArgumentParser:
         "input) to ONNX, checked against PyTorch with onnxruntime.",
     )
     parser.add_argument("sources", nargs="+", type=str, help="RUN_OR_ADAPTER, or NAME=DIR for several.")
-    parser.add_argument("--format", type=str, default="onnx", help="onnx (the only format).")
-    parser.add_argument("--output", type=str, required=True, help="The .onnx file (a .json beside it).")
+    parser.add_argument(
+        "--format", type=str, default="onnx",
+        help="onnx, or peft (a LoRA adapter in peft's format, for peft.PeftModel.from_pretrained).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output", type=str, required=True, help="The .onnx file (a .json beside it), or the peft folder."
+    )
     parser.add_argument("--backbone", type=str | None, default=None, help="timm name or weights file.")
     parser.add_argument(
         "--stage", type=str | None, default=None, help="Run stage (default: final, else tune)."
@@ -77,10 +82,15 @@ def _export_parser() -> ArgumentParser:
 
 
 def _export(args: Namespace) -> None:
-    from selfprompt.serving.export import run_export
+    from selfprompt.serving.export import run_export, run_peft_export
 
+    if args.format == "peft":
+        if len(args.sources) != 1 or args.multitask:
+            raise ValueError("--format peft exports one LoRA adapter (one source, no --multitask).")
+        print(run_peft_export(args.sources[0], args.output, args.backbone, args.stage, args.verify))
+        return
     if args.format != "onnx":
-        raise ValueError(f"--format must be onnx, got {args.format!r}.")
+        raise ValueError(f"--format must be onnx or peft, got {args.format!r}.")
     report = run_export(args.sources, args.output, args.backbone, args.stage, args.multitask, args.verify)
     print(report)
 
@@ -90,6 +100,9 @@ COMMANDS = [
         "serve", "Serve many tasks from one frozen backbone over HTTP (LitServe).", _serve_parser, _serve
     ),
     Command(
-        "export", "Export adapters to ONNX (one task, or many with a task-id input).", _export_parser, _export
+        "export",
+        "Export adapters to ONNX (one task, or many with a task-id input) or LoRA to peft's format.",
+        _export_parser,
+        _export,
     ),
 ]

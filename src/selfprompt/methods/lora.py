@@ -15,6 +15,13 @@ model built on a deep copy of it gets a plain timm ViT. timm's Attention still c
 then its fused ``scaled_dot_product_attention``. Targets are anchored to the blocks
 (``blocks.<i>.attn.qkv``): a bare ``proj`` would also match ``patch_embed.proj`` and is refused.
 
+peft's own format, both ways (docs/methods.md, LoRA): :func:`save_peft` writes a folder that
+``peft.PeftModel.from_pretrained(peft_base(backbone, n, pool), folder)`` loads to this model's logits
+(``peft_base``: a plain timm classifier with this model's pooling; for ``token`` and ``avg`` pooling it is
+``timm.create_model(name, num_classes=n)`` and ``global_pool="avg", fc_norm=False``), and
+:func:`load_peft` reads a LoRA that peft trained on a timm ViT (its Linear layers inside the blocks, the head
+in ``modules_to_save``) as a :class:`LoRA`.
+
 The backbone stays in eval mode like every method here; LoRA's own dropout (inside peft's layers) follows
 the model's train/eval mode. The adapter holds the A/B tensors and the head (kilobytes), and
 :meth:`LoRA.merged` folds ``W <- W + s B A`` with peft's ``merge_and_unload`` into a plain timm
@@ -27,8 +34,10 @@ import copy
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from selfprompt.adapter import copy_tensors, read_tensors
 from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
 from selfprompt.methods.settings import (
     adapter_config,
@@ -36,7 +45,7 @@ from selfprompt.methods.settings import (
     positive_int,
     settings_from,
 )
-from selfprompt.model import PoolType, ViTClassifier, private_copy, timm_classifier
+from selfprompt.model import PoolType, ViTClassifier, backbone_pool, private_copy, timm_classifier
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -147,12 +156,7 @@ class LoRA(ViTClassifier):
         settings = settings_from("lora", LoRASettings, settings, fields, owner="LoRA")
         rank, alpha, dropout = settings.rank, float(settings.alpha), settings.dropout
         targets = normalise_targets(settings.targets)
-        try:
-            from peft.tuners import lora as peft_lora
-        except ImportError as error:
-            raise ImportError(
-                "method 'lora' needs huggingface peft: pip install 'selfprompt[lora]' (peft>=0.6)."
-            ) from error
+        peft_lora = _peft_lora()
         super().__init__(
             private_copy(backbone),
             num_classes,
@@ -201,6 +205,142 @@ class LoRA(ViTClassifier):
         modules or FLOPs. This model and its backbone are left unchanged."""
         backbone = copy.deepcopy(self.__dict__["_peft"]).merge_and_unload()
         return timm_classifier(self, backbone)
+
+
+def _peft_lora() -> Any:
+    try:
+        from peft.tuners import lora as peft_lora
+    except ImportError as error:
+        raise ImportError(
+            "method 'lora' needs huggingface peft: pip install 'selfprompt[lora]' (peft>=0.6)."
+        ) from error
+    return peft_lora
+
+
+PEFT_PREFIX = "base_model.model."  # what peft's saved tensor names start with
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def peft_base(backbone: VisionTransformer, num_classes: int, pool: PoolType) -> VisionTransformer:
+    """The plain timm classifier a LoRA in peft's format loads onto (``PeftModel.from_pretrained``): a copy of
+    ``backbone`` (left unchanged) with a head of ``num_classes`` and timm's pooling set to ``pool``."""
+    plain = ViTClassifier(private_copy(backbone), num_classes, pool=pool)
+    return timm_classifier(plain, plain.backbone)
+
+
+def save_peft(model: LoRA, folder: str | Path) -> Path:
+    """Write ``model`` in peft's LoRA format (peft's own ``save_pretrained``): its A and B matrices and the
+    head as ``modules_to_save``; ``PeftModel.from_pretrained(peft_base(backbone, n, pool), folder)`` gives
+    its logits. The model is left unchanged."""
+    peft_lora = _peft_lora()
+    from peft import get_peft_model
+
+    cfg = model.config
+    plain = copy.deepcopy(model.__dict__["_peft"]).unload()  # the backbone without LoRA layers
+    base = timm_classifier(model, plain)
+    peft_config = peft_lora.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target_pattern(normalise_targets(cfg.targets)),
+        modules_to_save=["head"],
+    )
+    peft_model = get_peft_model(base, peft_config)
+    peft_model.peft_config["default"].base_model_name_or_path = model.backbone_name  # the timm name
+    ours = {name.removeprefix("backbone."): p for name, p in model.lora_parameters().items()}
+    theirs = {
+        name.removeprefix(PEFT_PREFIX): p
+        for name, p in peft_model.named_parameters()
+        if re.search(r"\.lora_[AB]\.", name)
+    }
+    copy_tensors(ours, theirs, Path(f"<{type(model).__name__} in memory>"))
+    folder = Path(folder)
+    peft_model.save_pretrained(str(folder), save_embedding_layers=False)  # a ViT has no vocabulary to check
+    return folder
+
+
+def _peft_targets(peft_config: Any, backbone: nn.Module) -> list[str]:
+    """The :data:`TARGETS` that ``peft_config`` selects in ``backbone`` (by peft's own name matching): the
+    same Linear layers in every block, else refused."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    chosen = [
+        name for name, _ in backbone.named_modules() if name and check_target_module_exists(peft_config, name)
+    ]
+    by_block: dict[str, set[str]] = {}
+    for name in chosen:
+        found = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        target = next(
+            (t for t, pattern in TARGETS.items() if found and re.fullmatch(pattern, found[2])), None
+        )
+        if target is None:
+            raise ValueError(
+                f"the peft LoRA targets {name}, which selfprompt's LoRA does not adapt; it adapts the Linear "
+                f"layers {', '.join(TARGETS)} of every block."
+            )
+        by_block.setdefault(found[1], set()).add(target)
+    depth = len(backbone.blocks)
+    if len(by_block) != depth or len({frozenset(t) for t in by_block.values()}) != 1:
+        raise ValueError(
+            f"the peft LoRA adapts {sorted(chosen)}: selfprompt's LoRA adapts the same layers in all {depth} "
+            f"blocks."
+        )
+    return [t for t in TARGETS if t in next(iter(by_block.values()))]
+
+
+def load_peft(
+    folder: str | Path,
+    backbone: VisionTransformer,
+    pool: PoolType | None = None,
+    backbone_name: str | None = None,
+) -> LoRA:
+    """A :class:`LoRA` from a folder in peft's LoRA format (``PeftModel.save_pretrained`` of a timm ViT with
+    its Linear layers inside the blocks adapted and the head in ``modules_to_save``); ``pool`` None is the
+    backbone's (:func:`~selfprompt.model.backbone_pool`, as the timm model peft trained had it)."""
+    peft_lora = _peft_lora()
+    folder = Path(folder)
+    peft_config = peft_lora.LoraConfig.from_pretrained(str(folder))
+    unsupported = {
+        "use_dora": peft_config.use_dora,
+        "bias": peft_config.bias != "none" and peft_config.bias,
+        "rank_pattern": peft_config.rank_pattern,
+        "alpha_pattern": peft_config.alpha_pattern,
+        "layers_to_transform": peft_config.layers_to_transform,
+        "use_rslora": peft_config.use_rslora,
+        "fan_in_fan_out": peft_config.fan_in_fan_out,
+    }
+    unsupported = {key: value for key, value in unsupported.items() if value}
+    if unsupported:
+        raise ValueError(f"{folder}: selfprompt's LoRA has no {sorted(unsupported)} ({unsupported}).")
+    tensors = {
+        name.removeprefix(PEFT_PREFIX): value for name, value in read_tensors(folder / PEFT_WEIGHTS).items()
+    }
+    if "head.weight" not in tensors:
+        raise ValueError(
+            f"{folder} holds no trained head (peft's modules_to_save=['head']): a selfprompt adapter is the "
+            f"LoRA matrices and the head it was trained with."
+        )
+    settings = LoRASettings(
+        rank=peft_config.r,
+        alpha=float(peft_config.lora_alpha),
+        dropout=peft_config.lora_dropout,
+        targets=_peft_targets(peft_config, backbone),
+    )
+    model = LoRA(
+        backbone,
+        tensors["head.weight"].shape[0],
+        settings,
+        pool=pool or backbone_pool(backbone),
+        backbone_name=backbone_name,
+    )
+    ours = {
+        re.sub(r"\.lora_([AB])\.default\.", r".lora_\1.", name): p
+        for name, p in model.adapter_parameters().items()
+    }
+    copy_tensors(
+        tensors, {name.removeprefix("backbone."): p for name, p in ours.items()}, folder / PEFT_WEIGHTS
+    )
+    return model
 
 
 register_settings("lora", LoRASettings, "LoRA settings of the lora method (rank, alpha, dropout, targets).")

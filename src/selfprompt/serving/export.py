@@ -1,4 +1,5 @@
-"""Export to ONNX: one task's model, or a :class:`MultiTaskViT` with a task-id input.
+"""Export to ONNX: one task's model, or a :class:`MultiTaskViT` with a task-id input; a LoRA adapter also
+to peft's own format (:func:`run_peft_export`).
 
 The exporter is torch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``): the torch.export
 based default of torch >= 2.9 needs ``onnxscript``, which the ``export`` extra does not install. The batch
@@ -7,6 +8,7 @@ axis is dynamic. :func:`verify_onnx` runs the file with onnxruntime against PyTo
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -154,4 +156,44 @@ def run_export(
             if check["max_abs_diff"] > tolerance or not check["inf_positions_match"]:
                 raise RuntimeError(f"{output} differs from PyTorch: {check}")
             lines.append(f"onnxruntime vs PyTorch, batch {batch}: max |diff| {check['max_abs_diff']:.2e}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def run_peft_export(
+    source: str,
+    output: str | Path,
+    backbone: str | None = None,
+    stage: str | None = None,
+    verify: bool = True,
+) -> str:
+    """``selfprompt export RUN --format peft``: a LoRA adapter (or run) in peft's format
+    (:func:`selfprompt.methods.lora.save_peft`), checked by loading it with ``peft.PeftModel`` onto the
+    plain timm classifier and comparing logits with selfprompt's (max |diff| <= 1e-5)."""
+    from selfprompt.methods import load_pretrained
+    from selfprompt.methods.lora import LoRA, peft_base, save_peft
+    from selfprompt.serving.loading import load_backbone
+    from selfprompt.serving.sources import resolve_source
+
+    found = resolve_source(source, stage=stage)
+    pristine = load_backbone(backbone, Path(source))
+    model = load_pretrained(found.adapter, copy.deepcopy(pristine)).float().cpu().eval()
+    if not isinstance(model, LoRA):
+        raise ValueError(
+            f"{found.adapter} holds a {type(model).__name__}: --format peft writes LoRA adapters (lora)."
+        )
+    folder = save_peft(model, output)
+    lines = [f"{folder}: peft LoRA (PeftModel.from_pretrained onto selfprompt.methods.lora.peft_base(...))"]
+    if verify:
+        from peft import PeftModel
+
+        base = peft_base(pristine, model.config.num_classes, model.config.pool)
+        loaded = PeftModel.from_pretrained(base, str(folder)).eval()
+        images = torch.randn(3, 3, *image_size(model), generator=torch.Generator().manual_seed(0))
+        diff = (loaded(images) - model(images)).abs().max().item()
+        if diff > 1e-5:
+            raise RuntimeError(
+                f"{folder} gives other logits in peft than in selfprompt: max |diff| {diff:.2e}."
+            )
+        lines.append(f"peft vs selfprompt, batch 3: max |diff| {diff:.2e}")
     return "\n".join(lines)
