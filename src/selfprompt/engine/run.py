@@ -135,7 +135,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         pristine = create_backbone(cfg.model)
         backbone = backbone_record(cfg, pristine)
         say(backbone_info(pristine).describe())
-        splits = build_splits(cfg.data, pristine)
+        splits = build_splits(cfg.data, pristine, log=say)
         check_batches(cfg, splits, ctx)
         with claimed_run_dir(cfg, ctx):
             run = prepare_run_dir(cfg, ctx, say)
