@@ -131,10 +131,10 @@ def test_train_and_predict_without_a_recipe(tmp_path, monkeypatch, capsys):
     root = folder(tmp_path / "mine")  # train/ and test/: val is carved, stage both
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--model.method", "vpt-deep", "--data.root", str(root), *FAST]) == 0
-    out = capsys.readouterr().out
-    assert "one's own images, train train/, val none" in out and "stage both" in out
-    assert "--model.backbone vit_base_patch16_224" in out  # the hint for photos
-    assert len([line for line in out.splitlines() if "validation split: carved" in line]) == 1
+    printed = capsys.readouterr()
+    assert "one's own images, train train/, val none" in printed.err and "stage both" in printed.err
+    assert "--model.backbone vit_base_patch16_224" in printed.err  # the hint for photos
+    assert len([line for line in printed.out.splitlines() if "validation split: carved" in line]) == 1
     run = tmp_path / "runs" / "mine-vpt-deep"
     assert (run / "seed0" / "final" / "adapter" / "adapter.safetensors").is_file()
     assert "layout: folder" in (run / "config.yaml").read_text()

@@ -126,7 +126,7 @@ def prepare_config_argv(
     moved = {f"--{old}": f"--{new}" for old, new in legacy_fields().items()}
     out: list[str] = []
     given = given_options(argv)
-    if default_recipe is not None and not {"--config", "--help", "-h", "--print_config"} & set(given):
+    if default_recipe is not None and not {"--config", "--help", "-h"} & set(given):
         recipe = default_recipe(given)
         if recipe is not None:
             out += ["--config", _recipe_json(recipe, "the default recipe", known, floats)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ def own_images(given: dict[str, str]) -> dict[str, Any] | None:
     )
     print(
         f"{root}: one's own images, {splits}; {method}'s recipe for a small dataset, stage "
-        f"{given.get('--stage', recipe['stage'])}, backbone {backbone}{hint}"
+        f"{given.get('--stage', recipe['stage'])}, backbone {backbone}{hint}",
+        file=sys.stderr,  # beside the notes on the command line; stdout stays --print_config's
     )
     return recipe
 
