@@ -31,6 +31,14 @@ def folder(root: Path, splits=("train", "test"), per_class=12, classes=3) -> Pat
     )
 
 
+def class_folders(root: Path) -> Path:
+    """Class folders with images, without a train/ folder around them."""
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "0.png")
+    return root
+
+
 @pytest.fixture(scope="module")
 def backbone():
     return timm.create_model("vit_mini_patch4_32", pretrained=False, num_classes=0)
@@ -54,12 +62,17 @@ def test_a_folder_without_train_says_how_to_lay_it_out(tmp_path):
     flat = folder(tmp_path / "flat", ("cats", "dogs"))  # images in cats/class0/..: not class folders
     with pytest.raises(FileNotFoundError, match=r"--data.train_split NAME"):
         find_splits(flat)
-    classes = tmp_path / "classes"
-    for name in ("cat", "dog"):
-        (classes / name).mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(classes / name / "0.png")
+    classes = class_folders(tmp_path / "classes")
     with pytest.raises(FileNotFoundError, match=r"move them into .*classes/train/"):
         find_splits(classes)
+
+
+def test_train_on_a_folder_of_class_folders_says_how_to_lay_it_out(tmp_path, capsys):
+    classes = class_folders(tmp_path / "classes")
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--data.root", str(classes)])
+    assert stopped.value.code == 2 and not (tmp_path / "runs").exists()
+    assert f"move them into {classes}/train/" in capsys.readouterr().err
 
 
 def test_carve_is_seeded_and_stratified_and_said_in_one_line(tmp_path, backbone):
