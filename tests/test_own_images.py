@@ -15,6 +15,8 @@ from selfprompt.data import write_image_folder
 from selfprompt.data.config import DataConfig
 from selfprompt.data.own_folder import find_splits
 from selfprompt.data.splits import build_splits
+from selfprompt.engine.build import method_settings
+from selfprompt.methods import method_names
 
 import pytest
 import timm
@@ -138,6 +140,14 @@ def test_the_recipe_without_a_file(tmp_path):
     assert own_images({"--data.root": str(root), "--data.layout": "folder"}) is None
     assert own_images({"--data.root": str(root), "--data.task": "cub"}) is None
     assert own_images({"--data.root": str(tmp_path / "nowhere")}) is None
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_has_a_recipe_for_ones_own_folder(tmp_path, method):
+    cfg = TrainConfig.from_dict(own_recipe(folder(tmp_path / "i"), method)[0])
+    check_config(cfg)
+    method_settings(cfg)  # every value is one the method reads
+    assert cfg.model.method == method and cfg.data.layout == "folder"
 
 
 def test_train_and_predict_without_a_recipe(tmp_path, monkeypatch, capsys):
