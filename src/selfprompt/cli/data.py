@@ -101,7 +101,7 @@ def _data(ns: Namespace) -> None:
         registry.benchmark(args.benchmark).prepare(options, print)
     elif action == "show":
         _show(args)
-    elif args.benchmark is None and is_image_folder(args.root):
+    elif args.benchmark is None and names is None and is_image_folder(args.root):
         problems = check_folder(args.root)
         if problems:
             raise ValueError(f"{args.root}: {len(problems)} problem(s), listed above.")
