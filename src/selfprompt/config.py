@@ -318,6 +318,11 @@ def check_config(cfg: Any) -> None:
         problems.append(f"eval_every must be an integer >= 1, got {cfg.eval_every!r}")
     if cfg.stage not in ("tune", "final", "both"):
         problems.append(f"stage must be tune, final or both, got {cfg.stage!r}")
+    elif cfg.stage != "tune" and data.test_split is None:
+        problems.append(
+            f"stage {cfg.stage} evaluates the final model on data.test_split, which is null (no test split): "
+            "pass --data.test_split NAME, or --stage tune"
+        )
     if not isinstance(cfg.output_dir, str) or not cfg.output_dir.strip():
         problems.append(f"output_dir must name a folder, got {cfg.output_dir!r}")
     for section in settings_sections().values():

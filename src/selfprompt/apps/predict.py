@@ -37,6 +37,11 @@ def evaluate_run(
         )
     cfg, model, _ = load_run_model(run_dir, seed, stage, device, ema)
     dataset = getattr(build_splits(cfg.data, model.backbone), split)
+    if dataset is None:
+        raise ValueError(
+            f"{run_dir} was trained on data without a test split (data.test_split null): pass --split "
+            "val, or classify a folder of images with selfprompt predict RUN FOLDER."
+        )
     ctx = Context(rank=0, world_size=1, device=next(model.parameters()).device)
     net = PromptTuner(model, tpt) if tpt is not None else model
     started = time.perf_counter()

@@ -251,8 +251,9 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransf
         if not pretrained:
             raise
         raise RuntimeError(
-            f"Could not load pretrained weights for {name!r} ({error}). Offline, point --model.checkpoint at "
-            f"a local weights file, or use --model.pretrained false for random weights."
+            f"Could not load pretrained weights for {name!r} ({error}). Offline, pick a backbone that ships "
+            f"with selfprompt (--model.backbone vit_mini_patch4_32.sup_fmnist; selfprompt zoo list), point "
+            f"--model.checkpoint at a local weights file, or use --model.pretrained false for random weights."
         ) from error
     if not isinstance(model, VisionTransformer):
         raise TypeError(

@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS.get(argv[0]) if argv else None
     try:
         if command is not None and command.config is not None:
-            argv = [argv[0], *prepare_config_argv(argv[1:], command.config, command.extras)]
+            argv = [
+                argv[0],
+                *prepare_config_argv(argv[1:], command.config, command.extras, command.default_recipe),
+            ]
     except UsageError as error:
         parser.error(str(error))
     ns = parser.parse_args(argv)

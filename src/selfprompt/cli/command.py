@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -22,6 +23,8 @@ class Command:
         extras: The options such a command adds beside its config's fields.
         actions: For command groups (``data``, ``zoo``): adds the group's own subcommands to the parser once
             it is attached (jsonargparse builds subcommands level by level).
+        default_recipe: For recipe-driven commands, the recipe to start from when the command line names
+            none: given its options (``{"--data.root": "DIR", ...}``), a recipe mapping or None (no recipe).
     """
 
     name: str
@@ -31,3 +34,4 @@ class Command:
     config: type | None = None
     extras: tuple[str, ...] = ()
     actions: Callable[[ArgumentParser], None] | None = None
+    default_recipe: Callable[[dict[str, str]], dict[str, Any] | None] | None = None

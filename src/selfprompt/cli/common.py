@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,34 @@ def _suggest(option: str, known: set[str]) -> str:
     return f"; did you mean {close[0][2:]}?" if close else "; see --help for every field."
 
 
-def prepare_config_argv(argv: list[str], config_class: type, extras: tuple[str, ...] = ()) -> list[str]:
+def given_options(argv: list[str]) -> dict[str, str]:
+    """The options of a command line and their values (``--name value`` or ``--name=value``; the last one
+    given wins; an option without a value maps to an empty string)."""
+    found: dict[str, str] = {}
+    for index, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name.startswith("--"):
+            following = argv[index + 1] if index + 1 < len(argv) else ""
+            found[name] = value if eq else ("" if following.startswith("--") else following)
+    return found
+
+
+DefaultRecipe = Callable[[dict[str, str]], "dict[str, Any] | None"]
+
+
+def prepare_config_argv(
+    argv: list[str],
+    config_class: type,
+    extras: tuple[str, ...] = (),
+    default_recipe: DefaultRecipe | None = None,
+) -> list[str]:
     """A config command's arguments, checked and brought up to date before jsonargparse sees them.
 
     A bare recipe first means ``--config RECIPE``; the recipe is read here, fields that moved are migrated
     (``model.num_prompts`` -> ``prompt.num_prompts``, also on the command line, with a note) and it is
     passed on as JSON; an unknown field, in the recipe or on the command line, is an error naming the
-    closest known one.
+    closest known one. Without a recipe, ``default_recipe(given_options(argv))`` may give one (``train`` on
+    one's own image folder), which the command line then overrides.
     """
     if argv and argv[0].endswith(RECIPE_SUFFIXES):
         argv = ["--config", *argv]
@@ -103,12 +125,18 @@ def prepare_config_argv(argv: list[str], config_class: type, extras: tuple[str, 
     floats = _float_fields(config_class)
     moved = {f"--{old}": f"--{new}" for old, new in legacy_fields().items()}
     out: list[str] = []
+    given = given_options(argv)
+    if default_recipe is not None and not {"--config", "--help", "-h"} & set(given):
+        recipe = default_recipe(given)
+        if recipe is not None:
+            out += ["--config", _recipe_json(recipe, "the default recipe", known, floats)]
     index = 0
     while index < len(argv):
         arg = argv[index]
         name, eq, value = arg.partition("=")
         if name == "--config" and index + 1 < len(argv) and not eq:
-            out += ["--config", _recipe_json(Path(argv[index + 1]), known, floats)]
+            recipe = Path(argv[index + 1])
+            out += ["--config", _recipe_json(read_recipe(recipe), str(recipe), known, floats)]
             index += 2
             continue
         if name in moved:
@@ -152,18 +180,19 @@ def read_recipe(recipe: Path) -> dict[str, Any]:
     return data
 
 
-def _recipe_json(recipe: Path, known: set[str], floats: set[str]) -> str:
-    data = migrate(read_recipe(recipe))
+def _recipe_json(recipe: dict[str, Any], source: str, known: set[str], floats: set[str]) -> str:
+    """A recipe read from ``source`` (its file), migrated and checked, as JSON for the parser."""
+    data = migrate(recipe)
     sections = {k.split(".")[0][2:] for k in known if "." in k}
     for key, value in data.items():
         if key in sections and not isinstance(value, dict):
             raise UsageError(
-                f"{recipe}: {key} must be a mapping of its fields (e.g. {key}:\n  field: value), got "
+                f"{source}: {key} must be a mapping of its fields (e.g. {key}:\n  field: value), got "
                 f"{type(value).__name__} {value!r}."
             )
     for key, value in flatten(data).items():
         if f"--{key}" not in known:
-            raise UsageError(f"unknown config field {key!r} in {recipe}{_suggest(f'--{key}', known)}")
+            raise UsageError(f"unknown config field {key!r} in {source}{_suggest(f'--{key}', known)}")
         if f"--{key}" in floats:
             section, _, name = key.rpartition(".")
             (data[section] if section else data)[name] = _yaml_numbers(value)

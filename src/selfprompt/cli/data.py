@@ -1,4 +1,4 @@
-"""``selfprompt data``: list, prepare and check benchmarks."""
+"""``selfprompt data``: list, prepare and check benchmarks; check and show one's own image folder."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from selfprompt.apps.own_images import own_recipe
+from selfprompt.apps.show_data import show_images
 from selfprompt.cli.command import Command
+from selfprompt.config import ModelConfig, TrainConfig
 from selfprompt.data import registry
 from selfprompt.data.check import check_root
+from selfprompt.data.own_folder import LAYOUT, check_folder, is_image_folder
 from selfprompt.data.registry import PrepareOptions
 
 from jsonargparse import ArgumentParser, Namespace
@@ -52,14 +56,36 @@ def _add_data_actions(parser: ArgumentParser) -> None:
         prepare.add_argument(f"--{name}", type=kind, default=default, help=f"{', '.join(users)}: {meaning}")
     actions.add_subcommand("prepare", prepare, help="Write a benchmark's list layout (VTAB-1k from TFDS).")
     check = ArgumentParser()
-    check.add_argument("root", type=str, help="A benchmark folder (or one task's folder with --tasks NAME).")
+    check.add_argument(
+        "root",
+        type=str,
+        help=f"A benchmark folder (or one task's folder with --tasks NAME), or one's own images ({LAYOUT}).",
+    )
     check.add_argument(
         "--benchmark", type=str | None, default=None, help=f"{registry.spelled()} (default: detected)."
     )
     check.add_argument(
         "--tasks", type=str | None, default=None, help="Comma-separated tasks (default: found)."
     )
-    actions.add_subcommand("check", check, help="Check prepared tasks: counts, classes, files, hashes.")
+    actions.add_subcommand(
+        "check", check, help="Check prepared tasks (counts, classes, files, hashes) or one's own images."
+    )
+    show = ArgumentParser()
+    show.add_argument("root", type=str, help=f"One's own image folder ({LAYOUT}).")
+    show.add_argument(
+        "--output", type=str | None, default=None, help="The PNG (default: <folder name>_images.png)."
+    )
+    show.add_argument("--per_class", type=int, default=4, help="Images shown per class.")
+    show.add_argument("--split", type=str | None, default=None, help="The split shown (default: train).")
+    show.add_argument(
+        "--backbone",
+        type=str | None,
+        default=None,
+        help="The backbone whose evaluation transform is shown (default: the one selfprompt train picks).",
+    )
+    actions.add_subcommand(
+        "show", show, help="Write a PNG grid of a few images per class, after the evaluation transform."
+    )
 
 
 def _data(ns: Namespace) -> None:
@@ -73,12 +99,32 @@ def _data(ns: Namespace) -> None:
     elif action == "prepare":
         options = PrepareOptions(**{name: args[name] for name, *_ in _PREPARE_OPTIONS} | {"tasks": names})
         registry.benchmark(args.benchmark).prepare(options, print)
+    elif action == "show":
+        _show(args)
+    elif args.benchmark is None and names is None and is_image_folder(args.root):
+        problems = check_folder(args.root)
+        if problems:
+            raise ValueError(f"{args.root}: {len(problems)} problem(s), listed above.")
     else:
         benchmark = args.benchmark or _detect_benchmark(Path(args.root))
         report = check_root(args.root, benchmark, names)
         failed = [name for name, problems in report.items() if problems]
         if failed:
             raise ValueError(f"{len(failed)} of {len(report)} {benchmark} tasks have problems: {failed}.")
+
+
+def _show(args: Namespace) -> None:
+    recipe, _ = own_recipe(args.root, ModelConfig.method)
+    cfg = TrainConfig.from_dict(recipe)
+    cfg.model.pretrained = False  # the transform needs the backbone's config, not its weights
+    if args.backbone is not None:
+        cfg.model.backbone = args.backbone
+    output = args.output or f"{Path(args.root).resolve().name}_images.png"
+    grid = show_images(cfg, output, per_class=args.per_class, split=args.split)
+    print(
+        f"Wrote {grid.path}: {grid.classes} classes x {grid.per_class} images at {grid.cell}x{grid.cell} "
+        f"({grid.size[0]}x{grid.size[1]} pixels), after {cfg.model.backbone}'s evaluation transform"
+    )
 
 
 def _detect_benchmark(root: Path) -> str:
@@ -91,14 +137,15 @@ def _detect_benchmark(root: Path) -> str:
         if any((root / t.folder).is_dir() for t in registry.tasks(benchmark).values()):
             return benchmark
     raise FileNotFoundError(
-        f"{root} holds no known task folder; pass --benchmark ({', '.join(registry.names())}) and --tasks."
+        f"{root} holds no known task folder; pass --benchmark ({', '.join(registry.names())}) and --tasks, "
+        f"or, for one's own images, lay them out as {LAYOUT}."
     )
 
 
 COMMANDS = [
     Command(
         "data",
-        f"List, prepare or check benchmarks ({', '.join(registry.titles())}).",
+        f"List, prepare or check benchmarks ({', '.join(registry.titles())}); check or show your own images.",
         _parser,
         _data,
         actions=_add_data_actions,

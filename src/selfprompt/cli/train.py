@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any
+
 from selfprompt.apps.init_prompts import init_prompts_command
 from selfprompt.apps.meta_prompts import meta_prompts
+from selfprompt.apps.own_images import PHOTO_BACKBONE, own_recipe
 from selfprompt.cli.command import Command
-from selfprompt.cli.common import config_from, config_parser
-from selfprompt.config import TrainConfig
+from selfprompt.cli.common import UsageError, config_from, config_parser
+from selfprompt.config import ModelConfig, TrainConfig
+from selfprompt.data.own_folder import find_splits, is_image_folder
 from selfprompt.engine.run import run
+from selfprompt.methods import method_names
 from selfprompt.pretrain.config import PretrainConfig
 from selfprompt.pretrain.run import pretrain
 
@@ -46,6 +53,42 @@ def _meta_parser() -> ArgumentParser:
     return parser
 
 
+def own_images(given: dict[str, str]) -> dict[str, Any] | None:
+    """``selfprompt train`` with no recipe, no ``data.layout`` and no ``data.task``, on a ``data.root`` that
+    holds ``train/``: the method's recipe for a small dataset of one's own, with the splits found there
+    (:func:`selfprompt.apps.own_images.own_recipe`), announced in one line; None otherwise."""
+    root = given.get("--data.root")
+    if not root or {"--data.layout", "--data.task"} & set(given):
+        return None
+    folder = Path(root).expanduser()
+    if not is_image_folder(folder):
+        if folder.is_dir() and not any(folder.glob("*.txt")):  # no split lists either: say how to lay it out
+            try:
+                find_splits(folder)
+            except (OSError, ValueError) as error:
+                raise UsageError(str(error)) from None
+        return None
+    method = given.get("--model.method", ModelConfig.method)
+    if method not in method_names():
+        return None  # the parser names the known ones
+    try:
+        recipe, splits = own_recipe(root, method)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    backbone = given.get("--model.backbone", recipe["model"]["backbone"])
+    hint = (
+        f" (ships with selfprompt, needs no network; for photos: --model.backbone {PHOTO_BACKBONE})"
+        if backbone == recipe["model"]["backbone"]
+        else ""
+    )
+    print(
+        f"{root}: one's own images, {splits}; {method}'s recipe for a small dataset, stage "
+        f"{given.get('--stage', recipe['stage'])}, backbone {backbone}{hint}",
+        file=sys.stderr,  # beside the notes on the command line; stdout stays --print_config's
+    )
+    return recipe
+
+
 def _meta(args) -> None:
     meta_prompts(
         config_from(args, TrainConfig, META_EXTRAS),
@@ -69,6 +112,7 @@ COMMANDS = [
         ),
         lambda args: run(config_from(args, TrainConfig)),
         config=TrainConfig,
+        default_recipe=own_images,
     ),
     Command(
         "init-prompts",

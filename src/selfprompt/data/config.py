@@ -20,7 +20,8 @@ class DataConfig:
         train_split: Split trained on while tuning.
         val_split: Split that selects; None carves a seeded val_fraction out of train_split.
         trainval_split: Split the final model trains on; None merges train_split and val_split.
-        test_split: Split evaluated once, by the final model.
+        test_split: Split evaluated once, by the final model; None: the data has no test split (stage tune
+            only).
         val_fraction: Share of train_split held out (stratified, seeded) when val_split is None.
         batch_size: Global batch size: across all processes and accumulation steps.
         eval_batch_size: Global batch size for evaluation.
@@ -44,7 +45,7 @@ class DataConfig:
     train_split: str = "train800"
     val_split: str | None = "val200"
     trainval_split: str | None = "train800val200"
-    test_split: str = "test"
+    test_split: str | None = "test"
     val_fraction: float = 0.1
     batch_size: int = 32
     eval_batch_size: int = 128

@@ -81,6 +81,7 @@ def load_split(
     *,
     classes: list[str] | None = None,
     check_images: bool = True,
+    option: str | None = None,
 ) -> ImageDataset:
     """Load one split of a dataset, checking it before any training starts.
 
@@ -101,6 +102,8 @@ def load_split(
         classes: The label mapping to use instead (val/test splits: pass the train split's classes).
         check_images: Decode every image now, as training reads it (:func:`~selfprompt.data.images.load_rgb`),
             so that a corrupt or truncated file fails here, not mid-training or after it.
+        option: The config field that names this split (``data.train_split``): a missing split's error
+            says to pass another with it.
 
     Raises:
         FileNotFoundError: A missing root, split or listed image.
@@ -114,9 +117,9 @@ def load_split(
             f"Dataset root {root} is not a folder; pass the folder that holds the splits."
         )
     if layout == "folder":
-        samples, names = _folder_samples(root, split, classes)
+        samples, names = _folder_samples(root, split, classes, option)
     elif layout == "list":
-        samples, names = _list_samples(root, split, classes)
+        samples, names = _list_samples(root, split, classes, option)
     else:
         raise ValueError(
             f"Unknown layout {layout!r} for {root}; use 'folder' (root/<split>/<class>/<image>) or "
@@ -127,13 +130,30 @@ def load_split(
     return ImageDataset(samples, names, root, transform)
 
 
-def _folder_samples(root: Path, split: str, classes: list[str] | None) -> tuple[list[Sample], list[str]]:
+# what else fixes a missing split, by the option that names it
+_INSTEAD = {
+    "data.val_split": " (or --data.val_split null: a seeded, stratified --data.val_fraction of the training "
+    "split is carved out)",
+    "data.trainval_split": " (or --data.trainval_split null: train and val merged)",
+    "data.test_split": " (or --data.test_split null with --stage tune: no test split)",
+}
+
+
+def _pass_another(option: str | None) -> str:
+    if option is None:
+        return "Pass one of them"
+    return f"Pass one of them with --{option} NAME{_INSTEAD.get(option, '')}"
+
+
+def _folder_samples(
+    root: Path, split: str, classes: list[str] | None, option: str | None = None
+) -> tuple[list[Sample], list[str]]:
     split_dir = root / split
     if not split_dir.is_dir():
         found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         raise FileNotFoundError(
             f"Split folder {split_dir} does not exist; splits in {root}: {', '.join(found) or 'none'}. "
-            "Pass one of them, or lay the data out as root/<split>/<class_name>/<image>."
+            f"{_pass_another(option)}, or lay the data out as root/<split>/<class_name>/<image>."
         )
     folders = sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
@@ -201,13 +221,17 @@ def _holds_images(folder: Path, suffixes: tuple[str, ...]) -> bool:
     return False
 
 
-def _list_samples(root: Path, split: str, classes: list[str] | None) -> tuple[list[Sample], list[str]]:
+def _list_samples(
+    root: Path, split: str, classes: list[str] | None, option: str | None = None
+) -> tuple[list[Sample], list[str]]:
     list_file = root / f"{split}.txt"
     if not list_file.is_file():
         found = sorted(p.stem for p in root.glob("*.txt") if p.name != "classes.txt")
+        folders = "; it holds split folders, so pass --data.layout folder" if (root / split).is_dir() else ""
         raise FileNotFoundError(
-            f"Split list {list_file} does not exist; split lists in {root}: {', '.join(found) or 'none'}. "
-            "Pass one of them, or write one '<relative/image/path> <label>' line per image."
+            f"Split list {list_file} does not exist{folders}; split lists in {root}: "
+            f"{', '.join(found) or 'none'}. {_pass_another(option)}, or write one "
+            "'<relative/image/path> <label>' line per image."
         )
     parsed, bad = parse_list(list_file)
     if bad:

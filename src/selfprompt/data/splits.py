@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,13 @@ NORMALIZATIONS = ("backbone", "imagenet")
 @dataclass
 class Splits:
     """The protocol's datasets: tune trains on ``train`` and selects on ``val``; final trains on
-    ``trainval`` and evaluates ``test`` once. ``init`` is ``train`` with eval transforms (for SPT)."""
+    ``trainval`` and evaluates ``test`` once (None: the data has no test split, so only ``tune`` runs).
+    ``init`` is ``train`` with eval transforms (for SPT)."""
 
     train: ImageDataset
     val: ImageDataset
     trainval: ImageDataset
-    test: ImageDataset
+    test: ImageDataset | None
     init_train: ImageDataset
     init_trainval: ImageDataset
 
@@ -38,7 +40,11 @@ class Splits:
         return self.train.classes
 
     def fingerprints(self) -> dict[str, str]:
-        return {name: getattr(self, name).fingerprint() for name in ("train", "val", "trainval", "test")}
+        return {
+            name: getattr(self, name).fingerprint()
+            for name in ("train", "val", "trainval", "test")
+            if getattr(self, name) is not None
+        }
 
 
 def eval_transform(cfg: DataConfig, backbone: nn.Module):
@@ -94,8 +100,13 @@ def task_root(cfg: DataConfig) -> tuple[Path, list[str] | None]:
     return root, [str(k) for k in range(info.num_classes)]
 
 
-def build_splits(cfg: DataConfig, backbone: nn.Module, seed: int = 0) -> Splits:
-    """Load and check every split before anything is written (a bad dataset stops the run up front)."""
+def build_splits(
+    cfg: DataConfig, backbone: nn.Module, seed: int = 0, log: Callable[[str], None] | None = None
+) -> Splits:
+    """Load and check every split before anything is written (a bad dataset stops the run up front).
+
+    With ``data.val_split`` null, a seeded, stratified ``data.val_fraction`` of the training split is carved
+    out as the validation split, and ``log`` gets one line saying so."""
     root, task_classes = task_root(cfg)
     manifest = json.loads((root / MANIFEST_NAME).read_text()) if (root / MANIFEST_NAME).is_file() else {}
     prepared = registry.of_manifest(manifest)
@@ -105,23 +116,38 @@ def build_splits(cfg: DataConfig, backbone: nn.Module, seed: int = 0) -> Splits:
     train_tf = build_transform(pre, train=True, augment=cfg.augment)
     eval_tf = build_transform(pre, train=False)
 
-    def load(split: str, transform, classes=None) -> ImageDataset:
-        return load_split(root, cfg.layout, split, transform, classes=classes, check_images=cfg.check_images)
+    def load(split: str, transform, classes=None, option: str = "") -> ImageDataset:
+        return load_split(
+            root,
+            cfg.layout,
+            split,
+            transform,
+            classes=classes,
+            check_images=cfg.check_images,
+            option=f"data.{option}_split",
+        )
 
-    train = load(cfg.train_split, train_tf, task_classes)
+    train = load(cfg.train_split, train_tf, task_classes, "train")
     classes = train.classes
     if cfg.val_split is None:
+        whole = len(train)
         train, val = split_off(train, cfg.val_fraction, seed)
         val = copy.copy(val)
         val.transform = eval_tf
-        trainval = load(cfg.train_split, train_tf, classes)
+        trainval = load(cfg.train_split, train_tf, classes, "train")
+        if log is not None:
+            log(
+                f"validation split: carved {len(val)} of the {whole} images of {cfg.train_split} (seeded "
+                f"with {seed}, stratified by class; share --data.val_fraction {cfg.val_fraction}); "
+                f"--data.val_split NAME uses a split of its own instead"
+            )
     else:
-        val = load(cfg.val_split, eval_tf, classes)
+        val = load(cfg.val_split, eval_tf, classes, "val")
         if cfg.trainval_split is not None:
-            trainval = load(cfg.trainval_split, train_tf, classes)
+            trainval = load(cfg.trainval_split, train_tf, classes, "trainval")
         else:
-            trainval = merge(train, load(cfg.val_split, train_tf, classes))
-    test = load(cfg.test_split, eval_tf, classes)
+            trainval = merge(train, load(cfg.val_split, train_tf, classes, "val"))
+    test = None if cfg.test_split is None else load(cfg.test_split, eval_tf, classes, "test")
 
     def with_eval_transform(dataset: ImageDataset) -> ImageDataset:
         view = copy.copy(dataset)

@@ -138,7 +138,7 @@ def run(
         pristine = create_backbone(cfg.model)
         backbone = backbone_record(cfg, pristine)
         say(backbone_info(pristine).describe())
-        splits = build_splits(cfg.data, pristine)
+        splits = build_splits(cfg.data, pristine, log=say)
         check_batches(cfg, splits, ctx)
         # a trial build: every rule a model's constructor checks against the backbone (e.g.
         # prompt.deep_layers <= depth, an attention it can act on) is refused before the folder exists
