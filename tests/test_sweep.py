@@ -92,6 +92,17 @@ def test_sweep_records_every_trial_chooses_on_val_and_tests_once(uninterrupted):
 
 
 @pytest.mark.slow
+def test_sweep_png_draws_each_trials_score_and_curve(uninterrupted):
+    out, _ = uninterrupted
+    record = json.loads((out / "sweep.json").read_text())
+    drawn = json.loads((out / "sweep.plot.json").read_text())
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert drawn["scores"] == {setting_name(t["params"]): t["val_acc"] for t in record["trials"]}
+    for trial in record["trials"]:
+        rows = [json.loads(line) for line in (out / trial["folder"] / "seed0/tune/metrics.jsonl").open()]
+        assert drawn["curves"][setting_name(trial["params"])] == [[r["epoch"], r["val_acc"]] for r in rows]
+
+
 def test_killed_mid_trial_resumes_and_ends_as_an_uninterrupted_sweep(data, uninterrupted, tmp_path):
     whole, _ = uninterrupted
     killed = tmp_path / "killed"

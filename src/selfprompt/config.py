@@ -118,6 +118,7 @@ class RunOptions:
         resume: Continue the run in output_dir from its last checkpoint; refused if the config changed.
         tensorboard: Also write TensorBoard event files (needs the tensorboard package).
         progress: Show progress bars (on a terminal only; a log gets one line per epoch).
+        plots: Draw each training stage's curves (``curves.png``: train loss, accuracy, lr per epoch).
     """
 
     device: str = "auto"
@@ -125,6 +126,7 @@ class RunOptions:
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
+    plots: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:
@@ -195,7 +197,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # fields that may change between a run and its resumption (output_dir: the folder may have moved)
-RESUMABLE_CHANGES = {"resume", "progress", "data.num_workers", "tensorboard", "output_dir"}
+RESUMABLE_CHANGES = {"resume", "progress", "plots", "data.num_workers", "tensorboard", "output_dir"}
 
 
 class ConfigError(ValueError):

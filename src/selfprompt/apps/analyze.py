@@ -76,7 +76,7 @@ def _pyplot():
         import matplotlib
     except ImportError as error:
         raise RuntimeError(
-            "selfprompt analyze draws with matplotlib, which is not installed: pip install 'selfprompt[demo]'"
+            "selfprompt analyze draws with matplotlib, which is not installed: pip install matplotlib"
         ) from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,17 +7,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from selfprompt.atomic import atomic_write
 from selfprompt.data import IMAGE_EXTENSIONS
 from selfprompt.data.images import load_rgb
 from selfprompt.data.splits import build_splits, eval_transform
 from selfprompt.engine.distributed import Context
 from selfprompt.engine.loop import evaluate
-from selfprompt.engine.trained import load_run_model
+from selfprompt.engine.trained import find_stage, load_run_model
 from selfprompt.engine.tta import PromptTuner, TPTConfig
+from selfprompt.pictures import confusion_picture, image_grid
 
 import torch
 
 PROTOCOL_SPLITS = ("train", "val", "trainval", "test")
+GRID_IMAGES = 48  # predict --grid draws at most this many images (the first, in the rows' order)
 
 
 def evaluate_run(
@@ -28,14 +31,16 @@ def evaluate_run(
     device: str,
     ema: bool = False,
     tpt: TPTConfig | None = None,
+    plot: bool = False,
 ) -> dict[str, Any]:
     """Accuracy and loss of a run's model on one of its splits; with ``tpt``, under test-time prompt tuning
-    (and its seconds per image)."""
+    (and its seconds per image); with ``plot``, its confusion matrix and per-class accuracy as
+    ``confusion_<split>.png`` (with its .plot.json and a .csv) in the stage folder."""
     if split not in PROTOCOL_SPLITS:
         raise ValueError(
             f"split must be one of {PROTOCOL_SPLITS} (the run's configured splits), got {split!r}."
         )
-    cfg, model, _ = load_run_model(run_dir, seed, stage, device, ema)
+    cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema)
     dataset = getattr(build_splits(cfg.data, model.backbone), split)
     if dataset is None:
         raise ValueError(
@@ -45,8 +50,15 @@ def evaluate_run(
     ctx = Context(rank=0, world_size=1, device=next(model.parameters()).device)
     net = PromptTuner(model, tpt) if tpt is not None else model
     started = time.perf_counter()
-    scores = evaluate(net, dataset, ctx, cfg.data.eval_batch_size, cfg.precision, cfg.data.num_workers)
+    args = (net, dataset, ctx, cfg.data.eval_batch_size, cfg.precision, cfg.data.num_workers)
+    scores = evaluate(*args, confusion=plot)
+    matrix = scores.pop("confusion", None)
     row = {"run": str(run_dir), "split": split, "stage": stage, "images": len(dataset), **scores}
+    if matrix is not None:
+        picture = find_stage(run_dir, seed, stage, ema).folder.confusion(split)
+        confusion_picture(matrix, classes, picture, title=f"{run_dir} {stage} on {split}")
+        _write_confusion_csv(matrix, classes, picture.with_suffix(".csv"))
+        row["plot"] = str(picture)
     if tpt is not None:
         row |= {
             "tta": "tpt",
@@ -54,6 +66,15 @@ def evaluate_run(
             "seconds_per_image": (time.perf_counter() - started) / len(dataset),
         }
     return row
+
+
+def _write_confusion_csv(matrix: torch.Tensor, classes: list[str], path: Path) -> None:
+    """One row per true class: its count predicted as each class, then its accuracy."""
+    rows = [["true \\ predicted", *classes, "accuracy"]]
+    for index, (name, counts) in enumerate(zip(classes, matrix.long().tolist(), strict=True)):
+        total = sum(counts)
+        rows.append([name, *counts, counts[index] / total if total else ""])
+    atomic_write(path, lambda p: p.write_text("\n".join(",".join(map(str, r)) for r in rows) + "\n"))
 
 
 def _image_files(inputs: list[str]) -> list[Path]:
@@ -83,6 +104,7 @@ def predict_run(
     topk: int = 1,
     batch_size: int = 64,
     tpt: TPTConfig | None = None,
+    grid: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k classes and probabilities for each image file (folders are searched recursively) by the model of
     ``seed``/``stage`` (:func:`selfprompt.engine.trained.find_stage`; None: final, else tune); with ``tpt``,
@@ -90,6 +112,8 @@ def predict_run(
 
     A file that cannot be read as an image does not stop the others: its row holds ``path`` and ``error``
     (what is wrong and the fix) and no classes; when any file failed, every row has an ``error`` column.
+    With ``grid`` (a .png path), the first :data:`GRID_IMAGES` images are drawn there with their top class
+    and its probability (its .plot.json holds the captions).
     """
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"--topk must be an integer >= 1 (classes reported per image), got {topk!r}.")
@@ -119,6 +143,19 @@ def predict_run(
                     row |= {f"class{suffix}": classes[i], f"probability{suffix}": round(p, 6)}
                 rows[file] = row
     ordered = [rows[path] for path in files]
+    if grid is not None:
+        _draw_grid(ordered, Path(grid))
     if any("error" in row for row in ordered):
         ordered = [row if "error" in row else {**row, "error": ""} for row in ordered]
     return ordered
+
+
+def _draw_grid(rows: list[dict[str, Any]], path: Path) -> None:
+    """The first :data:`GRID_IMAGES` readable images of ``rows`` with their top class and probability."""
+    shown = [row for row in rows if "error" not in row][:GRID_IMAGES]
+    images = [load_rgb(Path(row["path"])) for row in shown]
+    for image in images:
+        image.thumbnail((160, 160))
+    top = ("class", "probability") if "class" in (shown[0] if shown else {}) else ("class_1", "probability_1")
+    captions = [f"{Path(r['path']).name}\n{r[top[0]]} ({100 * r[top[1]]:.0f}%)" for r in shown]
+    image_grid(images, captions, path)

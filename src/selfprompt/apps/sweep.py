@@ -48,6 +48,7 @@ from selfprompt.config import TrainConfig, check_config
 from selfprompt.engine.build import method_settings
 from selfprompt.engine.run import run
 from selfprompt.engine.rundir import RunDir
+from selfprompt.pictures import sweep_picture
 
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("none", "median", "hyperband")
@@ -251,7 +252,22 @@ def sweep(base: TrainConfig, settings: SweepSettings, log: Callable[[str], None]
     if settings.final and record["complete"]:
         record["final"] = _final(base, record["best"]["params"], out, log)
     write_json(out / "sweep.json", record)
+    _draw(record, out)
     return record
+
+
+def _draw(record: dict[str, Any], out: Path) -> None:
+    """``sweep.png``: each trial's score and the validation accuracy per epoch of its first seed."""
+    scores, curves = {}, {}
+    for trial in record["trials"]:
+        name = setting_name(trial["params"])
+        scores[name] = trial["val_acc"] if trial["state"] == "COMPLETE" else None
+        run = RunDir(out / trial["folder"]) if trial.get("folder") else None
+        seeds = run.read_config().get("seeds", [0]) if run is not None and run.is_run() else []
+        stage = run.stage(seeds[0], "tune") if seeds else None
+        if stage is not None and stage.log_file("metrics", "jsonl").is_file():
+            curves[name] = [[row["epoch"], row["val_acc"]] for row in stage.read_rows() if "val_acc" in row]
+    sweep_picture(scores, curves, out / "sweep.png", title=f"sweep of {', '.join(record['search'])}")
 
 
 def _judged(optuna, study) -> list:

@@ -45,11 +45,17 @@ def _eval_parser() -> ArgumentParser:
     parser.add_argument(
         "--split", type=str, default="test", help="The split to evaluate (a data split name)."
     )
+    parser.add_argument(
+        "--plot", type=bool, default=False,
+        help="Draw the confusion matrix and per-class accuracy (confusion_<split>.png, .csv in the stage).",
+    )  # fmt: skip
     return _tta(parser)
 
 
 def _eval(args: Namespace) -> None:
-    scores = evaluate_run(args.run_dir, args.split, args.seed, args.stage, args.device, args.ema, _tpt(args))
+    scores = evaluate_run(
+        args.run_dir, args.split, args.seed, args.stage, args.device, args.ema, _tpt(args), plot=args.plot
+    )
     print(json.dumps(scores, indent=2))
 
 
@@ -60,6 +66,10 @@ def _predict_parser() -> ArgumentParser:
         "--output", type=str | None, default=None, help="Write a .csv or .json (default: stdout)."
     )
     parser.add_argument("--topk", type=int, default=1, help="Classes reported per image.")
+    parser.add_argument(
+        "--grid", type=str | None, default=None,
+        help="Also draw the first 48 images with their top class into this .png (captions in .plot.json).",
+    )  # fmt: skip
     return _tta(parser)
 
 
@@ -68,9 +78,12 @@ def _predict(args: Namespace) -> None:
         raise ValueError(f"--output must end in .csv or .json, got {args.output}")
     tpt = _tpt(args)
     started = time.perf_counter()
+    if args.grid is not None and not args.grid.endswith(".png"):
+        raise ValueError(f"--grid must name a .png file, got {args.grid}")
     rows = predict_run(
-        args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk, tpt=tpt
-    )
+        args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk, tpt=tpt,
+        grid=args.grid,
+    )  # fmt: skip
     if tpt is not None:
         print(f"TPT: {(time.perf_counter() - started) / len(rows):.3f} s per image", file=sys.stderr)
     write_predictions(rows, args.output)

@@ -47,22 +47,40 @@ def autocast(ctx: Context, precision: str):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: Dataset, ctx: Context, batch_size: int, precision: str, num_workers: int = 0
-) -> dict[str, float]:
-    """Exact accuracy and mean loss: each sample counted once across all processes."""
+    model: nn.Module,
+    dataset: Dataset,
+    ctx: Context,
+    batch_size: int,
+    precision: str,
+    num_workers: int = 0,
+    confusion: bool = False,
+) -> dict[str, Any]:
+    """Exact accuracy and mean loss: each sample counted once across all processes; with ``confusion`` also
+    the confusion matrix (``confusion``: counts, rows the true class, columns the predicted one)."""
     model.eval()
     sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct, loss sum, count
+    matrix = None
     for images, labels in loader:
         images, labels = images.to(ctx.device), labels.to(ctx.device)
         with autocast(ctx, precision):
             logits = model(images)
-        totals[0] += (logits.argmax(1) == labels).sum()
+        predicted = logits.argmax(1)
+        totals[0] += (predicted == labels).sum()
         totals[1] += F.cross_entropy(logits.float(), labels, reduction="sum")
         totals[2] += len(labels)
+        if confusion:
+            classes = logits.shape[1]
+            if matrix is None:
+                matrix = torch.zeros(classes * classes, dtype=torch.float64, device=ctx.device)
+            matrix.index_add_(0, labels * classes + predicted, torch.ones_like(labels, dtype=torch.float64))
     correct, loss, count = all_reduce_sum(totals).tolist()
-    return {"acc": correct / count, "loss": loss / count}
+    scores: dict[str, Any] = {"acc": correct / count, "loss": loss / count}
+    if confusion and matrix is not None:
+        side = math.isqrt(matrix.numel())
+        scores["confusion"] = all_reduce_sum(matrix).reshape(side, side).cpu()
+    return scores
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

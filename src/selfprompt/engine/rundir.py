@@ -11,6 +11,8 @@
         projection_epoch<E>.safetensors
         state.pt                      the resumable training state
         result.json, classes.json     the stage's result and class names
+        curves.png, curves.plot.json  train loss, accuracy and lr per epoch, and the numbers drawn
+        confusion_<split>.png, .plot.json, .csv  ``selfprompt eval --plot``: confusion, per-class accuracy
         adapter/, adapter_ema/        the trained adapter (and its EMA)
     <run>/encoder.safetensors         ``selfprompt pretrain``: the pretrained encoder (the run is its own
                                       TrainingDir: metrics and state.pt sit in <run>/)
@@ -76,6 +78,13 @@ class TrainingDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
+
+    @property
+    def curves(self) -> Path:
+        return self.path / "curves.png"
+
+    def confusion(self, split: str) -> Path:
+        return self.path / f"confusion_{split}.png"
 
     def log_file(self, name: str, suffix: str) -> Path:
         """``<name>.<suffix>`` for a metrics-like log (``metrics``, ``analysis``; ``jsonl``, ``csv``)."""

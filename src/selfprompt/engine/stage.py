@@ -20,6 +20,7 @@ from selfprompt.engine.setup import TrainingOptions, training_setup
 from selfprompt.engine.subspace import GradientSubspace, gradient_subspace
 from selfprompt.engine.tracking import PromptTracker, probe_batch
 from selfprompt.model import ViTClassifier
+from selfprompt.pictures import training_curves
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -122,7 +123,7 @@ def train_stage(
     epoch_times = loop.run(setup.start_epoch, opt.epochs, scores.evaluate, end_epoch)
     result = scores.result(setup.metrics, epoch_times, seed)
     if ctx.is_main:
-        _save(folder, model, ema, classes, result)
+        _save(folder, model, ema, classes, result, options.run.plots)
         setup.metrics.close()
     return result
 
@@ -250,11 +251,14 @@ def _save(
     ema: ParameterEMA | None,
     classes: list[str],
     result: StageResult,
+    plots: bool,
 ) -> None:
-    """The stage's adapter (and its EMA's), class names and result."""
+    """The stage's adapter (and its EMA's), class names, result and (``plots``) its curves."""
     model.save_pretrained(folder.adapter())
     if ema is not None:
         with ema.applied():
             model.save_pretrained(folder.adapter(ema=True))
     folder.write_classes(classes)
     folder.write_result(result)
+    if plots:
+        training_curves(folder.read_rows(), folder.curves, title=f"{result.stage} seed {result.seed}")
