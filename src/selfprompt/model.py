@@ -244,11 +244,13 @@ def timm_classifier(model: ViTClassifier, backbone: VisionTransformer) -> Vision
     pool = model.config.pool
     backbone.reset_classifier(model.config.num_classes, "token" if pool == "token" else "avg")
     backbone.pool_include_prefix = False
+    plain_mae = pool == "mae" and isinstance(backbone.fc_norm, nn.Identity)
     if pool == "mae":  # timm's own layout for global_pool="avg" (norm: Identity, fc_norm: the LayerNorm)
         after = backbone.fc_norm
-        backbone.fc_norm = (
-            backbone.norm if isinstance(after, nn.Identity) else nn.Sequential(backbone.norm, after)
-        )
+        backbone.fc_norm = backbone.norm if plain_mae else nn.Sequential(backbone.norm, after)
         backbone.norm = nn.Identity()
+    if hasattr(backbone, "_model_args") and (pool != "mae" or plain_mae):
+        # what timm's save_for_hf records to rebuild it (create_model("local-dir:...")): where the norm sits
+        backbone._model_args = {**backbone._model_args, "fc_norm": pool == "mae"}
     backbone.head.load_state_dict(model.head.state_dict())
     return backbone.requires_grad_(False).eval()
