@@ -1,15 +1,17 @@
 """A backbone family: the functions through which the rest of selfprompt reaches a timm architecture's
 internals (its token prologue, the tokens entering each block, its Attention's steps), looked up by the
 backbone's class. Each family is one module of this package with the same names (``vit.py`` for timm's
-``VisionTransformer``); adding one (timm's ``Eva``, ``Beit``) is a module and one entry in ``_MODULES``."""
+``VisionTransformer``, ``eva.py`` for ``Eva``, ``beit.py`` for ``Beit``); adding one is a module and one
+entry in ``_MODULES``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from types import ModuleType
+from typing import Any
 
-from selfprompt.backbones import vit
+from selfprompt.backbones import beit, eva, vit
 
 import torch
 from torch import nn
@@ -26,6 +28,14 @@ class BackboneFamily:
         name: Short name (``vit``).
         model_class, block_class, attention_class: The timm classes the functions follow.
         examples: timm names of the family, for error messages.
+        capabilities: What methods may rely on: ``prompts`` (tokens inserted after the prefix, with no
+            position), ``branches`` (a block's attention and MLP branches replaceable:
+            :func:`residual_branches`),
+            ``attention`` (methods that compute the attention themselves from its steps). Methods that change
+            Linear layers, biases or the head need none of them.
+        lacks: For each capability it has not, why (a sentence fragment for refusals).
+        linears: The Linear layers of a block by canonical name (``qkv``, ``attn.proj``, ``mlp.fc1``,
+            ``mlp.fc2``), as regular expressions of their paths inside the block.
     """
 
     name: str
@@ -33,6 +43,9 @@ class BackboneFamily:
     block_class: type[nn.Module]
     attention_class: type[nn.Module]
     examples: str
+    capabilities: frozenset[str]
+    lacks: dict[str, str]
+    linears: dict[str, str]
     # the token prologue and the blocks
     embed_patches: Callable[[nn.Module, Tensor], Tensor]
     patch_grid: Callable[[nn.Module, Tensor, Tensor], tuple[int, int]]
@@ -40,6 +53,12 @@ class BackboneFamily:
     pre_blocks: Callable[[nn.Module, Tensor], Tensor]
     prologue: Callable[..., Tensor]
     tokens_entering_blocks: Callable[..., Iterator[tuple[nn.Module, Tensor]]]
+    positions: Callable[[nn.Module, Tensor], Any]
+    run_block: Callable[..., Tensor]
+    residual_branches: Callable[..., Tensor]
+    # the layers methods change
+    block_ops: Callable[[nn.Module], tuple[str, ...]]
+    plain_linears: Callable[[nn.Module], None]
     # the attention's steps
     optional_part: Callable[[nn.Module, str], nn.Module | None]
     qkv_rows: Callable[[nn.Module, int], slice]
@@ -50,6 +69,11 @@ class BackboneFamily:
     merge_heads: Callable[[nn.Module, Tensor], Tensor]
     attention_output: Callable[[nn.Module, Tensor, Tensor], Tensor]
     attention: Callable[[nn.Module, Tensor], Tensor]
+
+    def missing(self, needs: frozenset[str]) -> str | None:
+        """Why this family cannot give what ``needs`` names, or None when it gives all of it."""
+        reasons = [self.lacks.get(need, f"it has no {need!r}") for need in sorted(needs - self.capabilities)]
+        return "; ".join(reasons) or None
 
     @classmethod
     def of(cls, module: ModuleType) -> BackboneFamily:
@@ -63,7 +87,7 @@ class BackboneFamily:
         )
 
 
-_MODULES: tuple[ModuleType, ...] = (vit,)
+_MODULES: tuple[ModuleType, ...] = (vit, eva, beit)
 BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = tuple(BackboneFamily.of(m) for m in _MODULES)
 
 
@@ -78,8 +102,8 @@ def backbone_family(backbone: nn.Module) -> BackboneFamily:
         if isinstance(backbone, family.model_class):
             return family
     raise TypeError(
-        f"selfprompt supports timm {_supported()} backbones, got {type(backbone).__name__}. Hierarchical "
-        f"or convolutional models (ResNet, Swin, ConvNeXt, ...) have no token sequence to prompt."
+        f"selfprompt supports timm {_supported()} backbones, got {type(backbone).__name__}. "
+        f"Convolutional models (ResNet, ConvNeXt, ...) have no token sequence."
     )
 
 

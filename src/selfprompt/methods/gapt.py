@@ -53,6 +53,7 @@ class GaPT(PromptedViT):
     or ``gate_init`` by name)."""
 
     config_class = GaPTConfig
+    needs = frozenset({"prompts", "attention"})
 
     def __init__(
         self,

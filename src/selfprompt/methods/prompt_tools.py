@@ -109,7 +109,8 @@ def frozen_layers(
     patches = family.embed_patches(backbone, images)
     grid = family.patch_grid(backbone, images, patches)
     x = family.pre_blocks(backbone, family.embed_tokens(backbone, patches))
-    for block, tokens in family.tokens_entering_blocks(backbone, x, num_layers):
+    where = family.positions(backbone, images)
+    for block, tokens in family.tokens_entering_blocks(backbone, x, num_layers, where):
         yield grid, block, tokens
 
 

@@ -117,6 +117,7 @@ class E2VPT(PromptedViT):
     """
 
     config_class = E2VPTConfig
+    needs = frozenset({"prompts", "attention"})
 
     def __init__(
         self,
