@@ -23,6 +23,7 @@ from conftest import FP32_ATOL
 from prompt_method_checks import assert_rows_are_tokens
 from timm.models.beit import Beit
 from timm.models.eva import Eva
+from timm.models.swin_transformer import SwinTransformer
 
 SIZE = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
 BACKBONES = {
@@ -41,6 +42,9 @@ BACKBONES = {
     ),
 }
 EVAS = [name for name in BACKBONES if name.startswith("eva")]
+SWIN = dict(
+    img_size=32, patch_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, num_classes=0
+)
 M = 3
 
 
@@ -48,7 +52,7 @@ def backbone(name: str, seed: int = 0, **kw) -> torch.nn.Module:
     """A tiny random backbone; the parameters timm initialises to zero or one (relative position bias tables,
     q/v biases, layer scales) are drawn too, so that a wrong layout shows."""
     torch.manual_seed(seed)
-    model = BACKBONES[name](**kw)
+    model = SwinTransformer(**SWIN) if name == "swin" else BACKBONES[name](**kw)
     with torch.no_grad():
         for key, param in model.named_parameters():
             if any(part in key for part in ("relative_position_bias_table", "q_bias", "v_bias")):
@@ -288,3 +292,40 @@ def test_the_multitask_server_refuses_the_new_families_for_now():
 
     with pytest.raises(UnsupportedBackbone, match="serve its adapters one model at a time"):
         MultiTaskViT(backbone("eva02"))
+
+
+# --- Swin: the methods that change Linear layers, biases or the head ------------------------------------
+
+SWIN_METHODS = ["linear", "full", "bitfit", "lora", "ssf"]
+
+
+def test_on_swin_only_the_linear_bias_and_head_methods_apply(images):
+    swin = backbone("swin")
+    assert applicable_methods(swin) == SWIN_METHODS
+    model = ViTClassifier(swin, num_classes=5)
+    with torch.no_grad():
+        ours = model.forward_head(model.forward_features(images), pre_logits=True)
+        timms = swin.forward_head(swin.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(ours, timms, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("method", SWIN_METHODS)
+def test_a_method_on_swin_trains_its_tensors_only_and_reloads_equal(method, images, tmp_path):
+    test_a_method_trains_its_tensors_only_and_reloads_equal("swin", method, images, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["vpt-deep", "spt-shallow", "adaptformer", "gapt", "cvpt"])
+def test_the_others_are_refused_on_swin_naming_why_and_those_that_apply(method):
+    with pytest.raises(
+        TypeError,
+        match=r"cannot run on timm's SwinTransformer: .*On timm's SwinTransformer "
+        r"selfprompt runs: linear, full, bitfit, lora, ssf\.",
+    ):
+        get_method(method).create(backbone("swin"), 5, settings(method))
+
+
+def test_cvpt_and_prompts_on_swin_say_why_in_a_sentence():
+    with pytest.raises(UnsupportedBackbone, match=r"CVPT cannot run on timm's SwinTransformer: its windowed"):
+        CVPT(backbone("swin"), num_classes=5)
+    with pytest.raises(TypeError, match="supports timm VisionTransformer, Eva, Beit backbones for it"):
+        sp.PromptedViT(backbone("swin"), num_classes=5)

@@ -125,12 +125,12 @@ class ViTClassifier(nn.Module):
         )
         self.backbone_name = backbone_name if backbone_name is not None else timm_name(backbone)
         self.backbone = backbone.requires_grad_(train_backbone).train(train_backbone and self.training)
-        self.num_prefix_tokens: int = backbone.num_prefix_tokens
+        self.num_prefix_tokens: int = getattr(backbone, "num_prefix_tokens", 0)
         #: What the blocks need besides the tokens (the family's rotary embedding or relative position bias;
         #: None for timm's VisionTransformer), set per forward for its images (:meth:`forward_features`).
         self._positions: Any = self.family.positions(backbone, None)
         device = next(backbone.parameters()).device
-        self.head = nn.Linear(backbone.embed_dim, num_classes, device=device)
+        self.head = nn.Linear(backbone.num_features, num_classes, device=device)
         nn.init.trunc_normal_(self.head.weight, std=head_init_std)
         nn.init.zeros_(self.head.bias)
 
@@ -179,19 +179,20 @@ class ViTClassifier(nn.Module):
         bb = self.backbone
         self._positions = self.family.positions(bb, x)
         x = self.family.prologue(bb, x, insert=self.insert_tokens)
-        for index, block in enumerate(bb.blocks):
+        for index, block in enumerate(self.family.blocks(bb)):
             x = self.forward_block(index, block, x)
         return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised features (the head's input) from ``forward_features`` output."""
-        bb = self.backbone
+        norm, fc_norm = self.family.final_norms(self.backbone)
+        x = x.flatten(1, -2)  # a grid (Swin's) as its tokens
         p = self.num_prefix_tokens
         if self.config.pool == "mae":
-            return bb.fc_norm(bb.norm(x[:, p:].mean(dim=1)))
-        x = bb.norm(x)
+            return fc_norm(norm(x[:, p:].mean(dim=1)))
+        x = norm(x)
         x = x[:, 0] if self.config.pool == "token" else x[:, p + self.num_extra_tokens :].mean(dim=1)
-        return bb.fc_norm(x)
+        return fc_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x)

@@ -37,6 +37,7 @@ MODEL_CLASS = Beit
 BLOCK_CLASS = Block
 ATTENTION_CLASS = Attention
 EXAMPLES = "beit_*, beitv2_* made by timm.create_model"
+BLOCKS_PATH = vit.BLOCKS_PATH
 CAPABILITIES = frozenset({"prompts", "branches"})
 LACKS = {
     "serving": "the multi-task server runs the blocks without its relative position bias yet; serve its "
@@ -66,6 +67,7 @@ def embed_patches(backbone: Beit, images: torch.Tensor) -> torch.Tensor:
 
 
 patch_grid = vit.patch_grid
+final_norms = vit.final_norms
 
 
 def embed_tokens(backbone: Beit, patches: torch.Tensor, patch_drop: bool = True) -> torch.Tensor:

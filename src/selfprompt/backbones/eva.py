@@ -31,6 +31,7 @@ MODEL_CLASS = Eva
 BLOCK_CLASS = EvaBlock
 ATTENTION_CLASS = EvaAttention
 EXAMPLES = "eva02_*, eva_*, vit_*_rope_* made by timm.create_model"
+BLOCKS_PATH = vit.BLOCKS_PATH
 CAPABILITIES = frozenset({"prompts", "branches"})
 LACKS = {
     "serving": "the multi-task server runs the blocks without its rotary position embedding yet; serve its "
@@ -66,6 +67,7 @@ def embed_patches(backbone: Eva, images: torch.Tensor) -> torch.Tensor:
 
 
 patch_grid = vit.patch_grid
+final_norms = vit.final_norms
 
 
 def embed_tokens(backbone: Eva, patches: torch.Tensor, patch_drop: bool = True) -> torch.Tensor:

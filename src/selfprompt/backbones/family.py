@@ -1,8 +1,8 @@
 """A backbone family: the functions through which the rest of selfprompt reaches a timm architecture's
 internals (its token prologue, the tokens entering each block, its Attention's steps), looked up by the
 backbone's class. Each family is one module of this package with the same names (``vit.py`` for timm's
-``VisionTransformer``, ``eva.py`` for ``Eva``, ``beit.py`` for ``Beit``); adding one is a module and one
-entry in ``_MODULES``."""
+``VisionTransformer``, ``eva.py`` for ``Eva``, ``beit.py`` for ``Beit``, ``swin.py`` for
+``SwinTransformer``); adding one is a module and one entry in ``_MODULES``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any
 
-from selfprompt.backbones import beit, eva, vit
+from selfprompt.backbones import beit, eva, swin, vit
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ class BackboneFamily:
         name: Short name (``vit``).
         model_class, block_class, attention_class: The timm classes the functions follow.
         examples: timm names of the family, for error messages.
+        blocks_path: Where the blocks the classifier runs one after the other are (``blocks``; Swin's
+            stages: ``layers``).
         capabilities: What methods may rely on: ``prompts`` (tokens inserted after the prefix, with no
             position), ``branches`` (a block's attention and MLP branches replaceable:
             :func:`residual_branches`),
@@ -43,6 +45,7 @@ class BackboneFamily:
     block_class: type[nn.Module]
     attention_class: type[nn.Module]
     examples: str
+    blocks_path: str
     capabilities: frozenset[str]
     lacks: dict[str, str]
     linears: dict[str, str]
@@ -56,6 +59,7 @@ class BackboneFamily:
     positions: Callable[[nn.Module, Tensor], Any]
     run_block: Callable[..., Tensor]
     residual_branches: Callable[..., Tensor]
+    final_norms: Callable[[nn.Module], tuple[nn.Module, nn.Module]]
     # the layers methods change
     block_ops: Callable[[nn.Module], tuple[str, ...]]
     plain_linears: Callable[[nn.Module], None]
@@ -69,6 +73,10 @@ class BackboneFamily:
     merge_heads: Callable[[nn.Module, Tensor], Tensor]
     attention_output: Callable[[nn.Module, Tensor, Tensor], Tensor]
     attention: Callable[[nn.Module, Tensor], Tensor]
+
+    def blocks(self, backbone: nn.Module) -> nn.Module:
+        """``backbone``'s blocks (a ModuleList or Sequential), in the order they run."""
+        return backbone.get_submodule(self.blocks_path)
 
     def missing(self, needs: frozenset[str]) -> str | None:
         """Why this family cannot give what ``needs`` names, or None when it gives all of it."""
@@ -87,7 +95,7 @@ class BackboneFamily:
         )
 
 
-_MODULES: tuple[ModuleType, ...] = (vit, eva, beit)
+_MODULES: tuple[ModuleType, ...] = (vit, eva, beit, swin)
 BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = tuple(BackboneFamily.of(m) for m in _MODULES)
 
 

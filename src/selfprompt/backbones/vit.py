@@ -32,6 +32,8 @@ MODEL_CLASS = VisionTransformer
 BLOCK_CLASS = Block
 ATTENTION_CLASS = Attention
 EXAMPLES = "vit_*, deit3_*, ... made by timm.create_model"
+#: Where the blocks the classifier runs one after the other are (``backbone.blocks``).
+BLOCKS_PATH = "blocks"
 #: What the methods may rely on (see :class:`selfprompt.backbones.BackboneFamily`): all of it.
 CAPABILITIES = frozenset({"prompts", "branches", "attention", "serving"})
 LACKS: dict[str, str] = {}
@@ -136,6 +138,11 @@ def tokens_entering_blocks(
     entering block 0 (:func:`prologue`); the first k pairs cost k - 1 blocks. ``positions``: the family's
     :func:`positions` for the images (None: those of the backbone's own image size)."""
     return walk_blocks(backbone.blocks[:num_blocks], x, lambda block, h, _: block(h))
+
+
+def final_norms(backbone: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The final norm on the tokens and the norm after pooling (timm's ``norm`` and ``fc_norm``)."""
+    return backbone.norm, backbone.fc_norm
 
 
 def block_ops(block: nn.Module) -> tuple[str, ...]:

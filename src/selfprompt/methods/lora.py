@@ -79,10 +79,12 @@ def normalise_targets(targets: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-def target_pattern(targets: tuple[str, ...], linears: dict[str, str] = TARGETS) -> str:
-    """The regular expression peft ``re.fullmatch``-es against module names: the targets inside a block,
-    at the paths ``linears`` (the backbone family's) gives them."""
-    return r"blocks\.\d+\.(" + "|".join(linears[t] for t in targets) + ")"
+def target_pattern(
+    targets: tuple[str, ...], linears: dict[str, str] = TARGETS, blocks: str = "blocks"
+) -> str:
+    """The regular expression peft ``re.fullmatch``-es against module names: the targets inside each block
+    of ``blocks`` (the backbone family's ``blocks_path``), at the paths ``linears`` (the family's) gives."""
+    return re.escape(blocks) + r"\.\d+\.(" + "|".join(linears[t] for t in targets) + ")"
 
 
 @dataclass
@@ -163,7 +165,7 @@ class LoRA(ViTClassifier):
             targets=targets,
         )
         self.family.plain_linears(self.backbone)  # the private copy: every target a Linear the block calls
-        pattern = target_pattern(targets, self.family.linears)
+        pattern = target_pattern(targets, self.family.linears, self.family.blocks_path)
         peft_config = peft_lora.LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern
         )

@@ -82,9 +82,10 @@ def ssf_targets(backbone: VisionTransformer) -> list[tuple[str, int]]:
     else:
         targets = [("patch_embed.norm", _channels(embed.norm, "patch_embed.norm"))]
     family = backbone_family(backbone)
-    for i, block in enumerate(backbone.blocks):
+    for i, block in enumerate(family.blocks(backbone)):
+        path = f"{family.blocks_path}.{i}"
         targets += [
-            (f"blocks.{i}.{op}", _channels(block.get_submodule(op), f"blocks.{i}.{op}"))
+            (f"{path}.{op}", _channels(block.get_submodule(op), f"{path}.{op}"))
             for op in family.block_ops(block)
         ]
     final = "norm" if not isinstance(backbone.norm, nn.Identity) else "fc_norm"
