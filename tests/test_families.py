@@ -13,6 +13,7 @@ from selfprompt.init import init_prompts
 from selfprompt.methods import applicable_methods, get_method, method_names
 from selfprompt.methods.condensation.model import condense_at_random
 from selfprompt.methods.cvpt import CVPT
+from selfprompt.methods.prompt_tools import self_attention
 from selfprompt.model import UnsupportedBackbone, ViTClassifier
 
 import pytest
@@ -186,20 +187,18 @@ def test_beit_keeps_inserted_tokens_out_of_the_relative_position_bias():
     attn = bb.blocks[0].attn
     where = beit.positions(bb)
     own = attn._get_rel_pos_bias()
-    x = torch.zeros(1, where.tokens + M, 32)
-    bias = beit.position_bias(attn, x, where)
+    bias = beit.position_bias(attn, where.tokens + M, where)
     assert bias.shape == (1, 2, where.tokens + M, where.tokens + M)
     assert not bias[..., 1 : 1 + M, :].any() and not bias[..., :, 1 : 1 + M].any()
     kept = torch.cat([torch.arange(1), torch.arange(1 + M, where.tokens + M)])
     assert torch.equal(bias[..., kept[:, None], kept[None, :]], own)
-    assert beit.position_bias(attn, x[:, M:], where) is not None
+    assert torch.equal(beit.position_bias(attn, where.tokens, where), own)
 
 
 def test_eva_gives_inserted_tokens_the_identity_rotation():
     bb = backbone("eva02")
     where = eva.positions(bb)
-    x = torch.zeros(1, where.tokens + M, 32)
-    rope = eva.block_rope(bb.blocks[0], x, where, 0)
+    rope = eva.block_rope(where.tokens + M, where, 0)
     half = rope.shape[-1] // 2
     assert torch.equal(rope[M:], where.rope)
     assert not rope[:M, :half].any() and torch.equal(rope[:M, half:], torch.ones(M, half))
@@ -227,9 +226,16 @@ def test_spt_prompts_are_the_familys_own_patch_tokens(name, images):
 # --- every method that applies ---------------------------------------------------------------------------
 
 FAMILY_BACKBONES = ["eva02", "eva-rope-registers-unfused", "beit", "beit-shared-bias"]
-NEEDS_ATTENTION = {"gapt", "e2vpt", "cvpt"}
+#: What does not run on each family (E2VPT's key/value prompts need the attention's head_dim).
+REFUSED = {"eva": set(), "beit": {"e2vpt"}}
 #: Built here rather than from a recipe section: pc starts from a condensed vpt-deep adapter.
 BUILT = {"pc": lambda bb: condense_at_random(sp.PromptedViT(bb, 5, num_prompts=M, deep=True), keep=0.5)}
+CELLS = [
+    (name, method)
+    for name in FAMILY_BACKBONES
+    for method in method_names()
+    if method not in REFUSED[backbone_family(backbone(name)).name]
+]
 
 
 def settings(name: str):
@@ -239,14 +245,14 @@ def settings(name: str):
     return get_method(name).settings_of(cfg)
 
 
-def test_the_methods_that_apply_are_all_but_those_computing_attention():
+def test_the_methods_that_apply_are_all_but_those_refused():
     for name in FAMILY_BACKBONES:
-        applicable = applicable_methods(backbone(name))
-        assert applicable == [m for m in method_names() if m not in NEEDS_ATTENTION]
+        bb = backbone(name)
+        refused = REFUSED[backbone_family(bb).name]
+        assert applicable_methods(bb) == [m for m in method_names() if m not in refused]
 
 
-@pytest.mark.parametrize("method", [m for m in method_names() if m not in NEEDS_ATTENTION])
-@pytest.mark.parametrize("name", FAMILY_BACKBONES)
+@pytest.mark.parametrize(("name", "method"), CELLS)
 def test_a_method_trains_its_tensors_only_and_reloads_equal(name, method, images, tmp_path):
     bb = backbone(name)
     model = BUILT[method](bb) if method in BUILT else get_method(method).create(bb, 5, settings(method))
@@ -271,20 +277,32 @@ def test_a_method_trains_its_tensors_only_and_reloads_equal(name, method, images
         assert torch.equal(reloaded(images), logits)
 
 
-@pytest.mark.parametrize("method", sorted(NEEDS_ATTENTION))
-def test_methods_computing_attention_are_refused_naming_those_that_apply(method):
-    for name, family in (("eva02", "Eva"), ("beit", "Beit")):
-        with pytest.raises(
-            TypeError, match=rf"On timm's {family} selfprompt runs: linear, full, vpt-shallow"
-        ):
-            get_method(method).create(backbone(name), 5, settings(method))
-
-
-def test_cvpt_on_beit_says_why_in_a_sentence():
+def test_e2vpt_on_beit_is_refused_naming_why_and_those_that_apply():
     with pytest.raises(
-        UnsupportedBackbone, match=r"CVPT cannot run on timm's Beit: .*relative position bias"
+        TypeError, match=r"E2VPT cannot run on timm's Beit: .*head_dim.*runs: linear, full, vpt-"
     ):
-        CVPT(backbone("beit"), num_classes=5)
+        get_method("e2vpt").create(backbone("beit"), 5, settings("e2vpt"))
+
+
+@pytest.mark.parametrize("name", ["eva02", "eva-rope-registers-unfused", "beit", "beit-shared-bias"])
+def test_the_attention_steps_with_positions_are_the_blocks_own_with_prompts(name):
+    """GaPT's and E2VPT's attention (computed from the family's steps) with prompts inserted: with no
+    temperature and no key/value prompts it is the block's own, positions included."""
+    bb = backbone(name)
+    family = backbone_family(bb)
+    where = family.positions(bb)
+    x = torch.randn(2, where.tokens + M, 32)
+    for index, block in enumerate(bb.blocks):
+        with torch.no_grad():
+            own = family.run_block(block, x, where, index)
+            steps = family.residual_branches(
+                block,
+                x,
+                where,
+                index,
+                attn=lambda h, b=block, i=index: self_attention(b.attn, h, None, None, where, i),
+            )
+        torch.testing.assert_close(steps, own, rtol=0, atol=FP32_ATOL)
 
 
 def test_the_multitask_server_refuses_the_new_families_for_now():
@@ -314,7 +332,7 @@ def test_a_method_on_swin_trains_its_tensors_only_and_reloads_equal(method, imag
     test_a_method_trains_its_tensors_only_and_reloads_equal("swin", method, images, tmp_path)
 
 
-@pytest.mark.parametrize("method", ["vpt-deep", "spt-shallow", "adaptformer", "gapt", "cvpt"])
+@pytest.mark.parametrize("method", ["vpt-deep", "spt-shallow", "adaptformer", "gapt", "cvpt", "e2vpt"])
 def test_the_others_are_refused_on_swin_naming_why_and_those_that_apply(method):
     with pytest.raises(
         TypeError,

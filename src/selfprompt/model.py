@@ -79,7 +79,7 @@ class ViTClassifier(nn.Module):
     A frozen backbone stays in eval mode whatever ``train()`` is called with. Forward matches timm's own
     (``norm``, pooling, ``fc_norm``) with this class's ``pool`` and head. Methods change it only through its
     seams: :meth:`insert_tokens` (the sequence after the position embedding), :meth:`forward_block` (around
-    each block; see :func:`residual_branches` for the attention and MLP branches inside one),
+    each block; see :meth:`block_branches` for the attention and MLP branches inside one),
     ``num_extra_tokens`` (tokens a method inserts between the prefix and the patches, which ``avg`` pooling
     leaves out) and :meth:`adapter_parameters` (what trains and what an adapter stores).
 
@@ -244,8 +244,8 @@ class ViTClassifier(nn.Module):
         return model
 
 
-#: timm's pre-norm ``Block`` with its branches replaceable, for the methods that compute attention themselves
-#: (``attention`` in :attr:`ViTClassifier.needs`, timm's VisionTransformer only).
+#: timm's pre-norm ``Block`` (VisionTransformer's) with its branches replaceable; a model reaches any family's
+#: through :meth:`ViTClassifier.block_branches`.
 residual_branches = vit_family.residual_branches
 
 

@@ -38,12 +38,12 @@ BLOCK_CLASS = Block
 ATTENTION_CLASS = Attention
 EXAMPLES = "beit_*, beitv2_* made by timm.create_model"
 BLOCKS_PATH = vit.BLOCKS_PATH
-CAPABILITIES = frozenset({"prompts", "branches"})
+CAPABILITIES = frozenset({"prompts", "branches", "attention"})
 LACKS = {
     "serving": "the multi-task server runs the blocks without its relative position bias yet; serve its "
     "adapters one model at a time (selfprompt.load_pretrained)",
-    "attention": "the methods that compute attention themselves (GaPT, E2VPT, CVPT) do not add timm Beit's "
-    "relative position bias yet",
+    "key_value_prompts": "E2VPT shapes its key/value prompts by the attention's head_dim, which timm's Beit "
+    "attention does not record",
 }
 LINEARS = eva.LINEARS
 
@@ -102,20 +102,30 @@ def positions(backbone: Beit, images: torch.Tensor | None = None) -> Positions:
 _positions = positions
 
 
-def position_bias(attn: Attention, x: torch.Tensor, positions: Positions) -> torch.Tensor | None:
-    """The relative position bias the attention adds to its logits for ``x``, ``(1, heads, N, N)``: its own
-    plus the shared one, with zero rows and columns for the tokens inserted after the class token."""
+def position_bias(attn: Attention, tokens: int, positions: Positions) -> torch.Tensor | None:
+    """The relative position bias the attention adds to its logits for a sequence of ``tokens``,
+    ``(1, heads, N, N)``: its own plus the shared one, with zero rows and columns for the tokens inserted
+    after the class token."""
     bias = None if attn.relative_position_bias_table is None else attn._get_rel_pos_bias()
     if positions.shared is not None:
         bias = positions.shared.unsqueeze(0) if bias is None else bias + positions.shared
-    extra = x.shape[1] - positions.tokens
+    extra = tokens - positions.tokens
     if bias is None or extra == 0:
         return bias
-    n = x.shape[1]
+    n = tokens
     kept = torch.cat([torch.arange(1), torch.arange(1 + extra, n)]).to(bias.device)
     wide = bias.new_zeros(*bias.shape[:-2], n, n)
     wide[..., kept[:, None], kept[None, :]] = bias
     return wide
+
+
+def place(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, positions: Positions | None, index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Queries and keys ``(B, H, N, d_h)`` unchanged, and the additive bias of :func:`position_bias` (the
+    attention's own only without ``positions``)."""
+    where = positions if positions is not None else Positions(q.shape[-2], None)
+    return q, k, position_bias(attn, q.shape[-2], where)
 
 
 def attention(attn: Attention, x: torch.Tensor, positions: Positions | None = None) -> torch.Tensor:
@@ -124,7 +134,7 @@ def attention(attn: Attention, x: torch.Tensor, positions: Positions | None = No
     where = positions if positions is not None else Positions(x.shape[1], None)
     q, k, v = split_heads(attn, project(attn, x)).unbind(0)
     q, k = norm_qk(attn, q, k)
-    heads = attend(attn, q, k, v, attn_mask=position_bias(attn, x, where))
+    heads = attend(attn, q, k, v, attn_mask=position_bias(attn, x.shape[1], where))
     return attention_output(attn, merge_heads(attn, heads), x)
 
 

@@ -23,6 +23,7 @@ from selfprompt.backbones.vit import attend, attention_output, walk_blocks
 
 import torch
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
@@ -32,12 +33,10 @@ BLOCK_CLASS = EvaBlock
 ATTENTION_CLASS = EvaAttention
 EXAMPLES = "eva02_*, eva_*, vit_*_rope_* made by timm.create_model"
 BLOCKS_PATH = vit.BLOCKS_PATH
-CAPABILITIES = frozenset({"prompts", "branches"})
+CAPABILITIES = frozenset({"prompts", "branches", "attention", "key_value_prompts"})
 LACKS = {
     "serving": "the multi-task server runs the blocks without its rotary position embedding yet; serve its "
     "adapters one model at a time (selfprompt.load_pretrained)",
-    "attention": "the methods that compute attention themselves (GaPT, E2VPT, CVPT) do not apply timm Eva's "
-    "rotary position embedding yet",
 }
 LINEARS = {
     "qkv": r"attn\.(qkv|q_proj|k_proj|v_proj)",
@@ -113,15 +112,15 @@ def positions(backbone: Eva, images: torch.Tensor | None = None) -> Positions:
 _positions = positions
 
 
-def block_rope(block: nn.Module, x: torch.Tensor, positions: Positions, index: int) -> torch.Tensor | None:
-    """The rotary embedding block ``index`` takes for ``x``: the patches' own, after identity rows (sine 0,
-    cosine 1) for the tokens inserted after the prefix, which so keep no position."""
-    rope = positions.rope
+def block_rope(tokens: int, positions: Positions | None, index: int) -> torch.Tensor | None:
+    """The rotary embedding block ``index`` takes for a sequence of ``tokens``: the patches' own, after
+    identity rows (sine 0, cosine 1) for the tokens inserted after the prefix, which so keep no position."""
+    rope = None if positions is None else positions.rope
     if rope is None:
         return None
     if positions.per_block:
         rope = rope[index]
-    extra = x.shape[1] - positions.tokens
+    extra = tokens - positions.tokens
     if extra == 0:
         return rope
     half = rope.shape[-1] // 2
@@ -132,7 +131,7 @@ def block_rope(block: nn.Module, x: torch.Tensor, positions: Positions, index: i
 
 def run_block(block: nn.Module, x: torch.Tensor, positions: Positions, index: int = 0) -> torch.Tensor:
     """Block ``index`` on ``x``: timm's own forward with the rotary embedding of :func:`block_rope`."""
-    return block(x, rope=block_rope(block, x, positions, index))
+    return block(x, rope=block_rope(x.shape[1], positions, index))
 
 
 def residual_branches(
@@ -151,7 +150,7 @@ def residual_branches(
             f"this method acts inside timm's pre-norm EvaBlock; this block is a {type(block).__name__}."
         )
     if attn is None:
-        rope = block_rope(block, x, positions, index)
+        rope = block_rope(x.shape[1], positions, index)
         attn = lambda h: block.attn(h, rope=rope)  # noqa: E731
     branch = attn(block.norm1(x))
     x = x + block.drop_path1(branch if block.gamma_1 is None else block.gamma_1 * branch)
@@ -257,6 +256,21 @@ def norm_qk(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Te
     """The per-head ``q_norm`` and ``k_norm`` where the attention has them."""
     q_norm, k_norm = optional_part(attn, "q_norm"), optional_part(attn, "k_norm")
     return (q if q_norm is None else q_norm(q)), (k if k_norm is None else k_norm(k))
+
+
+def place(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, positions: Positions | None, index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Queries and keys ``(B, H, N, d_h)`` of block ``index`` given their positions, as ``EvaAttention``
+    does after its q/k norm: the rotary embedding of :func:`block_rope` on the tokens after the prefix (none
+    without ``positions``); no additive bias."""
+    rope = block_rope(q.shape[-2], positions, index)
+    if rope is None:
+        return q, k, None
+    p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+    q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2).type_as(q)
+    k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2).type_as(k)
+    return q, k, None
 
 
 def attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,9 @@ class BackboneFamily:
         capabilities: What methods may rely on: ``prompts`` (tokens inserted after the prefix, with no
             position), ``branches`` (a block's attention and MLP branches replaceable:
             :func:`residual_branches`),
-            ``attention`` (methods that compute the attention themselves from its steps). Methods that change
+            ``attention`` (methods that compute the attention themselves from its steps, with the family's
+            positions: :func:`place`), ``key_value_prompts`` (E2VPT's prompts shaped by the attention's
+            heads), ``serving`` (the multi-task server runs it). Methods that change
             Linear layers, biases or the head need none of them.
         lacks: For each capability it has not, why (a sentence fragment for refusals).
         linears: The Linear layers of a block by canonical name (``qkv``, ``attn.proj``, ``mlp.fc1``,
@@ -69,6 +71,7 @@ class BackboneFamily:
     project: Callable[..., Tensor]
     split_heads: Callable[[nn.Module, Tensor], Tensor]
     norm_qk: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+    place: Callable[..., tuple[Tensor, Tensor, Tensor | None]]
     attend: Callable[..., Tensor]
     merge_heads: Callable[[nn.Module, Tensor], Tensor]
     attention_output: Callable[[nn.Module, Tensor, Tensor], Tensor]

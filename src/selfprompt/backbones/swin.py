@@ -32,6 +32,7 @@ _NO_SEQUENCE = (
 LACKS = {
     "prompts": _NO_SEQUENCE,
     "attention": _NO_SEQUENCE,
+    "key_value_prompts": _NO_SEQUENCE,
     "branches": "its blocks shift and partition windows around their attention and sit inside stages; "
     "the methods that replace a block's branches do not follow them",
     "serving": "the multi-task server batches token sequences; serve its adapters one model at a time "
@@ -115,7 +116,7 @@ def plain_linears(backbone: nn.Module) -> None:
 
 # --- no attention steps -----------------------------------------------------------------------------------
 
-optional_part = qkv_rows = project = split_heads = norm_qk = attend = merge_heads = _refuse
+optional_part = qkv_rows = project = split_heads = norm_qk = place = attend = merge_heads = _refuse
 attention_output = attention = _refuse
 
 __all__ = ["block_ops"]

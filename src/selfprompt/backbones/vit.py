@@ -35,7 +35,7 @@ EXAMPLES = "vit_*, deit3_*, ... made by timm.create_model"
 #: Where the blocks the classifier runs one after the other are (``backbone.blocks``).
 BLOCKS_PATH = "blocks"
 #: What the methods may rely on (see :class:`selfprompt.backbones.BackboneFamily`): all of it.
-CAPABILITIES = frozenset({"prompts", "branches", "attention", "serving"})
+CAPABILITIES = frozenset({"prompts", "branches", "attention", "key_value_prompts", "serving"})
 LACKS: dict[str, str] = {}
 #: The Linear layers of a block by their canonical name (LoRA's targets), as regular expressions of their
 #: path inside the block.
@@ -222,6 +222,14 @@ def attention_output(attn: Attention, merged: torch.Tensor, attn_input: torch.Te
     if gate is not None:
         x = x * gate(attn_input).sigmoid()
     return attn.proj_drop(attn.proj(x))
+
+
+def place(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, positions: None = None, index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Queries and keys given their positions, and any additive bias on the logits: nothing to do (the
+    position embedding was added in the prologue)."""
+    return q, k, None
 
 
 def attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:

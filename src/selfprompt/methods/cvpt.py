@@ -28,7 +28,7 @@ from selfprompt.methods.prompt_tools import (
     refuse_tracking,
 )
 from selfprompt.methods.registry import Search, register_method
-from selfprompt.model import check_backbone, residual_branches
+from selfprompt.model import check_backbone
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ class CVPT(PromptedViT):
     """A frozen timm ``VisionTransformer`` whose tokens cross-attend to per-block prompts after
     self-attention. Args: as :class:`PromptedViT` (``deep`` / ``deep_layers``: which blocks get prompts)."""
 
-    needs = frozenset({"prompts", "attention"})
+    needs = frozenset({"prompts", "branches", "attention"})
 
     def __init__(
         self,
@@ -77,8 +77,8 @@ class CVPT(PromptedViT):
         if index >= self.num_prompt_layers:
             return self.run_block(index, block, x)
         prompts = self._layer_prompts(index, x.shape[0])
-        return residual_branches(
-            block, x, after_attn=lambda x1: x1 + cross_attention(block.attn, x1, prompts)
+        return self.block_branches(
+            index, block, x, after_attn=lambda x1: x1 + cross_attention(block.attn, x1, prompts)
         )
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ def packable(blocks: Sequence[nn.Module]) -> bool:
     families = [attention_family(b.attn) for b in blocks]
     return all(
         f is not None
-        and "attention" in f.capabilities
+        and "serving" in f.capabilities
         and type(b) is f.block_class
         and type(b.attn) is f.attention_class
         for b, f in zip(blocks, families, strict=True)
