@@ -9,18 +9,22 @@ import itertools
 import selfprompt as sp
 from selfprompt.backbones import backbone_family, beit, eva
 from selfprompt.config import TrainConfig
+from selfprompt.engine import run
+from selfprompt.engine.build import create_backbone
 from selfprompt.init import init_prompts
 from selfprompt.methods import applicable_methods, get_method, method_names
 from selfprompt.methods.condensation.model import condense_at_random
 from selfprompt.methods.cvpt import CVPT
 from selfprompt.methods.prompt_tools import self_attention
 from selfprompt.model import UnsupportedBackbone, ViTClassifier
+from selfprompt.serving.multitask import MultiTaskViT
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from conftest import FP32_ATOL
+from engine_helpers import make_dataset, tiny_config
 from prompt_method_checks import assert_rows_are_tokens
 from timm.models.beit import Beit
 from timm.models.eva import Eva
@@ -306,8 +310,6 @@ def test_the_attention_steps_with_positions_are_the_blocks_own_with_prompts(name
 
 
 def test_the_multitask_server_refuses_the_new_families_for_now():
-    from selfprompt.serving.multitask import MultiTaskViT
-
     with pytest.raises(UnsupportedBackbone, match="serve its adapters one model at a time"):
         MultiTaskViT(backbone("eva02"))
 
@@ -347,3 +349,31 @@ def test_cvpt_and_prompts_on_swin_say_why_in_a_sentence():
         CVPT(backbone("swin"), num_classes=5)
     with pytest.raises(TypeError, match="supports timm VisionTransformer, Eva, Beit backbones for it"):
         sp.PromptedViT(backbone("swin"), num_classes=5)
+
+
+# --- through the engine: a run from a timm name, and its adapter on a fresh backbone --------------------
+
+RUNS = {
+    "eva02": ("eva02_tiny_patch14_224", {}, "spt-deep"),
+    "beit": ("beit_base_patch16_224", {}, "vpt-deep"),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4},
+        "lora",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_a_run_on_the_family_trains_and_its_adapter_reloads(name, tmp_path):
+    architecture, extra, method = RUNS[name]
+    cfg = tiny_config(make_dataset(tmp_path / "data"), tmp_path / "run", method, **{"optim.epochs": 2})
+    cfg.model.backbone = architecture
+    cfg.model.backbone_kwargs = {**SIZE, **extra} if name == "swin" else dict(SIZE)
+    if name == "swin":
+        cfg.model.backbone_kwargs.pop("depth")
+    summary = run(cfg, log=lambda _: None)
+    assert summary["final"]["seeds"] == [0]
+    adapter = next((tmp_path / "run").rglob("final/adapter"))
+    model = sp.load_pretrained(adapter, create_backbone(cfg.model))
+    assert type(model).__name__ == get_method(method).model_class.__name__

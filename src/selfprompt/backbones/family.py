@@ -106,16 +106,21 @@ def _supported() -> str:
     return ", ".join(f"{f.model_class.__name__} ({f.examples})" for f in BACKBONE_FAMILIES)
 
 
+def backbone_family_refusal(backbone: nn.Module) -> str:
+    """Why ``backbone``'s class has no family, naming the supported ones."""
+    return (
+        f"selfprompt supports timm {_supported()} backbones, got {type(backbone).__name__}. "
+        f"Convolutional models (ResNet, ConvNeXt, ...) have no token sequence."
+    )
+
+
 def backbone_family(backbone: nn.Module) -> BackboneFamily:
     """The family of ``backbone`` (an instance of its model class or a subclass); refuses any other class,
     naming the supported ones."""
     for family in BACKBONE_FAMILIES:
         if isinstance(backbone, family.model_class):
             return family
-    raise TypeError(
-        f"selfprompt supports timm {_supported()} backbones, got {type(backbone).__name__}. "
-        f"Convolutional models (ResNet, ConvNeXt, ...) have no token sequence."
-    )
+    raise TypeError(backbone_family_refusal(backbone))
 
 
 def attention_family(attn: nn.Module) -> BackboneFamily | None:
