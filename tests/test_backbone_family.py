@@ -156,7 +156,7 @@ def test_an_unknown_backbone_class_is_refused_naming_the_supported_ones():
 
 
 def test_every_family_is_a_module_with_every_function():
-    assert [f.name for f in BACKBONE_FAMILIES] == ["vit"]
+    assert [f.name for f in BACKBONE_FAMILIES] == ["vit", "eva", "beit", "swin"]
     family = BackboneFamily.of(vit)
     assert family == BACKBONE_FAMILIES[0]
     assert family.prologue is vit.prologue and family.model_class is vit.MODEL_CLASS

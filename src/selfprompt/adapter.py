@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.atomic import atomic_write, write_json
-from selfprompt.backbones import backbone_info
+from selfprompt.backbones import BACKBONE_FAMILIES, backbone_family, backbone_info
 from selfprompt.version import __version__
 
 import timm
@@ -48,9 +48,9 @@ def backbone_signature(backbone: VisionTransformer, name: str | None) -> dict[st
     return {
         "name": name,
         "embed_dim": backbone.embed_dim,
-        "depth": len(backbone.blocks),
+        "depth": len(backbone_family(backbone).blocks(backbone)),
         "patch_size": list(backbone.patch_embed.patch_size),
-        "num_prefix_tokens": backbone.num_prefix_tokens,
+        "num_prefix_tokens": getattr(backbone, "num_prefix_tokens", 0),
     }
 
 
@@ -126,7 +126,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 def check_signature(saved: dict[str, Any], backbone: nn.Module, name: str | None, directory: Path) -> None:
     """Refuse a backbone whose signature differs from the one the adapter was trained on."""
-    if not isinstance(backbone, VisionTransformer):
+    if not any(isinstance(backbone, family.model_class) for family in BACKBONE_FAMILIES):
         return  # the model's constructor names what is supported
     actual = backbone_signature(backbone, name if name is not None else timm_name(backbone))
     problems = [

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from selfprompt.adapter import check_signature, load_tensors, read_config, save_adapter, timm_name
-from selfprompt.backbones import BackboneFamily, backbone_family, backbone_info
+from selfprompt.backbones import BACKBONE_FAMILIES, BackboneFamily, backbone_family, backbone_info
+from selfprompt.backbones import vit as vit_family
 
 import torch
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 PoolType = Literal["token", "avg", "mae"]
@@ -53,9 +54,32 @@ def backbone_pool(backbone: nn.Module) -> PoolType:
     return "token" if getattr(backbone, "global_pool", None) == "token" else "avg"
 
 
-def check_backbone(backbone: nn.Module) -> BackboneFamily:
-    """``backbone``'s family; refuses a class selfprompt has no family for (:func:`backbone_family`)."""
-    return backbone_family(backbone)
+class UnsupportedBackbone(TypeError):
+    """A model refused a backbone whose family lacks what the model needs (:attr:`ViTClassifier.needs`);
+    ``family`` is that family, so that the method registry can name the methods that do apply."""
+
+    def __init__(self, message: str, family: BackboneFamily) -> None:
+        super().__init__(message)
+        self.family = family
+
+
+def check_backbone(
+    backbone: nn.Module, needs: frozenset[str] = frozenset(), who: str = "this model"
+) -> BackboneFamily:
+    """``backbone``'s family; refuses a class selfprompt has no family for (:func:`backbone_family`), and a
+    family that lacks a capability ``needs`` names (:attr:`BackboneFamily.capabilities`)."""
+    family = backbone_family(backbone)
+    reason = family.missing(needs)
+    if reason is not None:
+        able = [f.model_class.__name__ for f in BACKBONE_FAMILIES if not f.missing(needs)]
+        raise UnsupportedBackbone(
+            f"{who} cannot run on timm's {family.model_class.__name__}: {reason}. selfprompt supports timm "
+            f"{', '.join(able)} backbones for it; on {family.model_class.__name__} the methods that change "
+            f"Linear layers, biases or the head apply (selfprompt.methods.applicable_methods(backbone) lists "
+            f"them).",
+            family,
+        )
+    return family
 
 
 class ViTClassifier(nn.Module):
@@ -65,7 +89,7 @@ class ViTClassifier(nn.Module):
     A frozen backbone stays in eval mode whatever ``train()`` is called with. Forward matches timm's own
     (``norm``, pooling, ``fc_norm``) with this class's ``pool`` and head. Methods change it only through its
     seams: :meth:`insert_tokens` (the sequence after the position embedding), :meth:`forward_block` (around
-    each block; see :func:`residual_branches` for the attention and MLP branches inside one),
+    each block; see :meth:`block_branches` for the attention and MLP branches inside one),
     ``num_extra_tokens`` (tokens a method inserts between the prefix and the patches, which ``avg`` pooling
     leaves out) and :meth:`adapter_parameters` (what trains and what an adapter stores).
 
@@ -77,6 +101,9 @@ class ViTClassifier(nn.Module):
     """
 
     config_class: ClassVar[type[ClassifierConfig]] = ClassifierConfig
+    #: What the model needs of the backbone's family beyond its Linear layers, biases and head
+    #: (:attr:`selfprompt.backbones.BackboneFamily.capabilities`).
+    needs: ClassVar[frozenset[str]] = frozenset()
     num_extra_tokens: int = 0
 
     def __init__(
@@ -90,14 +117,14 @@ class ViTClassifier(nn.Module):
         **settings: Any,
     ) -> None:
         super().__init__()
-        self.family = check_backbone(backbone)
+        self.family = check_backbone(backbone, self.needs, type(self).__name__)
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
         if pool is None:
             pool = backbone_pool(backbone)
         if pool not in POOL_TYPES:
             raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}.")
-        if pool == "token" and not backbone.has_class_token:
+        if pool == "token" and getattr(backbone, "cls_token", None) is None:
             raise ValueError("pool='token' needs a class token and this backbone has none; use pool='avg'.")
         self.config = self.config_class(
             num_classes=num_classes,
@@ -108,9 +135,12 @@ class ViTClassifier(nn.Module):
         )
         self.backbone_name = backbone_name if backbone_name is not None else timm_name(backbone)
         self.backbone = backbone.requires_grad_(train_backbone).train(train_backbone and self.training)
-        self.num_prefix_tokens: int = backbone.num_prefix_tokens
+        self.num_prefix_tokens: int = getattr(backbone, "num_prefix_tokens", 0)
+        #: What the blocks need besides the tokens (the family's rotary embedding or relative position bias;
+        #: None for timm's VisionTransformer), set per forward for its images (:meth:`forward_features`).
+        self._positions: Any = self.family.positions(backbone, None)
         device = next(backbone.parameters()).device
-        self.head = nn.Linear(backbone.embed_dim, num_classes, device=device)
+        self.head = nn.Linear(backbone.num_features, num_classes, device=device)
         nn.init.trunc_normal_(self.head.weight, std=head_init_std)
         nn.init.zeros_(self.head.bias)
 
@@ -130,26 +160,49 @@ class ViTClassifier(nn.Module):
 
     def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Seam: run block ``index`` of the backbone on ``x``."""
-        return block(x)
+        return self.run_block(index, block, x)
+
+    def run_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Block ``index``'s own forward on ``x`` (any tokens inserted after the prefix get no position),
+        through the family (:func:`selfprompt.backbones.vit.run_block`)."""
+        return self.family.run_block(block, x, self._positions, index)
+
+    def block_branches(
+        self,
+        index: int,
+        block: nn.Module,
+        x: torch.Tensor,
+        attn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        after_attn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        mlp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Block ``index`` with its attention or MLP branch replaced or the stream between them changed,
+        through the family's decomposition (:func:`selfprompt.backbones.vit.residual_branches`); with no
+        replacement :meth:`run_block`. Models that call it need ``branches`` (:attr:`needs`)."""
+        return self.family.residual_branches(
+            block, x, self._positions, index, attn=attn, after_attn=after_attn, mlp=mlp
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Token sequence ``[prefix ; extra tokens ; patches]`` after the last block (before the final
         norm)."""
         bb = self.backbone
+        self._positions = self.family.positions(bb, x)
         x = self.family.prologue(bb, x, insert=self.insert_tokens)
-        for index, block in enumerate(bb.blocks):
+        for index, block in enumerate(self.family.blocks(bb)):
             x = self.forward_block(index, block, x)
         return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised features (the head's input) from ``forward_features`` output."""
-        bb = self.backbone
+        norm, fc_norm = self.family.final_norms(self.backbone)
+        x = x.flatten(1, -2)  # a grid (Swin's) as its tokens
         p = self.num_prefix_tokens
         if self.config.pool == "mae":
-            return bb.fc_norm(bb.norm(x[:, p:].mean(dim=1)))
-        x = bb.norm(x)
+            return fc_norm(norm(x[:, p:].mean(dim=1)))
+        x = norm(x)
         x = x[:, 0] if self.config.pool == "token" else x[:, p + self.num_extra_tokens :].mean(dim=1)
-        return bb.fc_norm(x)
+        return fc_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x)
@@ -203,26 +256,9 @@ class ViTClassifier(nn.Module):
         return model
 
 
-def residual_branches(
-    block: nn.Module,
-    x: torch.Tensor,
-    attn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    after_attn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    mlp: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """A timm pre-norm ``Block``'s forward with its branches replaceable, for methods that act inside one:
-    ``x1 = x + drop_path(ls(attn(norm1(x))))``, ``x1 = after_attn(x1)``, then
-    ``x1 + drop_path(ls(mlp(norm2(x1))))`` where ``mlp(h)`` defaults to ``block.mlp(h)``. With no replacement
-    it computes exactly ``block(x)``."""
-    if not isinstance(block, Block):
-        raise TypeError(
-            f"this method acts inside timm's pre-norm Block, and this backbone's blocks are "
-            f"{type(block).__name__}; use a prompt method that wraps whole blocks (vpt-*, spt-*)."
-        )
-    x = x + block.drop_path1(block.ls1((attn or block.attn)(block.norm1(x))))
-    if after_attn is not None:
-        x = after_attn(x)
-    return x + block.drop_path2(block.ls2((mlp or block.mlp)(block.norm2(x))))
+#: timm's pre-norm ``Block`` (VisionTransformer's) with its branches replaceable; a model reaches any family's
+#: through :meth:`ViTClassifier.block_branches`.
+residual_branches = vit_family.residual_branches
 
 
 def private_copy(backbone: nn.Module) -> nn.Module:

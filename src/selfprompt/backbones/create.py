@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selfprompt.backbones.family import BACKBONE_FAMILIES, backbone_family_refusal
 from selfprompt.backbones.formats import CheckpointError, convert
 from selfprompt.backbones.loading import infer_architecture, load_strict, read_checkpoint
 
@@ -124,7 +125,8 @@ def create_backbone(
     pretrained: bool = True,
     **kwargs: Any,
 ) -> VisionTransformer:
-    """A timm ViT without its classifier (``num_classes=0``), from a name, a weights file, or both.
+    """A timm backbone of a supported family (ViT, Eva, Beit, Swin: :mod:`selfprompt.backbones.family`)
+    without its classifier (``num_classes=0``), from a name, a weights file (ViTs), or both.
 
     Args:
         name: timm ``architecture.tag`` (``vit_base_patch16_224.mae``, ``.augreg_in21k``, a zoo name).
@@ -255,9 +257,6 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransf
             f"with selfprompt (--model.backbone vit_mini_patch4_32.sup_fmnist; selfprompt zoo list), point "
             f"--model.checkpoint at a local weights file, or use --model.pretrained false for random weights."
         ) from error
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(
-            f"{name} is a {type(model).__name__}; selfprompt prompts timm VisionTransformer backbones "
-            f"(vit_*, deit3_*, ...)."
-        )
+    if not any(isinstance(model, family.model_class) for family in BACKBONE_FAMILIES):
+        raise TypeError(f"{name} is a {type(model).__name__}; {backbone_family_refusal(model)}")
     return model

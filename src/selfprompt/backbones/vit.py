@@ -18,7 +18,8 @@ timm's fused path uses, with ``scale`` passed), heads merged, then the scale ``n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,16 @@ MODEL_CLASS = VisionTransformer
 BLOCK_CLASS = Block
 ATTENTION_CLASS = Attention
 EXAMPLES = "vit_*, deit3_*, ... made by timm.create_model"
+#: Where the blocks the classifier runs one after the other are (``backbone.blocks``).
+BLOCKS_PATH = "blocks"
+#: What the methods may rely on (see :class:`selfprompt.backbones.BackboneFamily`): all of it.
+CAPABILITIES = frozenset({"prompts", "branches", "attention", "key_value_prompts", "serving"})
+LACKS: dict[str, str] = {}
+#: The Linear layers of a block by their canonical name (LoRA's targets), as regular expressions of their
+#: path inside the block.
+LINEARS = {"qkv": r"attn\.qkv", "attn.proj": r"attn\.proj", "mlp.fc1": r"mlp\.fc1", "mlp.fc2": r"mlp\.fc2"}
+#: The ops of a block SSF follows, by their path inside it, in forward order.
+BLOCK_OPS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
 
 # --- the token prologue ---------------------------------------------------------------------------------
@@ -72,18 +83,79 @@ def prologue(
     return pre_blocks(backbone, x if insert is None else insert(x))
 
 
+def positions(backbone: VisionTransformer, images: torch.Tensor | None = None) -> None:
+    """What the blocks need besides the tokens for ``images`` (a family with rotary embeddings or a
+    relative position bias computes it here): nothing, the position embedding is added in the prologue."""
+    return None
+
+
+def run_block(block: nn.Module, x: torch.Tensor, positions: None = None, index: int = 0) -> torch.Tensor:
+    """Block ``index`` on ``x``, whatever tokens were inserted after the prefix: timm's own forward."""
+    return block(x)
+
+
+def residual_branches(
+    block: nn.Module,
+    x: torch.Tensor,
+    positions: None = None,
+    index: int = 0,
+    attn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    after_attn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mlp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """timm's pre-norm ``Block`` with its branches replaceable: ``x1 = x + drop_path(ls(attn(norm1(x))))``,
+    ``x1 = after_attn(x1)``, then ``x1 + drop_path(ls(mlp(norm2(x1))))``; with no replacement exactly
+    ``block(x)``."""
+    if not isinstance(block, Block):
+        raise TypeError(
+            f"this method acts inside timm's pre-norm Block, and this backbone's blocks are "
+            f"{type(block).__name__}; use a prompt method that wraps whole blocks (vpt-*, spt-*)."
+        )
+    x = x + block.drop_path1(block.ls1((attn or block.attn)(block.norm1(x))))
+    if after_attn is not None:
+        x = after_attn(x)
+    return x + block.drop_path2(block.ls2((mlp or block.mlp)(block.norm2(x))))
+
+
 @torch.no_grad()
-def tokens_entering_blocks(
-    backbone: VisionTransformer, x: torch.Tensor, num_blocks: int | None = None
+def walk_blocks(
+    blocks: Iterable[nn.Module], x: torch.Tensor, step: Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
 ) -> Iterator[tuple[nn.Module, torch.Tensor]]:
-    """``(block, tokens entering it)`` for the first ``num_blocks`` blocks (all by default), from ``x``
-    entering block 0 (:func:`prologue`); block i runs only when the consumer asks for block i + 1, so the
-    first k pairs cost k - 1 blocks (the last block yielded is not run). Frozen inference: no gradient."""
-    blocks = backbone.blocks[:num_blocks]
+    """``(block, tokens entering it)`` along ``blocks`` from ``x``, ``step(block, x, index)`` running one;
+    block i runs only when the consumer asks for block i + 1 (the last block yielded is not run). Frozen
+    inference: no gradient. Every family's :func:`tokens_entering_blocks` is this loop."""
+    blocks = list(blocks)
     for index, block in enumerate(blocks):
         yield block, x
         if index + 1 < len(blocks):
-            x = block(x)
+            x = step(block, x, index)
+
+
+def tokens_entering_blocks(
+    backbone: VisionTransformer, x: torch.Tensor, num_blocks: int | None = None, positions: Any = None
+) -> Iterator[tuple[nn.Module, torch.Tensor]]:
+    """``(block, tokens entering it)`` for the first ``num_blocks`` blocks (all by default), from ``x``
+    entering block 0 (:func:`prologue`); the first k pairs cost k - 1 blocks. ``positions``: the family's
+    :func:`positions` for the images (None: those of the backbone's own image size)."""
+    return walk_blocks(backbone.blocks[:num_blocks], x, lambda block, h, _: block(h))
+
+
+def final_norms(backbone: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The final norm on the tokens and the norm after pooling (timm's ``norm`` and ``fc_norm``)."""
+    return backbone.norm, backbone.fc_norm
+
+
+def block_ops(block: nn.Module) -> tuple[str, ...]:
+    """The paths inside ``block`` of the ops SSF follows (:data:`BLOCK_OPS`); refuses another block type."""
+    if not isinstance(block, Block):
+        raise TypeError(
+            f"SSF follows the ops of timm's pre-norm Block, and this block is a {type(block).__name__}."
+        )
+    return BLOCK_OPS
+
+
+def plain_linears(backbone: nn.Module) -> None:
+    """Make every Linear of the blocks a module the block calls (nothing to do: timm's ViT calls them all)."""
 
 
 # --- one decomposition of timm's Attention --------------------------------------------------------------
@@ -150,6 +222,14 @@ def attention_output(attn: Attention, merged: torch.Tensor, attn_input: torch.Te
     if gate is not None:
         x = x * gate(attn_input).sigmoid()
     return attn.proj_drop(attn.proj(x))
+
+
+def place(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, positions: None = None, index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Queries and keys given their positions, and any additive bias on the logits: nothing to do (the
+    position embedding was added in the prologue)."""
+    return q, k, None
 
 
 def attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:

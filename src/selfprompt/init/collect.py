@@ -98,6 +98,7 @@ def patch_tokens_by_layer(
     layers = [x.reshape(batch, *grid, -1)]
     if num_layers > 1:
         first = family.pre_blocks(backbone, family.embed_tokens(backbone, x))
-        for _, h in islice(family.tokens_entering_blocks(backbone, first, num_layers), 1, None):
+        where = family.positions(backbone, images)
+        for _, h in islice(family.tokens_entering_blocks(backbone, first, num_layers, where), 1, None):
             layers.append(h[:, backbone.num_prefix_tokens :].reshape(batch, *grid, -1))
     return layers

@@ -14,6 +14,7 @@ from selfprompt.adapter import read_config
 from selfprompt.methods.registry import (
     Method,
     Settings,
+    applicable_methods,
     get_method,
     method_names,
     model_classes,
@@ -48,6 +49,7 @@ def load_pretrained(
 __all__ = [
     "Method",
     "Settings",
+    "applicable_methods",
     "get_method",
     "load_pretrained",
     "method_names",

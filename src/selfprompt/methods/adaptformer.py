@@ -32,10 +32,9 @@ from selfprompt.methods.settings import (
     positive_int,
     settings_from,
 )
-from selfprompt.model import PoolType, ViTClassifier, residual_branches
+from selfprompt.model import PoolType, ViTClassifier
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
 
@@ -102,6 +101,7 @@ class AdaptFormer(ViTClassifier):
     """
 
     config_class = AdaptFormerConfig
+    needs = frozenset({"branches"})
 
     def __init__(
         self,
@@ -129,11 +129,15 @@ class AdaptFormer(ViTClassifier):
             scale=scale,
             dropout=dropout,
         )
-        kinds = {type(block).__name__ for block in self.backbone.blocks if not isinstance(block, Block)}
+        kinds = {
+            type(block).__name__
+            for block in self.backbone.blocks
+            if not isinstance(block, self.family.block_class)
+        }
         if kinds:
             raise TypeError(
-                f"AdaptFormer acts inside timm's pre-norm Block, and this backbone's blocks are "
-                f"{', '.join(sorted(kinds))}."
+                f"AdaptFormer acts inside timm's {self.family.block_class.__name__}, and this backbone's "
+                f"blocks are {', '.join(sorted(kinds))}."
             )
         device = next(self.backbone.parameters()).device
         self.adapters = nn.ModuleList(
@@ -149,7 +153,7 @@ class AdaptFormer(ViTClassifier):
             after_attn.append(x1)
             return x1
 
-        out = residual_branches(block, x, after_attn=keep)
+        out = self.block_branches(index, block, x, after_attn=keep)
         return out + self.adapters[index](after_attn[0])
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:

@@ -28,7 +28,7 @@ from selfprompt.methods.prompt_tools import (
     refuse_tracking,
 )
 from selfprompt.methods.registry import Search, register_method
-from selfprompt.model import residual_branches
+from selfprompt.model import check_backbone
 
 import torch
 from torch import nn
@@ -39,6 +39,8 @@ class CVPT(PromptedViT):
     self-attention. Args: as :class:`PromptedViT` (deep; ``deep_layers``: which blocks get prompts)."""
 
     prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 10, "dropout": 0.1}
+
+    needs = frozenset({"prompts", "branches", "attention"})
 
     def __init__(
         self,
@@ -51,6 +53,7 @@ class CVPT(PromptedViT):
     ) -> None:
         if not deep:
             raise ValueError("CVPT prompts every block (deep); deep must be True.")
+        check_backbone(backbone, self.needs, "CVPT")
         for block in backbone.blocks:
             check_attention(block.attn, "CVPT")
         super().__init__(backbone, num_classes, settings, deep=True, **fields)
@@ -65,10 +68,10 @@ class CVPT(PromptedViT):
 
     def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if index >= self.num_prompt_layers:
-            return block(x)
+            return self.run_block(index, block, x)
         prompts = self._layer_prompts(index, x.shape[0])
-        return residual_branches(
-            block, x, after_attn=lambda x1: x1 + cross_attention(block.attn, x1, prompts)
+        return self.block_branches(
+            index, block, x, after_attn=lambda x1: x1 + cross_attention(block.attn, x1, prompts)
         )
 
     @torch.no_grad()

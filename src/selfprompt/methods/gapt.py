@@ -30,7 +30,6 @@ from selfprompt.methods.prompt import (
 from selfprompt.methods.prompt_tools import check_attention, refuse_tracking, self_attention
 from selfprompt.methods.registry import Search, register_method, register_settings
 from selfprompt.methods.settings import adapter_config, number_problem, settings_from
-from selfprompt.model import residual_branches
 
 import torch
 from torch import nn
@@ -65,6 +64,7 @@ class GaPT(PromptedViT):
 
     config_class = GaPTConfig
     prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 100, "dropout": 0.1}
+    needs = frozenset({"prompts", "attention"})
 
     def __init__(
         self,
@@ -95,7 +95,10 @@ class GaPT(PromptedViT):
 
     def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         tau = self.temperatures[index]
-        out = residual_branches(block, x, attn=lambda h: self_attention(block.attn, h, temperature=tau))
+        where = self._positions
+        out = self.block_branches(
+            index, block, x, attn=lambda h: self_attention(block.attn, h, tau, positions=where, index=index)
+        )
         if index >= len(self.gates):
             return out
         p, n = self.num_prefix_tokens, self.num_prompts

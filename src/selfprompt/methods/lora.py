@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.adapter import copy_tensors, read_tensors
+from selfprompt.backbones import vit as vit_family
 from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
 from selfprompt.methods.settings import (
     adapter_config,
@@ -50,13 +51,9 @@ from selfprompt.model import PoolType, ViTClassifier, backbone_pool, private_cop
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-#: What ``lora.targets`` accepts: the Linear layers of a timm pre-norm block, by their path inside it.
-TARGETS: dict[str, str] = {
-    "qkv": r"attn\.qkv",
-    "attn.proj": r"attn\.proj",
-    "mlp.fc1": r"mlp\.fc1",
-    "mlp.fc2": r"mlp\.fc2",
-}
+#: What ``lora.targets`` accepts: the Linear layers of a block by canonical name (each backbone family says
+#: which paths inside its blocks they are: :attr:`selfprompt.backbones.BackboneFamily.linears`).
+TARGETS: dict[str, str] = vit_family.LINEARS
 _ALIASES = {"attn.qkv": "qkv", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
 
@@ -91,9 +88,12 @@ def normalise_targets(targets: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-def target_pattern(targets: tuple[str, ...]) -> str:
-    """The regular expression peft ``re.fullmatch``-es against module names: the targets inside a block."""
-    return r"blocks\.\d+\.(" + "|".join(TARGETS[t] for t in targets) + ")"
+def target_pattern(
+    targets: tuple[str, ...], linears: dict[str, str] = TARGETS, blocks: str = "blocks"
+) -> str:
+    """The regular expression peft ``re.fullmatch``-es against module names: the targets inside each block
+    of ``blocks`` (the backbone family's ``blocks_path``), at the paths ``linears`` (the family's) gives."""
+    return re.escape(blocks) + r"\.\d+\.(" + "|".join(linears[t] for t in targets) + ")"
 
 
 @dataclass
@@ -168,8 +168,10 @@ class LoRA(ViTClassifier):
             dropout=dropout,
             targets=targets,
         )
+        self.family.plain_linears(self.backbone)  # the private copy: every target a Linear the block calls
+        pattern = target_pattern(targets, self.family.linears, self.family.blocks_path)
         peft_config = peft_lora.LoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets)
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern
         )
         # peft swaps the targeted Linear layers of self.backbone (the private copy) in place; its wrapper is
         # kept outside the module tree (no second path to the same parameters) for merge_and_unload.

@@ -130,6 +130,7 @@ class PromptedViT(ViTClassifier):
     config_class: ClassVar[type] = PromptedViTConfig
     #: The settings of a model built without them (subclasses: their papers' defaults).
     prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 10}
+    needs = frozenset({"prompts"})
 
     def __init__(
         self,
@@ -213,7 +214,7 @@ class PromptedViT(ViTClassifier):
         if 0 < index < self.num_prompt_layers:
             p, m = self.num_prefix_tokens, self.num_prompts
             x = torch.cat([x[:, :p], self._layer_prompts(index, x.shape[0]), x[:, p + m :]], dim=1)
-        return block(x)
+        return self.run_block(index, block, x)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter: prompts and head (plus the backbone if it trains)."""

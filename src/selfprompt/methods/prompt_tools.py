@@ -73,19 +73,27 @@ def self_attention(
     x: torch.Tensor,
     temperature: torch.Tensor | None = None,
     kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    positions: Any = None,
+    index: int = 0,
 ) -> torch.Tensor:
-    """timm's ``Attention.forward`` with the logits divided by ``temperature`` (GaPT) and/or key/value
-    prompts ``(P_k, P_v)``, each ``(H, L, d_h)``, prepended to the keys and values after the head split and
-    any q/k norm (E2VPT). With neither it computes ``attn(x)``."""
+    """The block's self-attention with the logits divided by ``temperature`` (GaPT) and/or key/value
+    prompts ``(P_k, P_v)``, each ``(H, L, d_h)``, prepended to the keys and values after the head split, any
+    q/k norm and the family's positions (``positions`` of block ``index``, the model's: EVA-02's rotary
+    embedding, BEiT's relative position bias; the prompts get none) (E2VPT). With neither it computes the
+    block's own attention of ``x``."""
     family = attention_family(attn)
     q, k, v = family.split_heads(attn, family.project(attn, x)).unbind(0)
     q, k = family.norm_qk(attn, q, k)
+    q, k, bias = family.place(attn, q, k, positions, index)
     if temperature is not None:
         q = q / temperature
     if kv_prefix is not None:
         pk, pv = (p.unsqueeze(0).expand(x.shape[0], -1, -1, -1).to(k.dtype) for p in kv_prefix)
         k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-    return family.attention_output(attn, family.merge_heads(attn, family.attend(attn, q, k, v)), x)
+        if bias is not None:
+            bias = F.pad(bias, (pk.shape[2], 0))
+    heads = family.attend(attn, q, k, v, attn_mask=bias)
+    return family.attention_output(attn, family.merge_heads(attn, heads), x)
 
 
 def cross_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
@@ -109,7 +117,8 @@ def frozen_layers(
     patches = family.embed_patches(backbone, images)
     grid = family.patch_grid(backbone, images, patches)
     x = family.pre_blocks(backbone, family.embed_tokens(backbone, patches))
-    for block, tokens in family.tokens_entering_blocks(backbone, x, num_layers):
+    where = family.positions(backbone, images)
+    for block, tokens in family.tokens_entering_blocks(backbone, x, num_layers, where):
         yield grid, block, tokens
 
 

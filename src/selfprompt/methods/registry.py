@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from selfprompt.model import PoolType, ViTClassifier
+from selfprompt.backbones import backbone_family
+from selfprompt.model import PoolType, UnsupportedBackbone, ViTClassifier
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -177,15 +178,23 @@ class Method:
         backbone_name: str | None = None,
     ) -> ViTClassifier:
         """Wrap ``backbone`` as this method's model; ``settings`` None is :meth:`default_settings`
-        (``selfprompt.get_model`` takes them as keywords, checked as the CLI checks them)."""
-        return self.build(
-            backbone,
-            num_classes,
-            self.default_settings() if settings is None else settings,
-            pool=pool,
-            head_init_std=head_init_std,
-            backbone_name=backbone_name,
-        )
+        (``selfprompt.get_model`` takes them as keywords, checked as the CLI checks them). A backbone it
+        cannot run on is refused naming the methods that can."""
+        try:
+            return self.build(
+                backbone,
+                num_classes,
+                self.default_settings() if settings is None else settings,
+                pool=pool,
+                head_init_std=head_init_std,
+                backbone_name=backbone_name,
+            )
+        except UnsupportedBackbone as error:
+            family = error.family.model_class.__name__
+            raise TypeError(
+                f"{self.name}: {error} On timm's {family} selfprompt runs: "
+                f"{', '.join(applicable_methods(backbone))}."
+            ) from error
 
 
 @dataclass(frozen=True)
@@ -260,6 +269,13 @@ def backbone_sharing_classes() -> frozenset[str]:
     """The names of the model classes whose adapters share a multi-task server's backbone forward: those of
     the methods registered with ``shares_backbone``."""
     return frozenset(m.model_class.__name__ for m in _METHODS.values() if m.shares_backbone)
+
+
+def applicable_methods(backbone: nn.Module) -> list[str]:
+    """The methods that run on ``backbone``: those whose model needs nothing its family lacks
+    (:attr:`ViTClassifier.needs`, :attr:`selfprompt.backbones.BackboneFamily.capabilities`)."""
+    family = backbone_family(backbone)
+    return [name for name in method_names() if family.missing(_METHODS[name].model_class.needs) is None]
 
 
 def stage_commands() -> list[StageCommand]:

@@ -31,16 +31,14 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from selfprompt.backbones import backbone_family
 from selfprompt.methods.registry import Search, register_method, register_settings, settings_builder
 from selfprompt.methods.settings import adapter_config, settings_from
 from selfprompt.model import PoolType, ViTClassifier, private_copy, timm_classifier
 
 import torch
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-
-#: The ops of each block SSF follows, by their path inside the block.
-BLOCK_OPS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
 #: Where the last scale and shift sit when the final norm comes after pooling (``mae`` pooling, or a backbone
 #: whose ``norm`` is an Identity and ``fc_norm`` a LayerNorm): ``after_norm`` after that norm (it folds into
@@ -83,13 +81,12 @@ def ssf_targets(backbone: VisionTransformer) -> list[tuple[str, int]]:
         targets = [("patch_embed.norm", embed.proj.out_channels)]
     else:
         targets = [("patch_embed.norm", _channels(embed.norm, "patch_embed.norm"))]
-    for i, block in enumerate(backbone.blocks):
-        if not isinstance(block, Block):
-            raise TypeError(
-                f"SSF follows the ops of timm's pre-norm Block, and block {i} is a {type(block).__name__}."
-            )
+    family = backbone_family(backbone)
+    for i, block in enumerate(family.blocks(backbone)):
+        path = f"{family.blocks_path}.{i}"
         targets += [
-            (f"blocks.{i}.{op}", _channels(block.get_submodule(op), f"blocks.{i}.{op}")) for op in BLOCK_OPS
+            (f"{path}.{op}", _channels(block.get_submodule(op), f"{path}.{op}"))
+            for op in family.block_ops(block)
         ]
     final = "norm" if not isinstance(backbone.norm, nn.Identity) else "fc_norm"
     if not isinstance(backbone.get_submodule(final), nn.Identity):
@@ -175,6 +172,7 @@ class SSF(ViTClassifier):
             final_placement=final_placement,
         )
         device = next(self.backbone.parameters()).device
+        self.family.plain_linears(self.backbone)  # the private copy: every op one the block calls
         targets = ssf_targets(self.backbone)
         norm_after_pool = self.config.pool == "mae" or isinstance(self.backbone.norm, nn.Identity)
         #: The official placement's last affine, on the tokens before pooling (``pool``); None otherwise.

@@ -137,7 +137,7 @@ class MultiTaskViT(nn.Module):
 
     def __init__(self, backbone: nn.Module, backbone_name: str | None = None, mask: bool = False) -> None:
         super().__init__()
-        self.family = check_backbone(backbone)
+        self.family = check_backbone(backbone, frozenset({"serving"}), "the multi-task server")
         self.backbone = backbone.requires_grad_(False).eval()
         if backbone_name is None:
             backbone_name = backbone_info(backbone).adapter_name

@@ -23,7 +23,10 @@ def packable(blocks: Sequence[nn.Module]) -> bool:
     (whose forward :func:`packed_block` follows); subclasses and other blocks run one batch at a time."""
     families = [attention_family(b.attn) for b in blocks]
     return all(
-        f is not None and type(b) is f.block_class and type(b.attn) is f.attention_class
+        f is not None
+        and "serving" in f.capabilities
+        and type(b) is f.block_class
+        and type(b.attn) is f.attention_class
         for b, f in zip(blocks, families, strict=True)
     )
 

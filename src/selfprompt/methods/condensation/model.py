@@ -63,6 +63,7 @@ class CondensedViT(ViTClassifier):
     """
 
     config_class = CondensedViTConfig
+    needs = frozenset({"prompts"})
 
     def __init__(
         self,
@@ -122,7 +123,7 @@ class CondensedViT(ViTClassifier):
     def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if 0 < index < len(self.layer_counts):
             x = self._insert(x, index, self.layer_counts[index - 1])
-        return block(x)
+        return self.run_block(index, block, x)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"prompts": self.prompts, **super().adapter_parameters()}

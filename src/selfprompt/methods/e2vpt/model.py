@@ -63,7 +63,6 @@ from selfprompt.methods.prompt_tools import (
 )
 from selfprompt.methods.registry import Method, register_settings
 from selfprompt.methods.settings import adapter_config, positive_int, settings_from
-from selfprompt.model import residual_branches
 
 import torch
 from torch import nn
@@ -165,6 +164,7 @@ class E2VPT(PromptedViT):
 
     config_class = E2VPTConfig
     prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 10, "dropout": 0.1}
+    needs = frozenset({"prompts", "attention", "key_value_prompts"})
 
     def __init__(
         self,
@@ -233,12 +233,19 @@ class E2VPT(PromptedViT):
 
     def _block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         kv = self._kv(index)
-        return residual_branches(block, x, attn=lambda h: self_attention(block.attn, h, kv_prefix=kv))
+        where = self._positions
+        return self.block_branches(
+            index,
+            block,
+            x,
+            attn=lambda h: self_attention(block.attn, h, kv_prefix=kv, positions=where, index=index),
+        )
 
-    def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def run_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The block with this layer's key-value prompts (after the deep prompts were placed)."""
         if not self.kv_length:
-            return super().forward_block(index, block, x)
-        return super().forward_block(index, partial(self._block, index, block), x)
+            return super().run_block(index, block, x)
+        return self._block(index, block, x)
 
     @torch.no_grad()
     def keys_values_by_layer(self, part: int, images: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
