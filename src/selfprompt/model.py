@@ -158,6 +158,14 @@ class ViTClassifier(nn.Module):
     def num_adapter_parameters(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters().values())
 
+    def print_trainable_parameters(self) -> None:
+        """Print what trains against the whole model (shared tensors counted once), in peft's words:
+        ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330``."""
+        trainable = self.num_adapter_parameters()
+        total = sum(p.numel() for p in self.parameters())
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the adapter (safetensors) and its JSON config into ``directory``."""
         tensors = self.adapter_parameters()
