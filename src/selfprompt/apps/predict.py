@@ -28,14 +28,15 @@ def evaluate_run(
     device: str,
     ema: bool = False,
     tpt: TPTConfig | None = None,
+    check_weights: bool = True,
 ) -> dict[str, Any]:
     """Accuracy and loss of a run's model on one of its splits; with ``tpt``, under test-time prompt tuning
-    (and its seconds per image)."""
+    (and its seconds per image); ``check_weights``: :func:`load_run_model`'s."""
     if split not in PROTOCOL_SPLITS:
         raise ValueError(
             f"split must be one of {PROTOCOL_SPLITS} (the run's configured splits), got {split!r}."
         )
-    cfg, model, _ = load_run_model(run_dir, seed, stage, device, ema)
+    cfg, model, _ = load_run_model(run_dir, seed, stage, device, ema, check_weights)
     dataset = getattr(build_splits(cfg.data, model.backbone), split)
     ctx = Context(rank=0, world_size=1, device=next(model.parameters()).device)
     net = PromptTuner(model, tpt) if tpt is not None else model
@@ -78,10 +79,12 @@ def predict_run(
     topk: int = 1,
     batch_size: int = 64,
     tpt: TPTConfig | None = None,
+    check_weights: bool = True,
 ) -> list[dict[str, Any]]:
     """Top-k classes and probabilities for each image file (folders are searched recursively) by the model of
     ``seed``/``stage`` (:func:`selfprompt.engine.trained.find_stage`; None: final, else tune); with ``tpt``,
-    each image's prompts are first tuned on its own views (:mod:`selfprompt.engine.tta`).
+    each image's prompts are first tuned on its own views (:mod:`selfprompt.engine.tta`); ``check_weights``:
+    :func:`load_run_model`'s.
 
     A file that cannot be read as an image does not stop the others: its row holds ``path`` and ``error``
     (what is wrong and the fix) and no classes; when any file failed, every row has an ``error`` column.
@@ -91,7 +94,7 @@ def predict_run(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     files = _image_files(inputs)
-    cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema)
+    cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema, check_weights)
     transform = eval_transform(cfg.data, model.backbone)
     net = PromptTuner(model, tpt) if tpt is not None else model
     device_ = next(model.parameters()).device

@@ -127,13 +127,14 @@ def run_export(
     multitask: bool = False,
     verify: bool = True,
     tolerance: float = 1e-4,
+    check_weights: bool = True,
 ) -> str:
     """``selfprompt export``: one source -> ``images -> logits``; several (or ``multitask``) ->
     ``(images, task_ids) -> logits``. Verifies at batch 1 and 3 and refuses a file over ``tolerance``."""
     from selfprompt.serving.loading import load_multitask, parse_adapter_specs
 
     adapters = parse_adapter_specs(sources)
-    model = load_multitask(adapters, backbone, stage).float().cpu()
+    model = load_multitask(adapters, backbone, stage, check_weights).float().cpu()
     size = image_size(model)
     output = Path(output)
     if len(adapters) == 1 and not multitask:
