@@ -47,6 +47,7 @@ def test_the_wrong_class_message_names_a_class_that_exists(tmp_path):
     assert getattr(sp, name).from_pretrained(tmp_path, tiny_vit()).__class__.__name__ == "LoRA"
 
 
+@pytest.mark.slow
 def test_importing_selfprompt_does_not_import_peft():
     code = "import sys, selfprompt; assert 'peft' not in sys.modules, 'peft imported'; selfprompt.LoRA"
     subprocess.run([sys.executable, "-c", code], check=True)
