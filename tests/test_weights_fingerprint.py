@@ -9,12 +9,15 @@ from pathlib import Path
 import selfprompt as sp
 from selfprompt.adapter import CONFIG_NAME, read_config, weights_fingerprint
 from selfprompt.cli import main
+from selfprompt.engine import trained
+from selfprompt.engine.run import run
 from selfprompt.serving import MultiTaskViT
 
 import pytest
 import timm
 import torch
 from conftest import tiny_vit
+from engine_helpers import make_dataset, tiny_config
 
 OLD_ADAPTERS = Path(__file__).parent / "fixtures" / "adapters_v1"
 ZOO = "vit_mini_patch4_32.mae_fmnist"
@@ -129,3 +132,25 @@ def test_every_command_that_loads_adapters_has_the_opt_out(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "--check_weights" in capsys.readouterr().out
+
+
+def test_predict_and_eval_refuse_a_backbone_whose_weights_changed_unless_told(tmp_path, monkeypatch, capsys):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    settings = {"stage": "final", "optim.epochs": 1, "optim.warmup_epochs": 0}
+    run(tiny_config(data, out, method="linear", **settings), log=lambda _: None)
+    create = trained.create_backbone
+
+    def changed(cfg):  # what a weights file replaced since the run, or a hub tag updated, would give
+        backbone = create(cfg)
+        with torch.no_grad():
+            for param in backbone.parameters():
+                param.add_(0.1)
+        return backbone
+
+    monkeypatch.setattr(trained, "create_backbone", changed)
+    images = str(data / "test" / "class0")
+    for argv in (["predict", str(out), images], ["eval", str(out), "--split", "test"]):
+        assert main([*argv, "--device", "cpu"]) == 1
+        assert "--check_weights false" in capsys.readouterr().err
+        assert main([*argv, "--device", "cpu", "--check_weights", "false"]) == 0
