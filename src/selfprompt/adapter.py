@@ -3,9 +3,8 @@
 An adapter folder holds ``adapter.safetensors`` (what trains: prompts, head, biases, ...) and
 ``adapter_config.json``: the format version, the model class, its constructor settings, the backbone's
 signature and its weights' fingerprint (both checked on load), the weights' origin and licence, and library
-versions. A tensor holding NaN or
-Inf is refused both ways (:func:`check_finite`): it is never written, and one written elsewhere is never
-loaded.
+versions. A tensor holding NaN or Inf is refused both ways (:func:`check_finite`): it is never written, and
+one written elsewhere is never loaded.
 """
 
 from __future__ import annotations
@@ -95,8 +94,8 @@ def check_fingerprint(record: dict[str, Any], backbone: nn.Module, directory: Pa
             f"The backbone's weights are not the ones the adapter in {directory} was trained on (their "
             f"fingerprint differs; its name and shapes match). A timm model created with pretrained=False "
             f"has random weights: create it with pretrained=True, or from the weights file the adapter was "
-            f"trained with. To load it onto these weights on purpose, pass check_weights=False (the "
-            f"commands: --check_weights false)."
+            f"trained with, in float32 (cast the whole model after loading). To load it onto these weights "
+            f"on purpose, pass check_weights=False (the commands: --check_weights false)."
         )
 
 
