@@ -2,15 +2,16 @@
 
 An adapter folder holds ``adapter.safetensors`` (what trains: prompts, head, biases, ...) and
 ``adapter_config.json``: the format version, the model class, its constructor settings, the backbone's
-signature (checked on load), the weights' origin and licence, and library versions. A tensor holding NaN or
-Inf is refused both ways (:func:`check_finite`): it is never written, and one written elsewhere is never
-loaded.
+signature and its weights' fingerprint (both checked on load), the weights' origin and licence, and library
+versions. A tensor holding NaN or Inf is refused both ways (:func:`check_finite`): it is never written, and
+one written elsewhere is never loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,50 @@ def backbone_signature(backbone: VisionTransformer, name: str | None) -> dict[st
     }
 
 
+def weights_fingerprint(backbone: nn.Module) -> dict[str, Any]:
+    """What tells the backbone's weights apart: the SHA-256 of three of its tensors (the first, middle and
+    last parameter of two or more dimensions in the module's order: class token or position embedding, a
+    mid-depth matrix, the last block's MLP), as float32 bytes, so the same weights give the same fingerprint
+    on any machine and device; a random initialisation never does. Saved with an adapter, compared on load."""
+    names = [name for name, p in backbone.named_parameters() if p.ndim >= 2]
+    picked = list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]])) if names else []
+    return {"tensors": picked, "sha256": _digest(backbone, picked)}
+
+
+def _digest(backbone: nn.Module, names: list[str]) -> str | None:
+    """The SHA-256 of the tensors ``names`` of ``backbone`` (names, shapes, float32 bytes); None when one is
+    missing."""
+    params = dict(backbone.named_parameters())
+    digest = hashlib.sha256()
+    for name in names:
+        if name not in params:
+            return None
+        tensor = params[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def brings_weights(record: dict[str, Any], held: Collection[str]) -> bool:
+    """Whether an adapter holding the tensors ``held`` brings the fingerprinted backbone tensors itself (full
+    fine-tuning): then the backbone it is loaded onto does not matter, and its record is the one it started
+    from."""
+    return any(f"backbone.{name}" in held for name in record["tensors"])
+
+
+def check_fingerprint(record: dict[str, Any], backbone: nn.Module, directory: Path) -> None:
+    """Refuse a backbone whose weights are not those the adapter was trained on (its recorded fingerprint,
+    :func:`weights_fingerprint`)."""
+    if _digest(backbone, record["tensors"]) != record["sha256"]:
+        raise ValueError(
+            f"The backbone's weights are not the ones the adapter in {directory} was trained on (their "
+            f"fingerprint differs; its name and shapes match). A timm model created with pretrained=False "
+            f"has random weights: create it with pretrained=True, or from the weights file the adapter was "
+            f"trained with, in float32 (cast the whole model after loading). To load it onto these weights "
+            f"on purpose, pass check_weights=False (the commands: --check_weights false)."
+        )
+
+
 def _weights_record(backbone: nn.Module) -> dict[str, Any]:
     """The origin and licence of the backbone's weights (informative; not checked on load)."""
     info = backbone_info(backbone)
@@ -68,8 +113,10 @@ def save_adapter(
     backbone: nn.Module,
     backbone_name: str | None,
     tensors: dict[str, torch.Tensor],
+    fingerprint: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``tensors`` and the config that rebuilds ``model_class(backbone, **asdict(settings))``."""
+    """Write ``tensors`` and the config that rebuilds ``model_class(backbone, **asdict(settings))``;
+    ``fingerprint``: the weights the adapter belongs on (default: ``backbone``'s now)."""
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     check_finite(tensors, directory / WEIGHTS_NAME, writing=True)
@@ -78,7 +125,10 @@ def save_adapter(
         "format_version": FORMAT_VERSION,
         "class": model_class,
         "model": asdict(settings),
-        "backbone": backbone_signature(backbone, backbone_name),
+        "backbone": {
+            **backbone_signature(backbone, backbone_name),
+            "fingerprint": fingerprint or weights_fingerprint(backbone),
+        },
         "backbone_weights": _weights_record(backbone),
         "versions": {"selfprompt": __version__, "torch": torch.__version__, "timm": timm.__version__},
     }
@@ -119,9 +169,20 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not problems:
         missing = sorted(set(SIGNATURE_KEYS) - set(config["backbone"]))
         problems += [f"'backbone.{key}'" for key in missing]
+        if not _is_fingerprint(config["backbone"].get("fingerprint", {"tensors": [], "sha256": ""})):
+            problems.append("'backbone.fingerprint' (the weights' fingerprint: tensors and sha256)")
     if problems:
         raise ValueError(f"{path} lacks {', '.join(problems)} or holds the wrong kind of value; {_REWRITE}")
     return config
+
+
+def _is_fingerprint(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("tensors"), list)
+        and all(isinstance(name, str) for name in record["tensors"])
+        and isinstance(record.get("sha256"), str)
+    )
 
 
 def check_signature(saved: dict[str, Any], backbone: nn.Module, name: str | None, directory: Path) -> None:

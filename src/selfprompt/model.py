@@ -8,7 +8,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from selfprompt.adapter import check_signature, load_tensors, read_config, save_adapter, timm_name
+from selfprompt.adapter import (
+    brings_weights,
+    check_fingerprint,
+    check_signature,
+    load_tensors,
+    read_config,
+    save_adapter,
+    timm_name,
+    weights_fingerprint,
+)
 from selfprompt.backbones import BACKBONE_FAMILIES, BackboneFamily, backbone_family, backbone_info
 from selfprompt.backbones import vit as vit_family
 
@@ -134,6 +143,8 @@ class ViTClassifier(nn.Module):
             **settings,
         )
         self.backbone_name = backbone_name if backbone_name is not None else timm_name(backbone)
+        # taken before anything trains: a fine-tuned backbone's adapter records the weights it started from
+        self.backbone_fingerprint: dict[str, Any] = weights_fingerprint(backbone)
         self.backbone = backbone.requires_grad_(train_backbone).train(train_backbone and self.training)
         self.num_prefix_tokens: int = getattr(backbone, "num_prefix_tokens", 0)
         #: What the blocks need besides the tokens (the family's rotary embedding or relative position bias;
@@ -221,19 +232,39 @@ class ViTClassifier(nn.Module):
     def num_adapter_parameters(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters().values())
 
+    def print_trainable_parameters(self) -> None:
+        """Print what trains against the whole model (shared tensors counted once), in peft's words:
+        ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330``."""
+        trainable = self.num_adapter_parameters()
+        total = sum(p.numel() for p in self.parameters())
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the adapter (safetensors) and its JSON config into ``directory``."""
         tensors = self.adapter_parameters()
         return save_adapter(
-            directory, type(self).__name__, self.config, self.backbone, self.backbone_name, tensors
+            directory,
+            type(self).__name__,
+            self.config,
+            self.backbone,
+            self.backbone_name,
+            tensors,
+            self.backbone_fingerprint,
         )
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, backbone: nn.Module, backbone_name: str | None = None
+        cls,
+        directory: str | Path,
+        backbone: nn.Module,
+        backbone_name: str | None = None,
+        check_weights: bool = True,
     ) -> ViTClassifier:
-        """Rebuild a saved adapter on ``backbone``; refuses a backbone that does not match the saved one, and
-        a folder that holds another class (``selfprompt.load_pretrained`` picks the class itself)."""
+        """Rebuild a saved adapter on ``backbone``; refuses a backbone that does not match the saved one (its
+        signature; with ``check_weights``, its weights' fingerprint too: ``pretrained=False`` gives random
+        weights), and a folder that holds another class (``selfprompt.load_pretrained`` picks the class
+        itself)."""
         directory = Path(directory)
         config = read_config(directory)
         if config["class"] != cls.__name__:
@@ -252,7 +283,13 @@ class ViTClassifier(nn.Module):
                 f"not take (it takes {sorted(accepted)}); the file is damaged or from another selfprompt."
             )
         model = cls(backbone, backbone_name=backbone_name, **saved)
-        load_tensors(directory, model.adapter_parameters())
+        held = model.adapter_parameters()
+        record = config["backbone"].get("fingerprint")  # None: an adapter of an earlier release
+        if record is not None and brings_weights(record, held):
+            model.backbone_fingerprint = record  # full fine-tuning: the weights it started from
+        elif record is not None and check_weights:
+            check_fingerprint(record, backbone, directory)
+        load_tensors(directory, held)
         return model
 
 

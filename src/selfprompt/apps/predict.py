@@ -32,15 +32,17 @@ def evaluate_run(
     ema: bool = False,
     tpt: TPTConfig | None = None,
     plot: bool = False,
+    check_weights: bool = True,
 ) -> dict[str, Any]:
     """Accuracy and loss of a run's model on one of its splits; with ``tpt``, under test-time prompt tuning
     (and its seconds per image); with ``plot``, its confusion matrix and per-class accuracy as
-    ``confusion_<split>.png`` (with its .plot.json and a .csv) in the stage folder."""
+    ``confusion_<split>.png`` (with its .plot.json and a .csv) in the stage folder; ``check_weights``:
+    :func:`load_run_model`'s."""
     if split not in PROTOCOL_SPLITS:
         raise ValueError(
             f"split must be one of {PROTOCOL_SPLITS} (the run's configured splits), got {split!r}."
         )
-    cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema)
+    cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema, check_weights)
     dataset = getattr(build_splits(cfg.data, model.backbone), split)
     if dataset is None:
         raise ValueError(
@@ -105,10 +107,12 @@ def predict_run(
     batch_size: int = 64,
     tpt: TPTConfig | None = None,
     grid: str | Path | None = None,
+    check_weights: bool = True,
 ) -> list[dict[str, Any]]:
     """Top-k classes and probabilities for each image file (folders are searched recursively) by the model of
     ``seed``/``stage`` (:func:`selfprompt.engine.trained.find_stage`; None: final, else tune); with ``tpt``,
-    each image's prompts are first tuned on its own views (:mod:`selfprompt.engine.tta`).
+    each image's prompts are first tuned on its own views (:mod:`selfprompt.engine.tta`); ``check_weights``:
+    :func:`load_run_model`'s.
 
     A file that cannot be read as an image does not stop the others: its row holds ``path`` and ``error``
     (what is wrong and the fix) and no classes; when any file failed, every row has an ``error`` column.
@@ -120,7 +124,7 @@ def predict_run(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     files = _image_files(inputs)
-    cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema)
+    cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema, check_weights)
     transform = eval_transform(cfg.data, model.backbone)
     net = PromptTuner(model, tpt) if tpt is not None else model
     device_ = next(model.parameters()).device

@@ -207,6 +207,18 @@ def config_from(ns: Namespace, config_class: type, extras: tuple[str, ...] = ())
     return config_class.from_dict(d)
 
 
+def check_weights_argument(parser: ArgumentParser) -> ArgumentParser:
+    """``--check_weights``, for the commands that load adapters onto a backbone (eval, predict, serve and
+    export)."""
+    parser.add_argument(
+        "--check_weights",
+        type=bool,
+        default=True,
+        help="Refuse a backbone whose weights are not those the adapter was trained on (false: load anyway).",
+    )
+    return parser
+
+
 def run_dir_parser(prog: str, description: str) -> ArgumentParser:
     """Options of the commands that use a trained run: which seed, stage, device and weights."""
     parser = ArgumentParser(prog=prog, description=description)

@@ -14,7 +14,7 @@ from selfprompt.apps.analyze import analyze
 from selfprompt.apps.predict import evaluate_run, predict_run
 from selfprompt.apps.transfer_prompts import COMBINE, transfer_prompts
 from selfprompt.cli.command import Command
-from selfprompt.cli.common import run_dir_parser
+from selfprompt.cli.common import check_weights_argument, run_dir_parser
 from selfprompt.engine.tta import TPTConfig
 
 from jsonargparse import ArgumentParser, Namespace
@@ -41,7 +41,7 @@ def _tpt(args: Namespace) -> TPTConfig | None:
 
 
 def _eval_parser() -> ArgumentParser:
-    parser = run_dir_parser("selfprompt eval", "Evaluate a trained run on one split.")
+    parser = check_weights_argument(run_dir_parser("selfprompt eval", "Evaluate a trained run on one split."))
     parser.add_argument(
         "--split", type=str, default="test", help="The split to evaluate (a data split name)."
     )
@@ -54,13 +54,22 @@ def _eval_parser() -> ArgumentParser:
 
 def _eval(args: Namespace) -> None:
     scores = evaluate_run(
-        args.run_dir, args.split, args.seed, args.stage, args.device, args.ema, _tpt(args), plot=args.plot
+        args.run_dir,
+        args.split,
+        args.seed,
+        args.stage,
+        args.device,
+        args.ema,
+        _tpt(args),
+        plot=args.plot,
+        check_weights=args.check_weights,
     )
     print(json.dumps(scores, indent=2))
 
 
 def _predict_parser() -> ArgumentParser:
     parser = run_dir_parser("selfprompt predict", "Classify images with a trained run.")
+    check_weights_argument(parser)
     parser.add_argument("inputs", nargs="+", type=str, help="Image files or folders of images.")
     parser.add_argument(
         "--output", type=str | None, default=None, help="Write a .csv or .json (default: stdout)."
@@ -82,7 +91,7 @@ def _predict(args: Namespace) -> None:
         raise ValueError(f"--grid must name a .png file, got {args.grid}")
     rows = predict_run(
         args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk, tpt=tpt,
-        grid=args.grid,
+        grid=args.grid, check_weights=args.check_weights,
     )  # fmt: skip
     if tpt is not None:
         print(f"TPT: {(time.perf_counter() - started) / len(rows):.3f} s per image", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfprompt.cli.command import Command
+from selfprompt.cli.common import check_weights_argument
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -44,7 +45,7 @@ def _serve_parser() -> ArgumentParser:
         "--allowed_root", type=str | None, default=None, help="Refuse adapter folders outside this folder."
     )
     parser.add_argument("--device", type=str, default="cpu")
-    return parser
+    return check_weights_argument(parser)
 
 
 def _serve(args: Namespace) -> None:
@@ -78,7 +79,7 @@ def _export_parser() -> ArgumentParser:
     )
     parser.add_argument("--multitask", type=bool, default=False, help="A task-id input even for one source.")
     parser.add_argument("--verify", type=bool, default=True, help="Compare with PyTorch in onnxruntime.")
-    return parser
+    return check_weights_argument(parser)
 
 
 def _export(args: Namespace) -> None:
@@ -87,11 +88,20 @@ def _export(args: Namespace) -> None:
     if args.format == "peft":
         if len(args.sources) != 1 or args.multitask:
             raise ValueError("--format peft exports one LoRA adapter (one source, no --multitask).")
-        print(run_peft_export(args.sources[0], args.output, args.backbone, args.stage, args.verify))
+        source, output = args.sources[0], args.output
+        print(run_peft_export(source, output, args.backbone, args.stage, args.verify, args.check_weights))
         return
     if args.format != "onnx":
         raise ValueError(f"--format must be onnx or peft, got {args.format!r}.")
-    report = run_export(args.sources, args.output, args.backbone, args.stage, args.multitask, args.verify)
+    report = run_export(
+        args.sources,
+        args.output,
+        args.backbone,
+        args.stage,
+        args.multitask,
+        args.verify,
+        check_weights=args.check_weights,
+    )
     print(report)
 
 

@@ -70,14 +70,19 @@ def find_stage(
 
 
 def load_run_model(
-    run_dir: str | Path, seed: int | None, stage: str | None, device: str, ema: bool = False
+    run_dir: str | Path,
+    seed: int | None,
+    stage: str | None,
+    device: str,
+    ema: bool = False,
+    check_weights: bool = True,
 ) -> tuple[TrainConfig, ViTClassifier, list[str]]:
     """The trained model of one seed and stage of a run (:func:`find_stage`), on ``device``, in eval mode,
-    and its class names."""
+    and its class names (``check_weights``: refuse a backbone whose weights changed since the run)."""
     found = find_stage(run_dir, seed, stage, ema)
     cfg, folder = found.config, found.folder
     backbone = create_backbone(cfg.model)
-    model = load_pretrained(found.adapter, backbone, backbone_name(backbone))
+    model = load_pretrained(found.adapter, backbone, backbone_name(backbone), check_weights)
     classes = folder.read_classes()
     if len(classes) != model.config.num_classes:
         heads = model.config.num_classes

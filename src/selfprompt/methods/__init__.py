@@ -33,9 +33,10 @@ for _module in pkgutil.iter_modules(__path__):
 
 
 def load_pretrained(
-    directory: str | Path, backbone: nn.Module, backbone_name: str | None = None
+    directory: str | Path, backbone: nn.Module, backbone_name: str | None = None, check_weights: bool = True
 ) -> ViTClassifier:
-    """Rebuild the model saved in ``directory`` (by any method's ``save_pretrained``) on ``backbone``."""
+    """Rebuild the model saved in ``directory`` (by any method's ``save_pretrained``) on ``backbone``
+    (``check_weights``: :meth:`ViTClassifier.from_pretrained`)."""
     name = read_config(directory)["class"]
     classes = model_classes()
     if name not in classes:
@@ -43,7 +44,7 @@ def load_pretrained(
             f"{directory} holds a {name!r} adapter, which no registered method builds "
             f"(known: {', '.join(sorted(classes))})."
         )
-    return classes[name].from_pretrained(directory, backbone, backbone_name)
+    return classes[name].from_pretrained(directory, backbone, backbone_name, check_weights)
 
 
 __all__ = [

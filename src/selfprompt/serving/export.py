@@ -129,13 +129,14 @@ def run_export(
     multitask: bool = False,
     verify: bool = True,
     tolerance: float = 1e-4,
+    check_weights: bool = True,
 ) -> str:
     """``selfprompt export``: one source -> ``images -> logits``; several (or ``multitask``) ->
     ``(images, task_ids) -> logits``. Verifies at batch 1 and 3 and refuses a file over ``tolerance``."""
     from selfprompt.serving.loading import load_multitask, parse_adapter_specs
 
     adapters = parse_adapter_specs(sources)
-    model = load_multitask(adapters, backbone, stage).float().cpu()
+    model = load_multitask(adapters, backbone, stage, check_weights).float().cpu()
     size = image_size(model)
     output = Path(output)
     if len(adapters) == 1 and not multitask:
@@ -166,6 +167,7 @@ def run_peft_export(
     backbone: str | None = None,
     stage: str | None = None,
     verify: bool = True,
+    check_weights: bool = True,
 ) -> str:
     """``selfprompt export RUN --format peft``: a LoRA adapter (or run) in peft's format
     (:func:`selfprompt.methods.lora.save_peft`), checked by loading it with ``peft.PeftModel`` onto the
@@ -177,7 +179,8 @@ def run_peft_export(
 
     found = resolve_source(source, stage=stage)
     pristine = load_backbone(backbone, Path(source))
-    model = load_pretrained(found.adapter, copy.deepcopy(pristine)).float().cpu().eval()
+    model = load_pretrained(found.adapter, copy.deepcopy(pristine), check_weights=check_weights)
+    model = model.float().cpu().eval()
     if not isinstance(model, LoRA):
         raise ValueError(
             f"{found.adapter} holds a {type(model).__name__}: --format peft writes LoRA adapters (lora)."

@@ -50,10 +50,14 @@ def load_backbone(spec: str | None, first_source: Path) -> nn.Module:
 
 
 def load_multitask(
-    adapters: dict[str, Path], backbone: str | None = None, stage: str | None = None
+    adapters: dict[str, Path],
+    backbone: str | None = None,
+    stage: str | None = None,
+    check_weights: bool = True,
 ) -> MultiTaskViT:
-    """A :class:`MultiTaskViT` serving ``adapters`` ({name: adapter or run folder})."""
+    """A :class:`MultiTaskViT` serving ``adapters`` ({name: adapter or run folder}); ``check_weights``:
+    :meth:`MultiTaskViT.add_adapter`'s."""
     model = MultiTaskViT(load_backbone(backbone, next(iter(adapters.values()))))
     for name, path in adapters.items():
-        model.add_adapter(name, path, stage=stage)
+        model.add_adapter(name, path, stage=stage, check_weights=check_weights)
     return model

@@ -184,12 +184,14 @@ class MultiTaskViT(nn.Module):
         stage: str | None = None,
         ema: bool = False,
         replace: bool = False,
+        check_weights: bool = True,
     ) -> Task:
-        """Serve the adapter in ``path`` (an adapter folder or a run folder) as task ``name``.
+        """Serve the adapter in ``path`` (an adapter folder or a run folder) as task ``name``
+        (``check_weights``: refuse it when the backbone's weights are not the ones it was trained on).
 
         Raises:
-            ValueError: The name is taken (and not ``replace``), the adapter was made for another backbone,
-                or its class is one no registered method builds.
+            ValueError: The name is taken (and not ``replace``), the adapter was made for another backbone
+                (or other weights), or its class is one no registered method builds.
             FileNotFoundError: No adapter in ``path``.
         """
         if not isinstance(name, str) or not name or len(name) > 200:
@@ -203,7 +205,7 @@ class MultiTaskViT(nn.Module):
         shared = config["class"] in sharing and not _holds_backbone_tensors(source.adapter)
         # a method that changes backbone weights gets its own copy: the shared backbone never changes
         backbone = self.backbone if shared else copy.deepcopy(self.backbone)
-        model = load_pretrained(source.adapter, backbone, self.backbone_name)
+        model = load_pretrained(source.adapter, backbone, self.backbone_name, check_weights)
         model.requires_grad_(False).eval()
         if shared and type(model).__name__ not in sharing:
             raise ValueError(f"{source.adapter}: {type(model).__name__} cannot share the backbone.")

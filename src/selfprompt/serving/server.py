@@ -84,6 +84,7 @@ class ServeSettings:
         token: Bearer token every request but ``GET /health`` must carry (None: no authentication).
         allowed_root: When set, every adapter folder must lie under it.
         device: ``cpu``, ``cuda``, ...
+        check_weights: Refuse an adapter whose backbone weights are not the ones served.
     """
 
     adapters: dict[str, Path]
@@ -99,6 +100,7 @@ class ServeSettings:
     token: str | None = None
     allowed_root: Path | None = None
     device: str = "cpu"
+    check_weights: bool = True
 
 
 @dataclass(frozen=True)
@@ -317,7 +319,7 @@ if ls is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             torch.set_grad_enabled(False)
             s = self.settings
-            self.model = load_multitask(s.adapters, s.backbone, s.stage).to(s.device).eval()
+            self.model = load_multitask(s.adapters, s.backbone, s.stage, s.check_weights).to(s.device).eval()
             backbone = self.model.backbone
             self.transforms = {}
             for name, task in self.model.tasks.items():
@@ -446,7 +448,7 @@ def build_server(settings: ServeSettings):
             "selfprompt serve needs LitServe and python-multipart: pip install 'selfprompt[serve]'."
         )
     listing = check_adapters(settings)
-    load_multitask(settings.adapters, settings.backbone, settings.stage)
+    load_multitask(settings.adapters, settings.backbone, settings.stage, settings.check_weights)
     api = MultiTaskAPI(settings, max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout)
     server = ls.LitServer(
         api,
