@@ -156,12 +156,7 @@ def residual_branches(
             attn = lambda h: block.attn(h, shared_rel_pos_bias=positions.shared)  # noqa: E731
         else:
             attn = lambda h: attention(block.attn, h, positions)  # noqa: E731
-    branch = attn(block.norm1(x))
-    x = x + block.drop_path1(branch if block.gamma_1 is None else block.gamma_1 * branch)
-    if after_attn is not None:
-        x = after_attn(x)
-    branch = (mlp or block.mlp)(block.norm2(x))
-    return x + block.drop_path2(branch if block.gamma_2 is None else block.gamma_2 * branch)
+    return eva.gamma_branches(block, x, attn, after_attn, mlp)
 
 
 def run_block(block: Block, x: torch.Tensor, positions: Positions, index: int = 0) -> torch.Tensor:

@@ -152,6 +152,19 @@ def residual_branches(
     if attn is None:
         rope = block_rope(x.shape[1], positions, index)
         attn = lambda h: block.attn(h, rope=rope)  # noqa: E731
+    return gamma_branches(block, x, attn, after_attn, mlp)
+
+
+def gamma_branches(
+    block: nn.Module,
+    x: torch.Tensor,
+    attn: Callable[[torch.Tensor], torch.Tensor],
+    after_attn: Callable[[torch.Tensor], torch.Tensor] | None,
+    mlp: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """The pre-norm residual step of a block whose layer scales are ``gamma_1``/``gamma_2`` (None: none), as
+    EVA's and BEiT's blocks compute it: ``x + drop_path(gamma_1 * attn(norm1 x))``, then ``after_attn``, then
+    ``+ drop_path(gamma_2 * mlp(norm2 x))``."""
     branch = attn(block.norm1(x))
     x = x + block.drop_path1(branch if block.gamma_1 is None else block.gamma_1 * branch)
     if after_attn is not None:
