@@ -14,6 +14,7 @@ from selfprompt.backbones import BackboneFamily, backbone_family
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 PoolType = Literal["token", "avg", "mae"]
 POOL_TYPES: tuple[str, ...] = ("token", "avg", "mae")
@@ -68,6 +69,8 @@ class ViTClassifier(nn.Module):
 
     config_class: ClassVar[type[ClassifierConfig]] = ClassifierConfig
     num_extra_tokens: int = 0
+    # recompute each block's activations in the backward pass instead of keeping them (engine option)
+    checkpoint_blocks: bool = False
 
     def __init__(
         self,
@@ -127,8 +130,12 @@ class ViTClassifier(nn.Module):
         norm)."""
         bb = self.backbone
         x = self.family.prologue(bb, x, insert=self.insert_tokens)
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for index, block in enumerate(bb.blocks):
-            x = self.forward_block(index, block, x)
+            if recompute:
+                x = checkpoint(self.forward_block, index, block, x, use_reentrant=False)
+            else:
+                x = self.forward_block(index, block, x)
         return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
