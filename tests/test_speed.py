@@ -9,6 +9,7 @@ from selfprompt.engine.distributed import Context
 from selfprompt.engine.lifecycle import changed_fields, config_dict
 from selfprompt.engine.loop import autocast, training_loader
 from selfprompt.engine.speed import ResidentLoader, engine_record, hold_frozen_in_bf16
+from selfprompt.pretrain.config import PretrainConfig, check_pretrain_config
 
 import pytest
 import torch
@@ -145,3 +146,17 @@ def test_a_run_with_resident_data_and_checkpointing_trains_the_same_adapter(tmp_
         torch.testing.assert_close(adapter(tmp_path / "fast", "tune")[key], value, rtol=0, atol=1e-6)
     engine = json.loads((tmp_path / "fast" / "env.json").read_text())["engine"]
     assert engine["device_data"] and engine["checkpointing"] and engine["compile"] is None
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("device_data", True, "cannot re-draw"),
+        ("checkpointing", True, "not pretraining"),
+        ("backbone_dtype", "bf16", "not pretraining"),
+    ],
+)
+def test_pretraining_refuses_the_options_it_cannot_use(name, value, message):
+    cfg = PretrainConfig(precision="bf16", **{name: value})
+    with pytest.raises(ConfigError, match=message):
+        check_pretrain_config(cfg)

@@ -118,4 +118,7 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
     if not positive_int(cfg.eval_every):
         problems.append(f"eval_every must be an integer >= 1, got {cfg.eval_every!r}")
     problems += engine_problems(cfg, augment="crop-flip", tracking=False)
+    for name, value in (("checkpointing", cfg.checkpointing), ("backbone_dtype", cfg.backbone_dtype)):
+        if value not in (False, "fp32"):  # both act on a frozen backbone's classifier
+            problems.append(f"{name} applies to prompt tuning's frozen backbone, not pretraining: unset it")
     raise_problems(problems, cfg)
