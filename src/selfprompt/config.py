@@ -124,7 +124,8 @@ class RunOptions:
         backbone_dtype: fp32, or bf16: the frozen backbone's weights held in bf16 (trainable parameters
             stay fp32); needs precision bf16.
         checkpointing: Recompute each block's activations in the backward pass instead of keeping them
-            (less memory, about one more forward pass of time).
+            (less memory, about one more forward pass of time; every method whose blocks run through
+            ViTClassifier.forward_features, i.e. all but gapt).
         device_data: Keep the decoded training images on the device after the first epoch (one tensor);
             needs data.augment none.
     """
