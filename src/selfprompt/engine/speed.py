@@ -76,9 +76,10 @@ def compiled(net: nn.Module, run: RunOptions) -> nn.Module:
 class ResidentLoader:
     """A training loader whose samples stay on the device once decoded.
 
-    The first epoch (and any epoch that needs a sample not seen yet: with several processes each sees a
-    different shard per epoch) reads the loader and keeps every sample in one device tensor; later epochs
-    index that tensor in the sampler's order, the same batches the loader would give. Only valid when a
+    The first epoch reads the loader and keeps its samples in one device tensor; later epochs index that
+    tensor in the sampler's order, the same batches the loader would give, reading in the main process
+    only the samples not seen yet (those the loader dropped with the last partial batch, or of another
+    process's shard). Only valid when a
     sample is the same every epoch (no random augmentation). ``dtype`` stores the images rounded (bf16
     where the model runs under bf16 autocast, which rounds its input the same way).
     """
@@ -99,8 +100,13 @@ class ResidentLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(list(self.loader.sampler.sampler), dtype=torch.long)  # this epoch's indices
         micro = self.loader.batch_size
-        batches = order[: len(order) // micro * micro].view(-1, micro)
-        if self.images is not None and bool(self.cached[order].all()):
+        batches = order[: len(order) // micro * micro].view(-1, micro)  # the loader drops the last part
+        if self.images is not None:
+            for index in batches.flatten()[~self.cached[batches.flatten()]].tolist():  # dropped until now
+                image, label = self.loader.dataset[(index, 0)]  # SeededSamples: no augmentation to seed
+                self.images[index] = torch.as_tensor(image).to(self.device, self.images.dtype)
+                self.labels[index] = torch.as_tensor(label).to(self.device)  # type: ignore[index]
+                self.cached[index] = True
             for rows in batches.to(self.device):
                 yield self.images[rows], self.labels[rows]  # type: ignore[index]
             return
