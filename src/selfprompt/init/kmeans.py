@@ -103,7 +103,7 @@ def kmeans(
     inertia by less than ``inertia_tol`` of it. Tokens with cluster structure converge before then; on
     tokens without it (random images through a random ViT) Lloyd crawls, about 1e-5 of the inertia per
     iteration after 30, and would run all ``max_iter`` iterations for its last 0.1%: stopping at 14 ends
-    within 1.001x of scikit-learn's inertia (which runs up to 300). The cluster sums are updated from the
+    within 1.002x of scikit-learn's inertia (which runs up to 300). The cluster sums are updated from the
     points that changed cluster only. A cluster left empty is re-seeded with the point farthest from its
     center.
     """
