@@ -22,7 +22,7 @@ times differing shows this machine's run-to-run noise. Takes about 5 minutes on 
 
     python benchmarks/engine_throughput.py [--model vit_tiny_patch16_224] [--img-size 224] [--batch 32]
         [--train-images 192] [--epochs 3] [--num-workers 2] [--compare-workers 0] [--compare-methods linear]
-        [--methods linear full vpt-shallow vpt-deep spt-shallow spt-deep]
+        [--methods linear full vpt-shallow vpt-deep spt-shallow spt-deep] [--extra '--device_data true']
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def train_command(args: argparse.Namespace, root: Path, out: Path, method: str, 
         *("--optim.epochs", str(args.epochs), "--optim.warmup_epochs", "1"),
         *("--stage", "tune", "--eval_every", str(args.epochs), "--device", args.device),
         *("--progress", "false", "--output_dir", str(out)),
+        *shlex.split(args.extra),
     ]
 
 
@@ -186,6 +187,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=trainable, choices=trainable)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep", action="store_true", help="Keep the dataset and run directories.")
+    parser.add_argument("--extra", default="", help="More train options, e.g. '--device_data true'.")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is the warm-up).")

@@ -119,6 +119,16 @@ class RunOptions:
         tensorboard: Also write TensorBoard event files (needs the tensorboard package).
         progress: Show progress bars (on a terminal only; a log gets one line per epoch).
         plots: Draw each training stage's curves (``curves.png``: train loss, accuracy, lr per epoch).
+        compile: torch.compile the training forward and backward (mode "default"; see engine/speed.py).
+        fused_adamw: AdamW's fused kernel on CUDA (one launch for every parameter); ignored on CPU.
+        tf32: TF32 matmuls and convolutions in fp32 on GPUs that have them (Ampere and later).
+        backbone_dtype: fp32, or bf16: the frozen backbone's weights held in bf16 (trainable parameters
+            stay fp32); needs precision bf16.
+        checkpointing: Recompute each block's activations in the backward pass instead of keeping them
+            (less memory, about one more forward pass of time; every method whose blocks run through
+            ViTClassifier.forward_features, i.e. all but gapt).
+        device_data: Keep the decoded training images on the device after the first epoch (one tensor);
+            needs data.augment none.
     """
 
     device: str = "auto"
@@ -127,6 +137,13 @@ class RunOptions:
     tensorboard: bool = False
     progress: bool = True
     plots: bool = True
+    # engine options: how fast a run goes, recorded in env.json (engine/speed.py)
+    compile: bool = False
+    fused_adamw: bool = True
+    tf32: bool = True
+    backbone_dtype: Literal["fp32", "bf16"] = "fp32"
+    checkpointing: bool = False
+    device_data: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:
@@ -198,6 +215,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # fields that may change between a run and its resumption (output_dir: the folder may have moved)
 RESUMABLE_CHANGES = {"resume", "progress", "plots", "data.num_workers", "tensorboard", "output_dir"}
+RESUMABLE_CHANGES |= {"compile", "fused_adamw", "tf32", "checkpointing", "device_data"}  # speed only
 
 
 class ConfigError(ValueError):
@@ -331,7 +349,32 @@ def check_config(cfg: Any) -> None:
         settings = getattr(cfg, section.name, None)
         if hasattr(settings, "problems"):
             problems += [f"{section.name}.{problem}" for problem in settings.problems()]
+    problems += engine_problems(cfg, augment=data.augment, tracking=bool(track.every))
     raise_problems(problems, cfg)
+
+
+def engine_problems(run: RunOptions, *, augment: str, tracking: bool) -> list[str]:
+    """What the engine options of ``run`` cannot do with the data's ``augment`` and prompt ``tracking``."""
+    problems = [
+        f"{name} must be true or false, got {getattr(run, name)!r}"
+        for name in ("compile", "fused_adamw", "tf32", "checkpointing", "device_data")
+        if not isinstance(getattr(run, name), bool)
+    ]
+    if run.backbone_dtype not in ("fp32", "bf16"):
+        problems.append(f"backbone_dtype must be fp32 or bf16, got {run.backbone_dtype!r}")
+    elif run.backbone_dtype == "bf16" and run.precision != "bf16":
+        problems.append(
+            f"backbone_dtype bf16 runs the backbone under bf16 autocast: set --precision bf16 (got "
+            f"{run.precision!r}) or --backbone_dtype fp32"
+        )
+    elif run.backbone_dtype == "bf16" and tracking:
+        problems.append("backbone_dtype bf16 cannot record prompt statistics: set --track.every 0")
+    if run.device_data is True and augment != "none":
+        problems.append(
+            f"device_data keeps each image as first decoded, so it cannot re-draw data.augment {augment!r} "
+            f"every epoch: set --data.augment none or --device_data false"
+        )
+    return problems
 
 
 def legacy_fields() -> dict[str, str]:

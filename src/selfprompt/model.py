@@ -24,6 +24,7 @@ from selfprompt.backbones import vit as vit_family
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 PoolType = Literal["token", "avg", "mae"]
 POOL_TYPES: tuple[str, ...] = ("token", "avg", "mae")
@@ -114,6 +115,8 @@ class ViTClassifier(nn.Module):
     #: (:attr:`selfprompt.backbones.BackboneFamily.capabilities`).
     needs: ClassVar[frozenset[str]] = frozenset()
     num_extra_tokens: int = 0
+    # recompute each block's activations in the backward pass instead of keeping them (engine option)
+    checkpoint_blocks: bool = False
 
     def __init__(
         self,
@@ -200,8 +203,12 @@ class ViTClassifier(nn.Module):
         bb = self.backbone
         self._positions = self.family.positions(bb, x)
         x = self.family.prologue(bb, x, insert=self.insert_tokens)
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for index, block in enumerate(self.family.blocks(bb)):
-            x = self.forward_block(index, block, x)
+            if recompute:
+                x = checkpoint(self.forward_block, index, block, x, use_reentrant=False)
+            else:
+                x = self.forward_block(index, block, x)
         return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from selfprompt.config import RESUMABLE_CHANGES, flatten, migrate
+from selfprompt.config import RESUMABLE_CHANGES, RunOptions, flatten, migrate
 from selfprompt.engine.distributed import Context, barrier, broadcast_
 from selfprompt.engine.loop import DivergedError
 from selfprompt.engine.rundir import RunDir, RunInUseError
+from selfprompt.engine.speed import engine_record
 from selfprompt.version import __version__
 
 import numpy
@@ -122,8 +123,8 @@ def claimed_run_dir(cfg: Any, ctx: Context) -> Iterator[RunDir]:
             raise
 
 
-def run_environment(ctx: Context) -> dict[str, Any]:
-    """Versions, command line, processes and device of this run."""
+def run_environment(ctx: Context, run: RunOptions) -> dict[str, Any]:
+    """Versions, command line, processes, device and engine options (:func:`engine_record`) of this run."""
     return {
         "versions": {
             "selfprompt": __version__,
@@ -139,5 +140,6 @@ def run_environment(ctx: Context) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(ctx.device)
         if ctx.device.type == "cuda"
         else platform.processor(),
+        "engine": engine_record(run, ctx),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -28,6 +28,7 @@ from typing import Any
 from selfprompt.engine.distributed import Context, ShardSampler, all_reduce_sum
 from selfprompt.engine.ema import ParameterEMA
 from selfprompt.engine.metrics import MetricsLog
+from selfprompt.engine.speed import ResidentLoader, autocast_dtype
 from selfprompt.engine.subspace import GradientSubspace
 
 import torch
@@ -39,10 +40,9 @@ from tqdm.auto import tqdm
 
 
 def autocast(ctx: Context, precision: str):
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(
+        ctx.device.type, dtype=torch.bfloat16, enabled=autocast_dtype(ctx, precision) is not None
     )
-    return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 @torch.no_grad()
@@ -213,7 +213,8 @@ def train_epoch(
     Returns the summed per-step loss (a device tensor, not synchronised) and the seconds spent waiting
     for data.
     """
-    model = net.module if isinstance(net, DistributedDataParallel) else net
+    inner = getattr(net, "_orig_mod", net)  # under torch.compile's wrapper
+    model = inner.module if isinstance(inner, DistributedDataParallel) else inner
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, data_time = torch.zeros((), device=ctx.device), 0.0
     for _ in range(steps):
@@ -224,7 +225,7 @@ def train_epoch(
             images = images.to(ctx.device, non_blocking=True)
             labels = labels.to(ctx.device, non_blocking=True)
             last = micro_step == accumulate - 1
-            sync = contextlib.nullcontext() if last or net is model else net.no_sync()
+            sync = contextlib.nullcontext() if last or inner is model else inner.no_sync()
             with sync:
                 with autocast(ctx, precision):
                     loss = compute_loss(net, images, labels)
@@ -281,7 +282,7 @@ class EpochLoop:
 
     net: nn.Module
     model: nn.Module
-    loader: DataLoader
+    loader: DataLoader | ResidentLoader
     sampler: SeededSampler
     steps: int
     compute_loss: LossFn

@@ -26,9 +26,10 @@ def param_groups(model: ViTClassifier, weight_decay: float, head_weight_decay: f
     return [{"params": p, "weight_decay": decay[k], "name": k} for k, p in groups.items() if p]
 
 
-def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over ``groups`` (each with its weight decay) at ``optim.lr`` and ``optim.betas``."""
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+def adamw(groups: list[dict], cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (each with its weight decay) at ``optim.lr`` and ``optim.betas``; ``fused``:
+    one kernel for all parameters (CUDA)."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
 def build_optimizer(model: ViTClassifier, cfg: OptimConfig) -> torch.optim.AdamW:

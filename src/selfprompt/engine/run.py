@@ -48,7 +48,7 @@ def backbone_record(cfg: TrainConfig, backbone: torch.nn.Module) -> dict[str, An
 
 def environment(cfg: TrainConfig, ctx: Context, splits: Splits, backbone: dict[str, Any]) -> dict[str, Any]:
     return {
-        **run_environment(ctx),
+        **run_environment(ctx, cfg),
         "backbone": backbone,
         "seeds": cfg.seeds,
         "data_fingerprints": splits.fingerprints(),

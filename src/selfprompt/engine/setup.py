@@ -14,6 +14,14 @@ from selfprompt.engine.loop import EpochLoop, LossFn, SeededSampler, training_lo
 from selfprompt.engine.metrics import MetricsLog
 from selfprompt.engine.optim import adamw, warmup_cosine
 from selfprompt.engine.rundir import TrainingDir
+from selfprompt.engine.speed import (
+    ResidentLoader,
+    autocast_dtype,
+    compiled,
+    prepare_model,
+    set_tf32,
+    uses_fused_adamw,
+)
 from selfprompt.engine.state import load_state, save_state
 from selfprompt.engine.subspace import GradientSubspace
 
@@ -55,7 +63,7 @@ class TrainingSetup:
     log: Callable[[str], None]
     params: dict[str, torch.Tensor]
     sampler: SeededSampler
-    loader: DataLoader
+    loader: DataLoader | ResidentLoader
     steps: int
     optimizer: torch.optim.AdamW
     scheduler: LRScheduler
@@ -73,9 +81,11 @@ class TrainingSetup:
         ema: ParameterEMA | None = None,
         subspace: GradientSubspace | None = None,
     ) -> EpochLoop:
-        """The epoch loop of this setup over ``model`` (in DDP when there are several processes)."""
+        """The epoch loop of this setup over ``model`` (in DDP when there are several processes), with the
+        engine options applied (``prepare_model``, ``compiled``): call it after the model's initialisation."""
         opt, run = self.options.optim, self.options.run
-        net = DistributedDataParallel(model) if self.ctx.world_size > 1 else model
+        prepare_model(model, run)
+        net = compiled(DistributedDataParallel(model) if self.ctx.world_size > 1 else model, run)
         return EpochLoop(
             net, model, self.loader, self.sampler, self.steps, compute_loss, self.optimizer, self.scheduler,
             self.ctx, run.precision, self.label, self.log, self.metrics, accumulate=opt.accumulate,
@@ -111,7 +121,10 @@ def training_setup(
     sampler, loader, steps = training_loader(
         train, options.batch_size, opt.accumulate, options.num_workers, ctx, seed, what
     )
-    optimizer = adamw(groups, opt)
+    if run.device_data:
+        loader = ResidentLoader(loader, ctx.device, autocast_dtype(ctx, run.precision))
+    set_tf32(run, ctx)
+    optimizer = adamw(groups, opt, fused=uses_fused_adamw(run, ctx))
     scheduler = warmup_cosine(optimizer, opt.warmup_epochs * steps, opt.epochs * steps, opt.lr, opt.min_lr)
     metrics = MetricsLog(folder, run.tensorboard) if ctx.is_main else None
     state = None

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from selfprompt.config import OptimConfig, RunOptions, batch_problems, optim_problems, raise_problems
+from selfprompt.config import (
+    OptimConfig,
+    RunOptions,
+    batch_problems,
+    engine_problems,
+    optim_problems,
+    raise_problems,
+)
 from selfprompt.methods.settings import in_range, positive_int
 
 
@@ -110,4 +117,8 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
             problems.append(f"{name} must be in [0, 1), got {getattr(cfg, name)!r}")
     if not positive_int(cfg.eval_every):
         problems.append(f"eval_every must be an integer >= 1, got {cfg.eval_every!r}")
+    problems += engine_problems(cfg, augment="crop-flip", tracking=False)
+    for name, value in (("checkpointing", cfg.checkpointing), ("backbone_dtype", cfg.backbone_dtype)):
+        if value not in (False, "fp32"):  # both act on a frozen backbone's classifier
+            problems.append(f"{name} applies to prompt tuning's frozen backbone, not pretraining: unset it")
     raise_problems(problems, cfg)

@@ -91,9 +91,8 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[st
         with claimed_run_dir(cfg, ctx):
             run = prepare_run_dir(cfg, ctx, say)
             if ctx.is_main:
-                run.write_env(
-                    run_environment(ctx) | {"data_fingerprint": train.fingerprint(), "images": len(train)}
-                )
+                fingerprint = {"data_fingerprint": train.fingerprint(), "images": len(train)}
+                run.write_env(run_environment(ctx, cfg) | fingerprint)
             return _train(cfg, ctx, model.to(ctx.device), encoder, compute_loss, train, evaluation, run, say)
     finally:
         teardown()
