@@ -68,3 +68,19 @@ def test_print_trainable_parameters_in_pefts_format(method, capsys):
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert total == sum(p.numel() for p in model.parameters())
     assert float(match.group(3)) == pytest.approx(100 * trainable / total, abs=1e-4)
+
+
+def test_every_name_the_benchmarks_and_scripts_import_from_selfprompt_exists():
+    """The benchmarks are run by hand: an import that a move broke shows here, not at the user's."""
+    import ast
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("benchmarks/*.py"), *root.glob("scripts/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("selfprompt"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name) or importlib.util.find_spec(
+                        f"{node.module}.{alias.name}"
+                    ), f"{path.name}: from {node.module} import {alias.name}"

@@ -4,7 +4,17 @@ stage, ``selfprompt condense`` (:mod:`.condense`), registered here together."""
 from __future__ import annotations
 
 from selfprompt.methods.condensation.condense import CONDENSE
-from selfprompt.methods.condensation.model import CondensedViT, _build, _check
+from selfprompt.methods.condensation.model import (
+    CondensedViT,
+    CondensedViTConfig,
+    CondensedViTSettings,
+    _build,
+    _check,
+    condense,
+    condense_at_random,
+    kept_mask,
+    prompt_importance,
+)
 from selfprompt.methods.registry import register_method
 
 register_method(
@@ -18,3 +28,13 @@ register_method(
     condenses="vpt-deep",
     commands=(CONDENSE,),
 )
+
+__all__ = [
+    "CondensedViT",
+    "CondensedViTConfig",
+    "CondensedViTSettings",
+    "condense",
+    "condense_at_random",
+    "kept_mask",
+    "prompt_importance",
+]

@@ -3,7 +3,19 @@
 
 from __future__ import annotations
 
-from selfprompt.methods.e2vpt.model import E2VPT, _build, _check, _resolve, prepare
+from selfprompt.methods.e2vpt.model import (
+    E2VPT,
+    E2VPTConfig,
+    E2VPTRunSettings,
+    E2VPTSettings,
+    _build,
+    _check,
+    _resolve,
+    mask_importance,
+    prepare,
+    pruning_masks,
+    read_pruning,
+)
 from selfprompt.methods.e2vpt.prune import PRUNE
 from selfprompt.methods.prompt import PROMPT_SEARCH
 from selfprompt.methods.registry import register_method
@@ -23,3 +35,13 @@ register_method(
     order=21,
     commands=(PRUNE,),
 )
+
+__all__ = [
+    "E2VPT",
+    "E2VPTConfig",
+    "E2VPTRunSettings",
+    "E2VPTSettings",
+    "mask_importance",
+    "pruning_masks",
+    "read_pruning",
+]
