@@ -209,7 +209,7 @@ def init_times(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     forward = median_seconds(forward_all, args.init_repeats, device)
     result: dict[str, Any] = {"images": args.init_images, "forward_s": forward}
     for method in ("sample", "kmeans"):
-        model = sp.PromptedViT(backbone, 10, args.prompts, deep=True).to(device)
+        model = sp.PromptedViT(backbone, 10, num_prompts=args.prompts, deep=True).to(device)
         seconds = median_seconds(
             lambda m=model, n=method: sp.init_prompts(m, loader, n), args.init_repeats, device
         )

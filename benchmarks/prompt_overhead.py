@@ -59,7 +59,7 @@ def step_times(args: argparse.Namespace) -> None:
     }
     for deep in (False, True):
         model = sp.PromptedViT(
-            timm.create_model(args.model, num_classes=0), 10, args.prompts, deep=deep
+            timm.create_model(args.model, num_classes=0), 10, num_prompts=args.prompts, deep=deep
         ).train()
         steps[f"PromptedViT {'deep' if deep else 'shallow'}"] = train_step(
             model, list(model.adapter_parameters().values()), x, y
@@ -99,7 +99,7 @@ def init_times(args: argparse.Namespace) -> None:
     for method in sp.available_initializers():
         row = []
         for deep in (False, True):
-            model = sp.PromptedViT(backbone, 10, args.prompts, deep=deep)
+            model = sp.PromptedViT(backbone, 10, num_prompts=args.prompts, deep=deep)
             seconds = median_seconds(
                 lambda m=model, name=method: sp.init_prompts(m, loader, name), args.init_repeats
             )

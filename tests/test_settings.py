@@ -154,6 +154,9 @@ def test_the_deprecated_prompt_dropout_keyword_still_works():
     with pytest.warns(FutureWarning, match="now dropout"):
         model = PromptedViT(tiny_vit(), 5, num_prompts=2, prompt_dropout=0.25)
     assert model.config.dropout == 0.25 and model.prompt_dropout.p == 0.25
+    with pytest.warns(FutureWarning, match="is now num_prompts=3"):
+        model = PromptedViT(tiny_vit(), 5, 3, deep=True)
+    assert model.num_prompts == 3 and model.config.deep
 
 
 def test_old_names_still_import():

@@ -145,6 +145,14 @@ class PromptedViT(ViTClassifier):
         backbone_name: str | None = None,
         **fields: Any,
     ) -> None:
+        if isinstance(settings, int) and not isinstance(settings, bool):  # the third argument of before
+            warnings.warn(
+                f"{type(self).__name__}(backbone, num_classes, {settings}) is now num_prompts={settings}; the "
+                f"third argument is a PromptSettings.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            settings, fields["num_prompts"] = None, settings
         if "prompt_dropout" in fields:
             warnings.warn(
                 "PromptedViT(prompt_dropout=...) is now dropout=... (PromptSettings.dropout).",
