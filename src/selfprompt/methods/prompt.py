@@ -147,8 +147,8 @@ class PromptedViT(ViTClassifier):
     ) -> None:
         if isinstance(settings, int) and not isinstance(settings, bool):  # the third argument of before
             warnings.warn(
-                f"{type(self).__name__}(backbone, num_classes, {settings}) is now num_prompts={settings}; the "
-                f"third argument is a PromptSettings.",
+                f"{type(self).__name__}(backbone, num_classes, {settings}) is now num_prompts={settings}; "
+                f"the third argument is a PromptSettings.",
                 FutureWarning,
                 stacklevel=2,
             )
