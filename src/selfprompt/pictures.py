@@ -67,7 +67,7 @@ def training_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str
     }
 
     def draw(plt):
-        figure, (loss, accuracy, lr) = plt.subplots(1, 3, figsize=(12, 3.2))
+        figure, (loss, accuracy, lr) = plt.subplots(1, 3, figsize=(12, 3.2), layout="constrained")
         loss.plot(epochs, numbers["train_loss"], marker=".")
         loss.set(title="train loss", xlabel="epoch")
         for key in accuracy_keys:
@@ -95,7 +95,7 @@ def confusion_picture(
     size = max(4.0, 0.35 * len(classes) + 2)
 
     def draw(plt):
-        figure, (grid, bars) = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+        figure, (grid, bars) = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
         grid.imshow(matrix.numpy(), cmap="Blues")
         grid.set(title="confusion (rows: true)", xlabel="predicted", ylabel="true")
         ticks = range(len(classes))
@@ -119,7 +119,9 @@ def sweep_picture(
     numbers = {"scores": scores, "curves": curves}
 
     def draw(plt):
-        figure, (bars, lines) = plt.subplots(1, 2, figsize=(12, max(3.2, 0.3 * len(scores) + 1)))
+        figure, (bars, lines) = plt.subplots(
+            1, 2, figsize=(12, max(3.2, 0.3 * len(scores) + 1)), layout="constrained"
+        )
         names = list(scores)
         bars.barh(range(len(names)), [100 * (v or 0.0) for v in scores.values()])
         bars.set_yticks(range(len(names)), names, fontsize=7)
