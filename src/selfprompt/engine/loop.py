@@ -71,15 +71,14 @@ def evaluate(
         totals[1] += F.cross_entropy(logits.float(), labels, reduction="sum")
         totals[2] += len(labels)
         if confusion:
-            classes = logits.shape[1]
             if matrix is None:
-                matrix = torch.zeros(classes * classes, dtype=torch.float64, device=ctx.device)
-            matrix.index_add_(0, labels * classes + predicted, torch.ones_like(labels, dtype=torch.float64))
+                matrix = torch.zeros(logits.shape[1], logits.shape[1], dtype=torch.float64, device=ctx.device)
+            ones = torch.ones_like(labels, dtype=torch.float64)
+            matrix.index_put_((labels, predicted), ones, accumulate=True)
     correct, loss, count = all_reduce_sum(totals).tolist()
     scores: dict[str, Any] = {"acc": correct / count, "loss": loss / count}
-    if confusion and matrix is not None:
-        side = math.isqrt(matrix.numel())
-        scores["confusion"] = all_reduce_sum(matrix).reshape(side, side).cpu()
+    if matrix is not None:
+        scores["confusion"] = all_reduce_sum(matrix).cpu()
     return scores
 
 
