@@ -200,6 +200,11 @@ def _adapter(run: Path) -> Path:
     return run / "seed0" / "final" / "adapter"
 
 
+def _edit_config(run: Path, **changes) -> None:
+    path = _adapter(run) / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def _predict(capsys, run: Path, data: Path, *extra: str) -> tuple[int, str]:
     return cli(capsys, "predict", run, data / "test" / "class0", "--device", "cpu", *extra)
 
@@ -231,9 +236,9 @@ DAMAGE = {
         lambda run: (_adapter(run) / "adapter_config.json").write_text('{"format_version": 1, "cla'),
         "adapter_config.json is not valid JSON",
     ),
-    "classes.json shorter than the head": (
-        lambda run: (run / "seed0" / "final" / "classes.json").write_text('["a"]'),
-        "classes.json names 1 classes, the trained head has 3",
+    "id2label shorter than the head": (
+        lambda run: _edit_config(run, id2label={"0": "a"}),
+        "the labels name 1 classes, the head has 3",
     ),
     "config.yaml as a list": (
         lambda run: (run / "config.yaml").write_text("- 1\n- 2\n"),

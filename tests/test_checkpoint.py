@@ -20,6 +20,7 @@ def test_save_reload_gives_identical_logits(tmp_path, images, kwargs):
     torch.nn.init.normal_(model.head.weight)
     model.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md",  # the model card
         "adapter.safetensors",
         "adapter_config.json",
     ]
@@ -108,7 +109,7 @@ def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter.safetensors", "adapter_config.json"]
 
 
 @pytest.mark.parametrize("train_backbone", [False, True])

@@ -10,6 +10,7 @@ import sys
 import time
 
 from selfprompt import PromptedViT, ViTClassifier
+from selfprompt.adapter import TaskInfo
 from selfprompt.config import TrainConfig
 from selfprompt.data.splits import build_splits
 from selfprompt.engine import Stage, TrainingDir, run, train_stage
@@ -47,7 +48,7 @@ def test_every_method_lowers_the_loss_and_only_full_moves_the_backbone(method, d
     stage = Stage("tune", splits.train, splits.init_train, "val", splits.val, True, TrainingDir(tmp_path))
     options = StageOptions.of(cfg.optim, cfg.data, cfg, cfg.track, cfg.eval_every)
     build = lambda: build_model(cfg, backbone, 3)  # noqa: E731
-    train_stage(stage, options, CPU, build, preparer(cfg), splits.classes, 0, quiet)
+    train_stage(stage, options, CPU, build, preparer(cfg), TaskInfo(splits.classes), 0, quiet)
     rows = TrainingDir(tmp_path).read_rows()
     assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"], rows
     unchanged = all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())

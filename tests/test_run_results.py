@@ -3,13 +3,13 @@
 import json
 
 from selfprompt.apps import predict
-from selfprompt.engine import trained
 from selfprompt.engine.build import build_model, create_backbone
 from selfprompt.engine.lifecycle import config_dict
 from selfprompt.engine.result import StageResult
 from selfprompt.engine.run import summarize
 from selfprompt.engine.rundir import RunDir, TrainingDir
 from selfprompt.engine.trained import find_stage, load_run_model, stage_order
+from selfprompt.serving import sources
 from selfprompt.serving.sources import resolve_source
 
 import pytest
@@ -95,7 +95,7 @@ def test_the_one_reader_picks_final_else_tune_and_serving_and_predict_use_it(tmp
     assert classes == ["a", "b", "c"] and bool((model.head.weight == 2.0).all())
 
     calls = []
-    monkeypatch.setattr(trained, "find_stage", lambda *a: calls.append(a) or find_stage(*a))
+    monkeypatch.setattr(sources, "find_stage", lambda *a: calls.append(a) or find_stage(*a))
     image = tmp_path / "x.png"
     from PIL import Image
 

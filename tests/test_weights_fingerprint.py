@@ -9,9 +9,8 @@ from pathlib import Path
 import selfprompt as sp
 from selfprompt.adapter import CONFIG_NAME, read_config, weights_fingerprint
 from selfprompt.cli import main
-from selfprompt.engine import trained
 from selfprompt.engine.run import run
-from selfprompt.serving import MultiTaskViT
+from selfprompt.serving import MultiTaskViT, loading
 
 import pytest
 import timm
@@ -139,7 +138,7 @@ def test_predict_and_eval_refuse_a_backbone_whose_weights_changed_unless_told(tm
     out = tmp_path / "run"
     settings = {"stage": "final", "optim.epochs": 1, "optim.warmup_epochs": 0}
     run(tiny_config(data, out, method="linear", **settings), log=lambda _: None)
-    create = trained.create_backbone
+    create = loading.create_run_backbone
 
     def changed(cfg):  # what a weights file replaced since the run, or a hub tag updated, would give
         backbone = create(cfg)
@@ -148,7 +147,7 @@ def test_predict_and_eval_refuse_a_backbone_whose_weights_changed_unless_told(tm
                 param.add_(0.1)
         return backbone
 
-    monkeypatch.setattr(trained, "create_backbone", changed)
+    monkeypatch.setattr(loading, "create_run_backbone", changed)
     images = str(data / "test" / "class0")
     for argv in (["predict", str(out), images], ["eval", str(out), "--split", "test"]):
         assert main([*argv, "--device", "cpu"]) == 1

@@ -1,10 +1,12 @@
 """The adapter format: the trained tensors as safetensors and what rebuilds them as JSON, written atomically.
 
-An adapter folder holds ``adapter.safetensors`` (what trains: prompts, head, biases, ...) and
-``adapter_config.json``: the format version, the model class, its constructor settings, the backbone's
-signature and its weights' fingerprint (both checked on load), the weights' origin and licence, and library
-versions. A tensor holding NaN or Inf is refused both ways (:func:`check_finite`): it is never written, and
-one written elsewhere is never loaded.
+An adapter folder holds ``adapter.safetensors`` (what trains: prompts, head, biases, ...),
+``adapter_config.json`` and ``README.md`` (its model card, :mod:`selfprompt.card`, a view of the config). The
+config holds the format version, the model class, its constructor settings, the backbone's signature and its
+weights' fingerprint (both checked on load), the weights' origin, licence and creation arguments, library
+versions and the task (:class:`TaskInfo`: ``id2label``, ``preprocessing``, ``training``), so that the folder
+alone classifies images as its run did. A tensor holding NaN or Inf is refused both ways
+(:func:`check_finite`): it is never written, and one written elsewhere is never loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,71 @@ from torch import nn
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
+CARD_NAME = "README.md"
 SIGNATURE_KEYS = ("name", "embed_dim", "depth", "patch_size", "num_prefix_tokens")
+PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
 _REWRITE = "the adapter folder is damaged: save the adapter again (or copy it again from the trained run)."
 _DIVERGED = "retrain with a lower learning rate (optim.lr) or with optim.grad_clip set"
+
+
+@dataclass
+class TaskInfo:
+    """What an adapter carries besides its tensors and settings, so that its folder alone classifies images as
+    its run did (saved in ``adapter_config.json``; every field optional, as adapters of earlier releases lack
+    them).
+
+    Attributes:
+        labels: The class names in the head's order (saved as ``id2label``); None: ``class_<i>``.
+        preprocessing: The eval preprocessing it was trained with, in timm's data-config keys
+            (:data:`PREPROCESSING_KEYS`: ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``);
+            None: the backbone's pretrained config.
+        training: How it was trained (method, dataset, data fingerprint, stage, seed, accuracy, command), as
+            ``selfprompt train`` records it for the model card; None otherwise.
+    """
+
+    labels: list[str] | None = None
+    preprocessing: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+
+    def check(self, num_classes: int, where: str) -> None:
+        """Refuse labels that do not name each of ``num_classes`` classes once, and preprocessing without
+        timm's keys (``where``: the file or call that holds them)."""
+        if self.labels is not None:
+            if len(self.labels) != num_classes or not all(isinstance(c, str) for c in self.labels):
+                raise ValueError(
+                    f"{where}: the labels name {len(self.labels)} classes, the head has {num_classes}: give "
+                    f"one class name (a string) per output, in label order."
+                )
+            if len(set(self.labels)) != len(self.labels):
+                twice = sorted({c for c in self.labels if self.labels.count(c) > 1})
+                raise ValueError(f"{where}: the labels name {twice} more than once; class names are unique.")
+        if self.preprocessing is not None:
+            missing = [key for key in PREPROCESSING_KEYS if key not in self.preprocessing]
+            if missing:
+                raise ValueError(
+                    f"{where}: the preprocessing lacks {missing} (it takes timm's data-config keys "
+                    f"{list(PREPROCESSING_KEYS)}, e.g. from selfprompt.data.data_config(backbone))."
+                )
+
+    def to_config(self) -> dict[str, Any]:
+        """Its keys of ``adapter_config.json`` (only those set)."""
+        config: dict[str, Any] = {}
+        if self.labels is not None:
+            config["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
+        if self.preprocessing is not None:
+            config["preprocessing"] = json.loads(
+                json.dumps({k: self.preprocessing[k] for k in PREPROCESSING_KEYS})
+            )
+        if self.training is not None:
+            config["training"] = json.loads(json.dumps(self.training))
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TaskInfo:
+        """The task of an adapter config (:func:`read_config` checked its kinds)."""
+        id2label = config.get("id2label")
+        labels = [id2label[str(i)] for i in range(len(id2label))] if id2label is not None else None
+        return cls(labels, config.get("preprocessing"), config.get("training"))
 
 
 def timm_name(backbone: nn.Module) -> str | None:
@@ -100,10 +164,20 @@ def check_fingerprint(record: dict[str, Any], backbone: nn.Module, directory: Pa
 
 
 def _weights_record(backbone: nn.Module) -> dict[str, Any]:
-    """The origin and licence of the backbone's weights (informative; not checked on load)."""
+    """The origin and licence of the backbone's weights, their Hub repository (timm's ``hf_hub_id``) and the
+    arguments that shaped it (:attr:`~selfprompt.backbones.BackboneInfo.kwargs`, e.g. ``img_size``), which
+    rebuild it from its name (informative; not checked on load)."""
     info = backbone_info(backbone)
     checkpoint = Path(info.checkpoint).name if info.checkpoint else None
-    return {"license": info.license, "family": info.family, "format": info.format, "checkpoint": checkpoint}
+    hub_id = (getattr(backbone, "pretrained_cfg", None) or {}).get("hf_hub_id") if not checkpoint else None
+    return {
+        "license": info.license,
+        "family": info.family,
+        "format": info.format,
+        "checkpoint": checkpoint,
+        "hub_id": hub_id,
+        "kwargs": json.loads(json.dumps(info.kwargs)),
+    }
 
 
 def save_adapter(
@@ -114,9 +188,13 @@ def save_adapter(
     backbone_name: str | None,
     tensors: dict[str, torch.Tensor],
     fingerprint: dict[str, Any] | None = None,
+    task: TaskInfo | None = None,
 ) -> Path:
-    """Write ``tensors`` and the config that rebuilds ``model_class(backbone, **asdict(settings))``;
-    ``fingerprint``: the weights the adapter belongs on (default: ``backbone``'s now)."""
+    """Write ``tensors``, the config that rebuilds ``model_class(backbone, **asdict(settings))`` with its
+    ``task`` (:class:`TaskInfo`), and the model card the config describes; ``fingerprint``: the weights the
+    adapter belongs on (default: ``backbone``'s now)."""
+    from selfprompt.card import model_card  # the card renders with huggingface_hub, needed here only
+
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     check_finite(tensors, directory / WEIGHTS_NAME, writing=True)
@@ -131,9 +209,12 @@ def save_adapter(
         },
         "backbone_weights": _weights_record(backbone),
         "versions": {"selfprompt": __version__, "torch": torch.__version__, "timm": timm.__version__},
+        **(task or TaskInfo()).to_config(),
     }
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_json(directory / CONFIG_NAME, config)
+    card = model_card(config, sum(t.numel() for t in tensors.values()))
+    atomic_write(directory / CARD_NAME, lambda p: p.write_text(card))
     return directory
 
 
@@ -171,9 +252,22 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         problems += [f"'backbone.{key}'" for key in missing]
         if not _is_fingerprint(config["backbone"].get("fingerprint", {"tensors": [], "sha256": ""})):
             problems.append("'backbone.fingerprint' (the weights' fingerprint: tensors and sha256)")
+    id2label = config.get("id2label", {})
+    indices = [str(i) for i in range(len(id2label))] if isinstance(id2label, dict) else None
+    if indices is None or sorted(id2label, key=_index) != indices:
+        problems.append("'id2label' (the class names by index: {\"0\": name, ...})")
+    elif not all(isinstance(name, str) for name in id2label.values()):
+        problems.append("'id2label' (class names must be strings)")
+    for key in ("preprocessing", "training"):
+        if not isinstance(config.get(key, {}), dict):
+            problems.append(f"{key!r} (a JSON object)")
     if problems:
         raise ValueError(f"{path} lacks {', '.join(problems)} or holds the wrong kind of value; {_REWRITE}")
     return config
+
+
+def _index(key: str) -> int:
+    return int(key) if key.isdigit() else -1
 
 
 def _is_fingerprint(record: Any) -> bool:

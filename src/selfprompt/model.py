@@ -4,11 +4,12 @@ that PETL methods (``selfprompt.methods``) override."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from selfprompt.adapter import (
+    TaskInfo,
     brings_weights,
     check_fingerprint,
     check_signature,
@@ -20,6 +21,7 @@ from selfprompt.adapter import (
 )
 from selfprompt.backbones import BACKBONE_FAMILIES, BackboneFamily, backbone_family, backbone_info
 from selfprompt.backbones import vit as vit_family
+from selfprompt.data.transforms import data_config
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -148,6 +150,8 @@ class ViTClassifier(nn.Module):
         self.backbone_name = backbone_name if backbone_name is not None else timm_name(backbone)
         # taken before anything trains: a fine-tuned backbone's adapter records the weights it started from
         self.backbone_fingerprint: dict[str, Any] = weights_fingerprint(backbone)
+        #: Class names, preprocessing and training record, saved with the adapter (:class:`TaskInfo`)
+        self.task_info = TaskInfo()
         self.backbone = backbone.requires_grad_(train_backbone).train(train_backbone and self.training)
         self.num_prefix_tokens: int = getattr(backbone, "num_prefix_tokens", 0)
         #: What the blocks need besides the tokens (the family's rotary embedding or relative position bias;
@@ -248,8 +252,13 @@ class ViTClassifier(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the adapter (safetensors) and its JSON config into ``directory``."""
+        """Write the adapter (safetensors), its JSON config with :attr:`task_info` (class names,
+        preprocessing, training record) and its model card (``README.md``) into ``directory``."""
         tensors = self.adapter_parameters()
+        task = self.task_info
+        if task.preprocessing is None:  # what predict would use: the backbone's pretrained config
+            task = replace(task, preprocessing=data_config(self.backbone))
+        task.check(self.config.num_classes, f"{type(self).__name__}.task_info")
         return save_adapter(
             directory,
             type(self).__name__,
@@ -258,6 +267,7 @@ class ViTClassifier(nn.Module):
             self.backbone_name,
             tensors,
             self.backbone_fingerprint,
+            task,
         )
 
     @classmethod
@@ -297,6 +307,8 @@ class ViTClassifier(nn.Module):
         elif record is not None and check_weights:
             check_fingerprint(record, backbone, directory)
         load_tensors(directory, held)
+        model.task_info = TaskInfo.from_config(config)
+        model.task_info.check(model.config.num_classes, str(directory / "adapter_config.json"))
         return model
 
 

@@ -8,14 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from selfprompt.atomic import atomic_write
+from selfprompt.config import TrainConfig
 from selfprompt.data import IMAGE_EXTENSIONS
+from selfprompt.data.datasets import load_split
 from selfprompt.data.images import load_rgb
-from selfprompt.data.splits import build_splits, eval_transform
-from selfprompt.engine.distributed import Context
+from selfprompt.data.splits import build_splits
+from selfprompt.engine.distributed import Context, resolve_device
 from selfprompt.engine.loop import evaluate
-from selfprompt.engine.trained import find_stage, load_run_model
+from selfprompt.engine.rundir import TrainingDir
+from selfprompt.engine.trained import load_run_config
 from selfprompt.engine.tta import PromptTuner, TPTConfig
 from selfprompt.pictures import confusion_picture, image_grid
+from selfprompt.serving.loading import load_source_model
 
 import torch
 
@@ -24,41 +28,63 @@ GRID_IMAGES = 48  # predict --grid draws at most this many images (the first, in
 
 
 def evaluate_run(
-    run_dir: str | Path,
+    source: str | Path,
     split: str,
     seed: int | None,
-    stage: str,
+    stage: str | None,
     device: str,
     ema: bool = False,
     tpt: TPTConfig | None = None,
     plot: bool = False,
     check_weights: bool = True,
+    images: str | Path | None = None,
+    backbone: str | None = None,
 ) -> dict[str, Any]:
-    """Accuracy and loss of a run's model on one of its splits; with ``tpt``, under test-time prompt tuning
-    (and its seconds per image); with ``plot``, its confusion matrix and per-class accuracy as
-    ``confusion_<split>.png`` (with its .plot.json and a .csv) in the stage folder; ``check_weights``:
-    :func:`load_run_model`'s."""
-    if split not in PROTOCOL_SPLITS:
+    """Accuracy and loss of a trained model (a run folder's ``seed``/``stage``, or an adapter folder) on one
+    of its run's splits, or on ``images`` (a folder with one subfolder of images per class, named as the
+    model's classes; an adapter folder needs it), preprocessed as the model was trained; with ``tpt``, under
+    test-time prompt tuning (and its seconds per image); with ``plot``, its confusion matrix and per-class
+    accuracy as ``confusion_<split>.png`` (with its .plot.json and a .csv) in the stage folder (for an adapter
+    folder: the current folder); ``backbone`` and ``check_weights``: :func:`load_source_model`'s."""
+    if images is None and split not in PROTOCOL_SPLITS:
         raise ValueError(
             f"split must be one of {PROTOCOL_SPLITS} (the run's configured splits), got {split!r}."
         )
-    cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema, check_weights)
-    dataset = getattr(build_splits(cfg.data, model.backbone), split)
-    if dataset is None:
-        raise ValueError(
-            f"{run_dir} was trained on data without a test split (data.test_split null): pass --split "
-            "val, or classify a folder of images with selfprompt predict RUN FOLDER."
+    model, found = load_source_model(source, seed, stage, ema, backbone, check_weights)
+    model.to(resolve_device(device))
+    cfg = load_run_config(found.run) if found.run is not None else TrainConfig()
+    classes = model.task_info.labels
+    if images is not None:
+        folder = Path(images).expanduser().resolve()
+        transform = found.transform(model.backbone)
+        dataset = load_split(
+            folder.parent, "folder", folder.name, transform, classes=classes, option="--images"
         )
+        split = folder.name
+    elif found.run is None:
+        raise ValueError(
+            f"{source} is an adapter folder: it holds no data. Pass --images FOLDER (one subfolder of images "
+            f"per class, named as its classes: {', '.join(classes[:5])}{', ...' * (len(classes) > 5)})."
+        )
+    else:
+        dataset = getattr(build_splits(cfg.data, model.backbone), split)
+        if dataset is None:
+            raise ValueError(
+                f"{source} was trained on data without a test split (data.test_split null): pass --split "
+                "val, or classify a folder of images with selfprompt predict RUN FOLDER."
+            )
     ctx = Context(rank=0, world_size=1, device=next(model.parameters()).device)
     net = PromptTuner(model, tpt) if tpt is not None else model
     started = time.perf_counter()
     args = (net, dataset, ctx, cfg.data.eval_batch_size, cfg.precision, cfg.data.num_workers)
     scores = evaluate(*args, confusion=plot)
     matrix = scores.pop("confusion", None)
-    row = {"run": str(run_dir), "split": split, "stage": stage, "images": len(dataset), **scores}
+    where = found.adapter.parent if found.run is not None else Path.cwd()
+    stage = (model.task_info.training or {}).get("stage", stage)
+    row = {"run": str(source), "split": split, "stage": stage, "images": len(dataset), **scores}
     if matrix is not None:
-        picture = find_stage(run_dir, seed, stage, ema).folder.confusion(split)
-        confusion_picture(matrix, classes, picture, title=f"{run_dir} {stage} on {split}")
+        picture = TrainingDir(where).confusion(split)
+        confusion_picture(matrix, classes, picture, title=f"{source} {stage or ''} on {split}")
         _write_confusion_csv(matrix, classes, picture.with_suffix(".csv"))
         row["plot"] = str(picture)
     if tpt is not None:
@@ -97,7 +123,7 @@ def _image_files(inputs: list[str]) -> list[Path]:
 
 @torch.no_grad()
 def predict_run(
-    run_dir: str | Path,
+    source: str | Path,
     inputs: list[str],
     seed: int | None,
     stage: str | None,
@@ -108,11 +134,13 @@ def predict_run(
     tpt: TPTConfig | None = None,
     grid: str | Path | None = None,
     check_weights: bool = True,
+    backbone: str | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k classes and probabilities for each image file (folders are searched recursively) by the model of
-    ``seed``/``stage`` (:func:`selfprompt.engine.trained.find_stage`; None: final, else tune); with ``tpt``,
-    each image's prompts are first tuned on its own views (:mod:`selfprompt.engine.tta`); ``check_weights``:
-    :func:`load_run_model`'s.
+    an adapter folder or of a run folder's ``seed``/``stage`` (:func:`selfprompt.engine.trained.find_stage`;
+    None: final, else tune), with its own class names and preprocessing; with ``tpt``, each image's prompts
+    are first tuned on its own views (:mod:`selfprompt.engine.tta`); ``backbone`` and ``check_weights``:
+    :func:`~selfprompt.serving.loading.load_source_model`'s.
 
     A file that cannot be read as an image does not stop the others: its row holds ``path`` and ``error``
     (what is wrong and the fix) and no classes; when any file failed, every row has an ``error`` column.
@@ -124,8 +152,10 @@ def predict_run(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     files = _image_files(inputs)
-    cfg, model, classes = load_run_model(run_dir, seed, stage, device, ema, check_weights)
-    transform = eval_transform(cfg.data, model.backbone)
+    model, found = load_source_model(source, seed, stage, ema, backbone, check_weights)
+    model.to(resolve_device(device))
+    classes = model.task_info.labels
+    transform = found.transform(model.backbone)
     net = PromptTuner(model, tpt) if tpt is not None else model
     device_ = next(model.parameters()).device
     rows: dict[Path, dict[str, Any]] = {}

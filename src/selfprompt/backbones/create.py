@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
 INFO_ATTRIBUTE = "selfprompt_info"
+TRAINING_ONLY = ("drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate")
 WRAPPERS = ("module", "base_encoder", "backbone", "teacher")  # prefixes that group nothing by themselves
 
 
@@ -63,6 +64,8 @@ class BackboneInfo:
         format: How the weights were read (e.g. ``MoCo v3 pretraining``), ``timm`` or ``random``.
         dropped: Checkpoint keys left out on purpose (heads, projectors, decoders), counted by prefix.
         load: ``{"loaded", "missing", "unexpected", "resampled"}`` of a file load.
+        kwargs: The ``timm.create_model`` arguments that shaped it (``img_size``, ...; not the training-only
+            drop rates), which rebuild it from ``name`` (saved with adapters).
     """
 
     name: str | None
@@ -73,6 +76,7 @@ class BackboneInfo:
     format: str = "timm"
     dropped: dict[str, int] = field(default_factory=dict)
     load: dict[str, Any] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def adapter_name(self) -> str | None:
@@ -151,6 +155,7 @@ def create_backbone(
             info.format, info.license = "random", "n/a (random weights)"
     else:
         model, info = _from_file(name, Path(checkpoint), kwargs)
+    info.kwargs = {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY}
     setattr(model, INFO_ATTRIBUTE, info)
     log.info(info.describe())
     return model

@@ -219,10 +219,31 @@ def check_weights_argument(parser: ArgumentParser) -> ArgumentParser:
     return parser
 
 
-def run_dir_parser(prog: str, description: str) -> ArgumentParser:
-    """Options of the commands that use a trained run: which seed, stage, device and weights."""
+#: the positional of the commands that read an adapter folder as well as a run (eval, predict)
+TRAINED_SOURCE = (
+    "A run directory written by `selfprompt train`, or an adapter folder (a run's adapter/ folder, copied "
+    "anywhere: it names its classes and preprocessing)."
+)
+
+
+def backbone_argument(parser: ArgumentParser) -> ArgumentParser:
+    """``--backbone``, for the commands that rebuild a trained model (eval, predict)."""
+    parser.add_argument(
+        "--backbone",
+        type=str | None,
+        default=None,
+        help="timm name or weights file (default: the backbone the run or adapter was trained on).",
+    )
+    return parser
+
+
+def run_dir_parser(
+    prog: str, description: str, what: str = "A run directory written by `selfprompt train`."
+) -> ArgumentParser:
+    """Options of the commands that use a trained run (``what``: the positional's help): which seed, stage,
+    device and weights."""
     parser = ArgumentParser(prog=prog, description=description)
-    parser.add_argument("run_dir", type=str, help="A run directory written by `selfprompt train`.")
+    parser.add_argument("run_dir", type=str, help=what)
     parser.add_argument(
         "--seed", type=int | None, default=None, help="Which seed's model (default: the first)."
     )

@@ -14,7 +14,7 @@ from selfprompt.apps.analyze import analyze
 from selfprompt.apps.predict import evaluate_run, predict_run
 from selfprompt.apps.transfer_prompts import COMBINE, transfer_prompts
 from selfprompt.cli.command import Command
-from selfprompt.cli.common import check_weights_argument, run_dir_parser
+from selfprompt.cli.common import TRAINED_SOURCE, backbone_argument, check_weights_argument, run_dir_parser
 from selfprompt.engine.tta import TPTConfig
 
 from jsonargparse import ArgumentParser, Namespace
@@ -41,10 +41,15 @@ def _tpt(args: Namespace) -> TPTConfig | None:
 
 
 def _eval_parser() -> ArgumentParser:
-    parser = check_weights_argument(run_dir_parser("selfprompt eval", "Evaluate a trained run on one split."))
+    parser = run_dir_parser("selfprompt eval", "Evaluate a trained model on one split.", TRAINED_SOURCE)
+    backbone_argument(check_weights_argument(parser))
     parser.add_argument(
-        "--split", type=str, default="test", help="The split to evaluate (a data split name)."
+        "--split", type=str, default="test", help="The run's split to evaluate: train, val, trainval or test."
     )
+    parser.add_argument(
+        "--images", type=str | None, default=None,
+        help="Evaluate on this folder instead (a subfolder of images per class, named as its classes).",
+    )  # fmt: skip
     parser.add_argument(
         "--plot", type=bool, default=False,
         help="Draw the confusion matrix and per-class accuracy (confusion_<split>.png, .csv in the stage).",
@@ -63,13 +68,15 @@ def _eval(args: Namespace) -> None:
         _tpt(args),
         plot=args.plot,
         check_weights=args.check_weights,
+        images=args.images,
+        backbone=args.backbone,
     )
     print(json.dumps(scores, indent=2))
 
 
 def _predict_parser() -> ArgumentParser:
-    parser = run_dir_parser("selfprompt predict", "Classify images with a trained run.")
-    check_weights_argument(parser)
+    parser = run_dir_parser("selfprompt predict", "Classify images with a trained model.", TRAINED_SOURCE)
+    backbone_argument(check_weights_argument(parser))
     parser.add_argument("inputs", nargs="+", type=str, help="Image files or folders of images.")
     parser.add_argument(
         "--output", type=str | None, default=None, help="Write a .csv or .json (default: stdout)."
@@ -91,7 +98,7 @@ def _predict(args: Namespace) -> None:
         raise ValueError(f"--grid must name a .png file, got {args.grid}")
     rows = predict_run(
         args.run_dir, args.inputs, args.seed, args.stage, args.device, args.ema, args.topk, tpt=tpt,
-        grid=args.grid, check_weights=args.check_weights,
+        grid=args.grid, check_weights=args.check_weights, backbone=args.backbone,
     )  # fmt: skip
     if tpt is not None:
         print(f"TPT: {(time.perf_counter() - started) / len(rows):.3f} s per image", file=sys.stderr)

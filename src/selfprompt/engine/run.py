@@ -5,10 +5,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import shlex
 import statistics
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from selfprompt.adapter import TaskInfo
 from selfprompt.backbones import backbone_info
 from selfprompt.config import TrainConfig, check_config
 from selfprompt.data.splits import Splits, build_splits, preprocessing
@@ -43,6 +47,20 @@ def backbone_record(cfg: TrainConfig, backbone: torch.nn.Module) -> dict[str, An
         **backbone_info(backbone).as_dict(),
         "head_input": head_input(cfg.model, backbone),
         "preprocessing": json.loads(json.dumps(pre)),
+    }
+
+
+def run_record(cfg: TrainConfig) -> dict[str, Any]:
+    """What every adapter of the run records of it for its model card: method, benchmark, dataset and the
+    command that ran it (None when run from Python)."""
+    called = Path(sys.argv[0]).name if sys.argv else ""
+    command = shlex.join(["selfprompt", *sys.argv[1:]]) if called in ("selfprompt", "__main__.py") else None
+    dataset = cfg.data.task or (Path(cfg.data.root).name if cfg.data.root else None)
+    return {
+        "method": cfg.model.method,
+        "benchmark": cfg.data.benchmark,
+        "dataset": dataset,
+        "command": command,
     }
 
 
@@ -165,6 +183,7 @@ def _run_stages(
     if ctx.is_main:
         run.write_env(environment(cfg, ctx, splits, backbone))
     options = StageOptions.of(cfg.optim, cfg.data, cfg, cfg.track, cfg.eval_every)
+    task = TaskInfo(splits.classes, backbone["preprocessing"], run_record(cfg))
     prepare = preparer(cfg, resolved)
     results = []
     for seed in cfg.seeds:
@@ -174,7 +193,7 @@ def _run_stages(
                 stage.folder.path.mkdir(parents=True, exist_ok=True)
             barrier()
             build = lambda: build_model(cfg, copy.deepcopy(pristine), len(splits.classes), resolved)  # noqa: E731
-            trained = train_stage(stage, options, ctx, build, prepare, splits.classes, seed, say, observe)
+            trained = train_stage(stage, options, ctx, build, prepare, task, seed, say, observe)
             results.append(trained)
     summary = {**summarize(results), "backbone": backbone} if ctx.is_main else {}
     if ctx.is_main:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from selfprompt.adapter import TaskInfo
 from selfprompt.config import OptimConfig, RunOptions, TrackConfig
 from selfprompt.data.config import DataConfig
 from selfprompt.data.splits import Splits
@@ -81,7 +82,7 @@ def train_stage(
     ctx: Context,
     build: Callable[[], ViTClassifier],
     prepare: Preparer | None,
-    classes: list[str],
+    task: TaskInfo,
     seed: int,
     log: Callable[[str], None],
     observe: EpochObserver | None = None,
@@ -123,7 +124,7 @@ def train_stage(
     epoch_times = loop.run(setup.start_epoch, opt.epochs, scores.evaluate, end_epoch)
     result = scores.result(setup.metrics, epoch_times, seed)
     if ctx.is_main:
-        _save(folder, model, ema, classes, result, options.run.plots)
+        _save(stage, model, ema, task, result, options.run.plots)
         setup.metrics.close()
     return result
 
@@ -246,19 +247,39 @@ class StageScores:
 
 
 def _save(
-    folder: TrainingDir,
+    stage: Stage,
     model: ViTClassifier,
     ema: ParameterEMA | None,
-    classes: list[str],
+    task: TaskInfo,
     result: StageResult,
     plots: bool,
 ) -> None:
-    """The stage's adapter (and its EMA's), class names, result and (``plots``) its curves."""
+    """The stage's adapter (and its EMA's) with ``task`` and this stage's record (:func:`stage_record`),
+    class names, result and (``plots``) its curves."""
+    folder = stage.folder
+    model.task_info = replace(task, training={**(task.training or {}), **stage_record(stage, result)})
     model.save_pretrained(folder.adapter())
     if ema is not None:
+        ema_record = {**model.task_info.training, "accuracy": result.last_ema_acc, "weights": "EMA"}
+        model.task_info = replace(model.task_info, training=ema_record)
         with ema.applied():
             model.save_pretrained(folder.adapter(ema=True))
-    folder.write_classes(classes)
+    folder.write_classes(task.labels)
     folder.write_result(result)
     if plots:
         training_curves(folder.read_rows(), folder.curves, title=f"{result.stage} seed {result.seed}")
+
+
+def stage_record(stage: Stage, result: StageResult) -> dict[str, Any]:
+    """What an adapter's model card says of the stage that trained it: the stage, seed and epochs, the data
+    trained on and its fingerprint, the split evaluated and its accuracy at the last epoch."""
+    return {
+        "stage": stage.name,
+        "seed": result.seed,
+        "epochs": result.epochs,
+        "trained_on": "train" if stage.name == "tune" else "train+val",
+        "data_fingerprint": stage.train.fingerprint(),
+        "evaluated_on": stage.eval_name,
+        "accuracy": result.last_acc,
+        "selected_on_test": result.selected_on_test,
+    }

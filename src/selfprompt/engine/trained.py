@@ -5,7 +5,7 @@ finished, else ``tune``) and where that stage's adapter is."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +83,15 @@ def load_run_model(
     cfg, folder = found.config, found.folder
     backbone = create_backbone(cfg.model)
     model = load_pretrained(found.adapter, backbone, backbone_name(backbone), check_weights)
-    classes = folder.read_classes()
+    classes = model.task_info.labels or folder.read_classes()  # runs of earlier releases: classes.json only
     if len(classes) != model.config.num_classes:
         heads = model.config.num_classes
         raise ValueError(
             f"{folder.classes} names {len(classes)} classes, the trained head has {heads}: the file does not "
             f"belong to this adapter; restore it (the class names in label order)."
         )
+    if model.task_info.labels is None:
+        model.task_info = replace(model.task_info, labels=classes)
     return cfg, model.to(resolve_device(device)).eval(), classes
 
 

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from selfprompt.atomic import write_json
+from selfprompt.atomic import atomic_write, write_json
 from selfprompt.serving.multitask import MultiTaskViT
 
 import torch
@@ -61,21 +61,40 @@ def _export(module: nn.Module, inputs: tuple, names: list[str], output: Path) ->
         )
 
 
+def _describe_file(output: Path, meta: dict[str, Any]) -> None:
+    """``meta`` in ``<output>.json`` and in the ONNX file's own ``metadata_props`` (each key's value as JSON),
+    so that the file alone names its inputs, classes and preprocessing."""
+    import onnx
+
+    write_json(output.with_suffix(".json"), meta)
+    graph = onnx.load(str(output))
+    for key, value in meta.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    atomic_write(output, lambda path: onnx.save(graph, str(path)))
+
+
 @torch.no_grad()
 def export_single(
-    model: nn.Module, output: str | Path, image_size: tuple[int, int], classes: list[str]
+    model: nn.Module,
+    output: str | Path,
+    image_size: tuple[int, int],
+    classes: list[str],
+    preprocessing: dict[str, Any] | None = None,
 ) -> Path:
-    """``images -> logits`` of one task's model; ``<output>.json`` names the classes."""
+    """``images -> logits`` of one task's model; its classes and ``preprocessing`` (timm's data-config keys)
+    in ``<output>.json`` and in the file's ``metadata_props``."""
     output = Path(output)
     example = torch.randn(2, 3, *image_size)
     _export(model.float().cpu(), (example,), ["images"], output)
-    write_json(output.with_suffix(".json"), {"inputs": ["images"], "classes": classes})
+    _describe_file(output, {"inputs": ["images"], "classes": classes, "preprocessing": preprocessing})
     return output
 
 
 @torch.no_grad()
 def export_multitask(model: MultiTaskViT, output: str | Path, image_size: tuple[int, int]) -> Path:
-    """``(images, task_ids) -> padded logits``; ``<output>.json`` lists the tasks (id order) and classes."""
+    """``(images, task_ids) -> padded logits``; the tasks (id order), their classes and preprocessing in
+    ``<output>.json`` and in the file's ``metadata_props``."""
     output = Path(output)
     model = model.float().cpu()
     graph = MultiTaskGraph(model)
@@ -86,8 +105,9 @@ def export_multitask(model: MultiTaskViT, output: str | Path, image_size: tuple[
         "inputs": ["images", "task_ids"],
         "tasks": tasks,
         "classes": {name: model.tasks[name].classes for name in tasks},
+        "preprocessing": {name: model.tasks[name].model.task_info.preprocessing for name in tasks},
     }
-    write_json(output.with_suffix(".json"), meta)
+    _describe_file(output, meta)
     return output
 
 
@@ -141,7 +161,7 @@ def run_export(
     output = Path(output)
     if len(adapters) == 1 and not multitask:
         task = next(iter(model.tasks.values()))
-        export_single(task.model, output, size, task.classes)
+        export_single(task.model, output, size, task.classes, task.model.task_info.preprocessing)
         reference, extra = task.model, {}
     else:
         export_multitask(model, output, size)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from selfprompt.adapter import read_config
 from selfprompt.backbones import create_backbone
+from selfprompt.engine.build import backbone_name
 from selfprompt.engine.build import create_backbone as create_run_backbone
 from selfprompt.engine.trained import load_run_config
+from selfprompt.methods import load_pretrained
+from selfprompt.model import ViTClassifier
 from selfprompt.serving.multitask import MultiTaskViT
-from selfprompt.serving.sources import resolve_source
+from selfprompt.serving.sources import AdapterSource, resolve_source
 
 from torch import nn
 
@@ -32,21 +35,51 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 
 
 def load_backbone(spec: str | None, first_source: Path) -> nn.Module:
-    """The backbone named by ``spec`` (a timm name or a weights file), else the one ``first_source`` was
-    trained on: its run's configured backbone, or the timm name its adapter recorded."""
+    """The backbone named by ``spec`` (a timm name or a weights file), else the one ``first_source`` (an
+    adapter or run folder) was trained on (:func:`source_backbone`)."""
+    return source_backbone(spec, None if spec is not None else resolve_source(first_source))
+
+
+def source_backbone(spec: str | None, source: AdapterSource | None) -> nn.Module:
+    """The backbone named by ``spec`` (a timm name or a weights file), else the one ``source`` was trained
+    on: its run's configured backbone, or the one its adapter records (timm name, creation arguments and
+    whether its weights were pretrained or random; a weights file must be given)."""
     if spec is not None:
         return create_backbone(None, spec) if Path(spec).is_file() else create_backbone(spec)
-    source = resolve_source(first_source)
-    if source.data is not None:  # a run folder: its configured backbone
-        return create_run_backbone(load_run_config(first_source).model)
-    name = read_config(source.adapter)["backbone"]["name"]
+    if source.run is not None:  # a run folder: its configured backbone
+        return create_run_backbone(load_run_config(source.run).model)
+    name = source.config["backbone"]["name"]
     if not name or "+" in name:
         raise ValueError(
-            f"{source.adapter} was trained on {name}: pass --backbone NAME_OR_FILE."
+            f"{source.adapter} was trained on {name}: pass --backbone NAME_OR_FILE (that weights file)."
             if name
             else f"{source.adapter} was trained on a hand-built backbone: pass --backbone NAME_OR_FILE."
         )
-    return create_backbone(name)
+    weights = source.config.get("backbone_weights") or {}
+    # random weights (pretrained false) are drawn under a fixed seed: the same ones again
+    return create_backbone(name, pretrained=weights.get("format") != "random", **(weights.get("kwargs") or {}))
+
+
+def load_source_model(
+    path: str | Path,
+    seed: int | None = None,
+    stage: str | None = None,
+    ema: bool = False,
+    backbone: str | None = None,
+    check_weights: bool = True,
+) -> tuple[ViTClassifier, AdapterSource]:
+    """The model of an adapter folder or of a run folder's ``seed``/``stage`` (:func:`resolve_source`) on the
+    backbone ``backbone`` names (:func:`load_backbone`: default the one it was trained on), in eval mode on
+    the CPU, with its :attr:`~selfprompt.model.ViTClassifier.task_info` complete: class names (``class_<i>``
+    when none are recorded) and preprocessing."""
+    source = resolve_source(path, seed, stage, ema)
+    pristine = source_backbone(backbone, source)
+    model = load_pretrained(source.adapter, pristine, backbone_name(pristine), check_weights)
+    classes = source.classes or [f"class_{i}" for i in range(model.config.num_classes)]
+    task = replace(model.task_info, labels=classes, preprocessing=source.preprocessing_for(pristine))
+    task.check(model.config.num_classes, f"{source.adapter} (its classes.json)")
+    model.task_info = task
+    return model.eval(), source
 
 
 def load_multitask(

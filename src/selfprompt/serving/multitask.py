@@ -21,6 +21,7 @@ the backbone's forward: their rows are grouped by task and run through that task
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import threading
 from collections.abc import Sequence
@@ -29,7 +30,6 @@ from pathlib import Path
 
 from selfprompt.adapter import WEIGHTS_NAME, check_signature
 from selfprompt.backbones import backbone_info
-from selfprompt.data.config import DataConfig
 from selfprompt.methods import load_pretrained
 from selfprompt.methods.prompt import PromptedViT
 from selfprompt.methods.registry import backbone_sharing_classes
@@ -69,10 +69,6 @@ class Task:
     @property
     def num_prompts(self) -> int:
         return self.model.num_prompts if isinstance(self.model, PromptedViT) else 0
-
-    @property
-    def data(self) -> DataConfig | None:
-        return self.source.data
 
 
 class _Bank:
@@ -215,6 +211,8 @@ class MultiTaskViT(nn.Module):
             raise ValueError(
                 f"{source.adapter}: its head has {num_classes} classes, classes.json names {len(classes)}."
             )
+        pre = source.preprocessing_for(backbone)
+        model.task_info = dataclasses.replace(model.task_info, labels=list(classes), preprocessing=pre)
         task = Task(name, list(classes), shared, model, source)
         with self._lock:
             tasks = {**self._tasks, name: task}

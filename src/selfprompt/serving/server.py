@@ -39,8 +39,6 @@ from typing import Any
 
 from selfprompt.adapter import read_config
 from selfprompt.data.images import to_rgb
-from selfprompt.data.splits import eval_transform
-from selfprompt.data.transforms import build_transform, data_config
 from selfprompt.serving.loading import load_multitask
 from selfprompt.serving.sources import resolve_source
 
@@ -321,14 +319,9 @@ if ls is not None:
             s = self.settings
             self.model = load_multitask(s.adapters, s.backbone, s.stage, s.check_weights).to(s.device).eval()
             backbone = self.model.backbone
-            self.transforms = {}
-            for name, task in self.model.tasks.items():
-                cfg = task.data
-                self.transforms[name] = (
-                    eval_transform(cfg, backbone)
-                    if cfg
-                    else build_transform(data_config(backbone), train=False)
-                )
+            self.transforms = {
+                name: task.source.transform(backbone) for name, task in self.model.tasks.items()
+            }
 
         def authorize(
             self,

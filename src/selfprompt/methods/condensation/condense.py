@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,10 @@ def condense_run(
     scores = prompt_importance(model, loader, max_batches)
     mask = kept_mask(scores, keep)
     model.requires_grad_(False)
-    condense(model, mask).save_pretrained(out)
+    condensed = condense(model, mask)
+    # the same classes and preprocessing; the run's accuracy is not the condensed model's
+    condensed.task_info = replace(model.task_info, training=None)
+    condensed.save_pretrained(out)
     counts = mask.sum(1).tolist()
     record = {
         **key,
