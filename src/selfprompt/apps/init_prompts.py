@@ -10,7 +10,7 @@ from selfprompt.data.splits import build_splits, eval_transform
 from selfprompt.engine.build import backbone_name, build_model, create_backbone, method_settings
 from selfprompt.init import init_prompts
 from selfprompt.methods import get_method, method_names
-from selfprompt.methods.prompt import prompts_file_metadata, save_prompts_file
+from selfprompt.methods.prompt import initializer_options, prompts_file_metadata, save_prompts_file
 
 import torch
 
@@ -37,6 +37,7 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
         "seed": seed,
         "fraction": settings.init_fraction,
         "max_images": settings.init_max_images,
+        "options": initializer_options(settings),
         "data": splits.train.fingerprint(),
         "preprocessing": repr(eval_transform(cfg.data, backbone)),
     }
@@ -53,6 +54,7 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
             fraction=settings.init_fraction,
             max_images=key["max_images"],
             seed=seed,
+            options=key["options"],
         ).cpu()
         save_prompts_file(out, prompts, key)
     print(
