@@ -249,3 +249,15 @@ def test_other_families_attention_outputs_are_their_forwards(name):
         warnings.simplefilter("ignore")
         prompts = sp.init_prompts(model, [images], "vipamin", options={"topk": 2})
     assert prompts.shape == (2, 2, 32) and torch.isfinite(prompts).all()
+
+
+def test_init_prompts_command_caches_by_its_options(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data")
+    args = ["init-prompts", *cli_args(data, tmp_path / "unused"), "--prompt.init", "vipamin"]
+    output = ["--output", str(tmp_path / "prompts.safetensors")]
+    assert main([*args, "--prompt.init_topk", "2", *output]) == 0
+    assert "computed vipamin prompts (2, 4, 32)" in capsys.readouterr().out
+    assert main([*args, "--prompt.init_topk", "2", *output]) == 0
+    assert "reused cached" in capsys.readouterr().out
+    assert main([*args, "--prompt.init_topk", "3", *output]) == 0
+    assert "computed vipamin" in capsys.readouterr().out

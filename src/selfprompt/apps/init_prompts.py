@@ -37,10 +37,12 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
         "seed": seed,
         "fraction": settings.init_fraction,
         "max_images": settings.init_max_images,
-        "options": initializer_options(settings),
         "data": splits.train.fingerprint(),
         "preprocessing": repr(eval_transform(cfg.data, backbone)),
     }
+    options = initializer_options(settings)
+    if options:  # only then: a file cached before initializers had options keeps its key
+        key["options"] = options
     out = Path(output)
     cached = out.is_file() and prompts_file_metadata(out) == key
     if cached:
@@ -54,7 +56,7 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
             fraction=settings.init_fraction,
             max_images=key["max_images"],
             seed=seed,
-            options=key["options"],
+            options=options,
         ).cpu()
         save_prompts_file(out, prompts, key)
     print(
