@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_vit
 from torch.utils.data import DataLoader, Dataset
 
-METHODS = ["xavier", "sample", "mean_pool", "max_pool", "kmeans"]
+METHODS = ["xavier", "sample", "mean_pool", "max_pool", "kmeans", "vipamin"]
 
 
 class RecordingImages(Dataset):
@@ -186,7 +186,7 @@ def test_kmeans_initializer_returns_centres_of_the_tokens():
         (dict(method="kmeans", fraction=0.0), ValueError, r"fraction must be in \(0, 1\]"),
         (dict(method="sample", fraction=1.5), ValueError, r"fraction must be in \(0, 1\]"),
         (dict(method="sample", max_images=0), ValueError, "max_images"),
-        (dict(method="spt"), ValueError, "known: kmeans, max_pool, mean_pool, sample, xavier"),
+        (dict(method="spt"), ValueError, "known: kmeans, max_pool, mean_pool, sample, vipamin, xavier"),
         (dict(method="kmeans", max_tokens=2), ValueError, "max_tokens"),
     ],
 )

@@ -10,7 +10,7 @@ from selfprompt.data.splits import build_splits, eval_transform
 from selfprompt.engine.build import backbone_name, build_model, create_backbone, method_settings
 from selfprompt.init import init_prompts
 from selfprompt.methods import get_method, method_names
-from selfprompt.methods.prompt import prompts_file_metadata, save_prompts_file
+from selfprompt.methods.prompt import initializer_options, prompts_file_metadata, save_prompts_file
 
 import torch
 
@@ -40,6 +40,9 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
         "data": splits.train.fingerprint(),
         "preprocessing": repr(eval_transform(cfg.data, backbone)),
     }
+    options = initializer_options(settings)
+    if options:  # only then: a file cached before initializers had options keeps its key
+        key["options"] = options
     out = Path(output)
     cached = out.is_file() and prompts_file_metadata(out) == key
     if cached:
@@ -53,6 +56,7 @@ def init_prompts_command(cfg: TrainConfig, output: str, seed: int) -> torch.Tens
             fraction=settings.init_fraction,
             max_images=key["max_images"],
             seed=seed,
+            options=options,
         ).cpu()
         save_prompts_file(out, prompts, key)
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sized
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -10,6 +11,7 @@ from selfprompt.backbones import backbone_family
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 _IMAGE_KEYS = ("image", "images", "pixel_values", "img")
@@ -102,3 +104,39 @@ def patch_tokens_by_layer(
         for _, h in islice(family.tokens_entering_blocks(backbone, first, num_layers, where), 1, None):
             layers.append(h[:, backbone.num_prefix_tokens :].reshape(batch, *grid, -1))
     return layers
+
+
+@dataclass
+class BlockInput:
+    """The whole sequence entering one prompted block of the frozen backbone, with what runs it.
+
+    Attributes:
+        tokens: ``(B, prefix + H*W, D)`` in the backbone's dtype: the prologue's output for block 0 (prefix
+            tokens and position embedding), block i-1's output for block i.
+        block: The block these tokens enter.
+        index: Its position among the blocks.
+        prefix: Prefix tokens (class token, registers) at the start of ``tokens``.
+        positions: The family's positions of the images (what ``family.place`` takes).
+        family: The backbone's :class:`~selfprompt.backbones.BackboneFamily`.
+    """
+
+    tokens: torch.Tensor
+    block: nn.Module
+    index: int
+    prefix: int
+    positions: Any
+    family: Any
+
+
+@torch.no_grad()
+def block_inputs(backbone: nn.Module, images: torch.Tensor, num_layers: int) -> list[BlockInput]:
+    """What enters each of the first ``num_layers`` blocks when ``images`` run through the frozen backbone
+    without prompts (only the blocks needed are run)."""
+    family = backbone_family(backbone)
+    x = family.embed_patches(backbone, images)
+    first = family.pre_blocks(backbone, family.embed_tokens(backbone, x))
+    where = family.positions(backbone, images)
+    return [
+        BlockInput(h, block, index, backbone.num_prefix_tokens, where, family)
+        for index, (block, h) in enumerate(family.tokens_entering_blocks(backbone, first, num_layers, where))
+    ]

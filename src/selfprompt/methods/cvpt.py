@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+from selfprompt.init.registry import get_initializer
 from selfprompt.methods.prompt import PromptedViT, PromptSettings, prepare, with_prompt_count
 from selfprompt.methods.prompt_tools import (
     as_grid,
@@ -86,6 +87,12 @@ class CVPT(PromptedViT):
 
 def _check(settings: Any, cfg: Any) -> None:
     refuse_tracking(cfg, "cvpt (whose prompts are not in the sequence)")
+    if settings.init is not None and get_initializer(settings.init).reads_blocks:
+        raise ValueError(
+            f"cvpt with prompt.init={settings.init!r}: that initializer builds prompts that enter a block's "
+            f"self-attention, and cvpt's prompts are cross-attended after it; use xavier, sample, mean_pool, "
+            f"max_pool or kmeans."
+        )
 
 
 def _build(backbone, num_classes, settings: Any, **common: Any) -> CVPT:

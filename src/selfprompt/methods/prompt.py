@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from selfprompt.adapter import check_finite, read_tensors
 from selfprompt.atomic import atomic_write
 from selfprompt.init import init_prompts
+from selfprompt.init.registry import available_initializers, get_initializer
 from selfprompt.methods.registry import Method, Search, register_method, register_settings
 from selfprompt.methods.settings import (
     adapter_config,
@@ -77,12 +78,16 @@ class PromptRunSettings(PromptSettings):
             (xavier for vpt-*, sample for spt-*, the official default).
         init_fraction: Share of training images that SPT prototypes are built from; None uses all.
         init_max_images: Cap on the number of images SPT prototypes are built from.
+        init_topk: VIPAMIN's k: patch positions averaged per matched prompt; None is its default, 8.
+        init_lambda: VIPAMIN's lambda: each prompt's orthogonal share, in [0, 1]; None is its default, 0.5.
         file: Start from prompts saved by ``selfprompt init-prompts`` instead of initialising.
     """
 
     init: str | None = None
     init_fraction: float | None = None
     init_max_images: int | None = None
+    init_topk: int | None = None
+    init_lambda: float | None = None
     file: str | None = None
 
     def problems(self) -> list[str]:
@@ -93,7 +98,34 @@ class PromptRunSettings(PromptSettings):
             out.append(f"init_fraction must be in (0, 1] or null (all images), got {self.init_fraction!r}")
         if self.init_max_images is not None and not positive_int(self.init_max_images):
             out.append(f"init_max_images must be >= 1 or null, got {self.init_max_images!r}")
+        if self.init_topk is not None and not positive_int(self.init_topk):
+            out.append(f"init_topk must be an integer >= 1 or null (the default), got {self.init_topk!r}")
+        if self.init_lambda is not None:
+            out += number_problem("init_lambda", self.init_lambda, 0, 1, "in [0, 1]", high_open=False)
+        options = initializer_options(self)
+        takes = get_initializer(self.init).options if self.init in available_initializers() else ()
+        for field, option in INIT_OPTIONS.items():
+            if option in options and option not in takes:
+                owners = [n for n in available_initializers() if option in get_initializer(n).options]
+                out.append(
+                    f"{field} is an option of prompt.init {' or '.join(owners)}, not of "
+                    f"{self.init or 'the method default'}; set prompt.init or drop {field}"
+                )
         return out
+
+
+#: The prompt section's fields that are an initializer's own options, and the option each one sets.
+INIT_OPTIONS = {"init_topk": "topk", "init_lambda": "lam"}
+
+
+def initializer_options(settings: Any) -> dict[str, Any]:
+    """The initializer options a ``prompt`` section sets (those left null keep the initializer's defaults),
+    by the keyword ``init_prompts(..., options=...)`` takes."""
+    return {
+        option: getattr(settings, field)
+        for field, option in INIT_OPTIONS.items()
+        if getattr(settings, field, None) is not None
+    }
 
 
 #: What a prompted model's adapter stores: ClassifierConfig's fields, PromptSettings' and ``deep``.
@@ -293,6 +325,7 @@ def prepare(
         fraction=settings.init_fraction,
         max_images=settings.init_max_images,
         seed=seed,
+        options=initializer_options(settings),
     )
 
 

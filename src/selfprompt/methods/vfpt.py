@@ -137,6 +137,7 @@ def prepare(method: Method, model: VFPT, settings: PromptRunSettings, loader: Da
         fraction=settings.init_fraction,
         max_images=settings.init_max_images,
         seed=seed,
+        options=prompt.initializer_options(settings),
     )
     with torch.no_grad():
         model.prompts[:, m:].copy_(plain)

@@ -28,7 +28,8 @@ the source's when its seed and ``prompt.init`` match (the code re-draws an unsee
 SPT initialisation (docs/methods.md, SPT): the visual prompts exactly as spt-deep; unshared key and value
 prompts from prototypes of block i's keys (LN1(x) W_k + b_k after k-norm) and values of the frozen backbone
 without prompts, each prototype a whole token's key (all heads), then split into heads. A shared K=V tensor
-cannot sit in both spaces, so a token initializer needs ``e2vpt.share_kv false``.
+cannot sit in both spaces, so a token initializer needs ``e2vpt.share_kv false``. VIPAMIN initialises the
+visual prompts only (it defines prompt tokens entering a block); the key-value prompts keep their draw.
 """
 
 from __future__ import annotations
@@ -328,7 +329,9 @@ register_settings("e2vpt", E2VPTRunSettings, "E2VPT's key-value prompts (with th
 
 
 def _token_init(init: str | None) -> bool:
-    return init is not None and get_initializer(init).needs_tokens
+    """Whether ``init`` builds the key and value prompts from tokens (an initializer that reads whole blocks,
+    VIPAMIN, defines visual prompts only: the key-value prompts keep their kaiming draw)."""
+    return init is not None and get_initializer(init).needs_tokens and not get_initializer(init).reads_blocks
 
 
 def _refuse_shared(init: str) -> None:
