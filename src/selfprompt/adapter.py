@@ -20,6 +20,7 @@ from typing import Any
 
 from selfprompt.atomic import atomic_write, write_json
 from selfprompt.backbones import BACKBONE_FAMILIES, backbone_family, backbone_info
+from selfprompt.backbones.create import hub_name
 from selfprompt.version import __version__
 
 import timm
@@ -100,7 +101,10 @@ class TaskInfo:
 
 
 def timm_name(backbone: nn.Module) -> str | None:
-    """timm's ``architecture.tag`` name of a backbone, or None for a hand-built one."""
+    """timm's ``architecture.tag`` name of a backbone (``hf-hub:org/name`` for one from a Hub repo), or None
+    for a hand-built one."""
+    if hub_name(backbone) is not None:
+        return hub_name(backbone)
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:

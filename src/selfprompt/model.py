@@ -3,6 +3,7 @@ that PETL methods (``selfprompt.methods``) override."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from selfprompt.adapter import (
 from selfprompt.backbones import BACKBONE_FAMILIES, BackboneFamily, backbone_family, backbone_info
 from selfprompt.backbones import vit as vit_family
 from selfprompt.data.transforms import data_config
+from selfprompt.hub import adapter_folder, push_folder
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -277,12 +279,15 @@ class ViTClassifier(nn.Module):
         backbone: nn.Module,
         backbone_name: str | None = None,
         check_weights: bool = True,
+        *,
+        revision: str | None = None,
     ) -> ViTClassifier:
         """Rebuild a saved adapter on ``backbone``; refuses a backbone that does not match the saved one (its
         signature; with ``check_weights``, its weights' fingerprint too: ``pretrained=False`` gives random
         weights), and a folder that holds another class (``selfprompt.load_pretrained`` picks the class
-        itself)."""
-        directory = Path(directory)
+        itself). ``directory`` may be a Hub repo id, ``org/name`` (:func:`selfprompt.hub.adapter_folder`; at
+        ``revision``)."""
+        directory = adapter_folder(directory, revision)
         config = read_config(directory)
         if config["class"] != cls.__name__:
             raise ValueError(
@@ -310,6 +315,24 @@ class ViTClassifier(nn.Module):
         model.task_info = TaskInfo.from_config(config)
         model.task_info.check(model.config.num_classes, str(directory / "adapter_config.json"))
         return model
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        revision: str | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Save the adapter (:meth:`save_pretrained`) and commit it to the Hub model repo ``repo_id``
+        (:func:`selfprompt.hub.push_folder`: created if missing); returns the commit's URL."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return push_folder(
+                folder, repo_id, private=private, revision=revision, token=token,
+                commit_message=commit_message,
+            )  # fmt: skip
 
 
 #: timm's pre-norm ``Block`` (VisionTransformer's) with its branches replaceable; a model reaches any family's

@@ -18,6 +18,7 @@ from selfprompt.backbones.loading import infer_architecture, load_strict, read_c
 import numpy
 import timm
 import torch
+from huggingface_hub import constants as hub_constants
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 INFO_ATTRIBUTE = "selfprompt_info"
 TRAINING_ONLY = ("drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate")
 WRAPPERS = ("module", "base_encoder", "backbone", "teacher")  # prefixes that group nothing by themselves
+HF_HUB = "hf-hub:"  # timm's prefix of a model read from a Hugging Face Hub repo (config.json + weights)
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,16 @@ def backbone_info(backbone: torch.nn.Module) -> BackboneInfo:
         return info
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     name = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else cfg.get("architecture")
+    name = hub_name(backbone) or name
     family = tag_family(name)
     return BackboneInfo(name, cfg.get("license") or "unknown", family, _family_pool(family))
+
+
+def hub_name(backbone: torch.nn.Module) -> str | None:
+    """``hf-hub:org/name`` for a backbone timm created from a Hub repo (``create_model("hf-hub:org/name")``),
+    the name it is created again by; None for any other."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return f"{HF_HUB}{cfg['hf_hub_id']}" if cfg.get("source") == "hf-hub" and cfg.get("hf_hub_id") else None
 
 
 def tag_family(name: str | None) -> str | None:
@@ -247,7 +257,7 @@ def _group(key: str) -> str:
 
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
     architecture = name.split(".")[0]
-    if not timm.is_model(architecture):
+    if not name.startswith(HF_HUB) and not timm.is_model(architecture):
         close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.5)
         raise ValueError(f"Unknown backbone {name!r} (timm {timm.__version__}); closest names: {close}")
     try:
@@ -255,6 +265,8 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransf
             torch.manual_seed(0)  # random weights (no pretrained ones, new layers) are the same everywhere
             model = timm.create_model(name, pretrained=pretrained, **dict(kwargs, num_classes=0))
     except (OSError, RuntimeError) as error:
+        if name.startswith(HF_HUB) and isinstance(error, OSError):  # even pretrained=False reads config.json
+            raise RuntimeError(_hub_unreadable(name, error)) from error
         if not pretrained:
             raise
         raise RuntimeError(
@@ -265,3 +277,15 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransf
     if not any(isinstance(model, family.model_class) for family in BACKBONE_FAMILIES):
         raise TypeError(f"{name} is a {type(model).__name__}; {backbone_family_refusal(model)}")
     return model
+
+
+def _hub_unreadable(name: str, error: OSError) -> str:
+    """Why timm could not read ``hf-hub:org/name[@revision]`` (huggingface_hub's OSErrors: not in the cache
+    offline, no such repo, no network) and what to do."""
+    repo = name[len(HF_HUB) :].split("@")[0]
+    offline = " while HF_HUB_OFFLINE=1 forbids downloading it" if hub_constants.is_offline_mode() else ""
+    return (
+        f"Could not read the backbone {name} from the Hugging Face Hub or its cache "
+        f"({hub_constants.HF_HUB_CACHE}){offline} ({type(error).__name__}: {error}): download the repo "
+        f"once online (`hf download {repo}`), or point --model.checkpoint at a local weights file."
+    )

@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 
 from selfprompt.atomic import disk_full_error
-from selfprompt.cli import apps, data, methods, runs, serve, sweep, train, zoo
+from selfprompt.cli import apps, data, hub, methods, runs, serve, sweep, train, zoo
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import UsageError, prepare_config_argv
 from selfprompt.version import __version__
@@ -17,7 +17,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 COMMANDS: dict[str, Command] = {
-    c.name: c for group in (train, sweep, runs, methods, apps, zoo, data, serve) for c in group.COMMANDS
+    c.name: c for group in (train, sweep, runs, methods, apps, zoo, data, serve, hub) for c in group.COMMANDS
 }
 
 

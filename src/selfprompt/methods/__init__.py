@@ -11,6 +11,7 @@ import pkgutil
 from pathlib import Path
 
 from selfprompt.adapter import read_config
+from selfprompt.hub import adapter_folder
 from selfprompt.methods.registry import (
     Method,
     Settings,
@@ -33,10 +34,17 @@ for _module in pkgutil.iter_modules(__path__):
 
 
 def load_pretrained(
-    directory: str | Path, backbone: nn.Module, backbone_name: str | None = None, check_weights: bool = True
+    directory: str | Path,
+    backbone: nn.Module,
+    backbone_name: str | None = None,
+    check_weights: bool = True,
+    *,
+    revision: str | None = None,
 ) -> ViTClassifier:
-    """Rebuild the model saved in ``directory`` (by any method's ``save_pretrained``) on ``backbone``
-    (``check_weights``: :meth:`ViTClassifier.from_pretrained`)."""
+    """Rebuild the model saved in ``directory`` (by any method's ``save_pretrained``; or a Hub repo id,
+    ``org/name``, at ``revision``) on ``backbone`` (``check_weights``:
+    :meth:`ViTClassifier.from_pretrained`)."""
+    directory = adapter_folder(directory, revision)
     name = read_config(directory)["class"]
     classes = model_classes()
     if name not in classes:

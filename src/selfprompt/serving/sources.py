@@ -21,6 +21,7 @@ from selfprompt.data.splits import preprocessing
 from selfprompt.data.transforms import build_transform, data_config
 from selfprompt.engine.rundir import RunDir, TrainingDir
 from selfprompt.engine.trained import find_stage
+from selfprompt.hub import adapter_folder
 
 from torch import nn
 
@@ -58,12 +59,16 @@ class AdapterSource:
 
 
 def resolve_source(
-    path: str | Path, seed: int | None = None, stage: str | None = None, ema: bool = False
+    path: str | Path,
+    seed: int | None = None,
+    stage: str | None = None,
+    ema: bool = False,
+    revision: str | None = None,
 ) -> AdapterSource:
     """The adapter of ``path``: an adapter folder, or a run folder's ``seed``/``stage`` adapter
     (:func:`selfprompt.engine.trained.find_stage`: default the first seed, ``final`` if it finished, else
-    ``tune``)."""
-    path = Path(path).expanduser()
+    ``tune``), or a Hub repo id, ``org/name[@revision]`` (:func:`selfprompt.hub.adapter_folder`)."""
+    path = adapter_folder(Path(path).expanduser(), revision)  # a Hub repo id: its snapshot in the Hub cache
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder: pass an adapter folder or a run folder.")
     if (path / CONFIG_NAME).is_file():
