@@ -109,7 +109,8 @@ def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter.safetensors", "adapter_config.json"]
+    files = ["README.md", "adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
 
 
 @pytest.mark.parametrize("train_backbone", [False, True])

@@ -57,7 +57,8 @@ def source_backbone(spec: str | None, source: AdapterSource | None) -> nn.Module
         )
     weights = source.config.get("backbone_weights") or {}
     # random weights (pretrained false) are drawn under a fixed seed: the same ones again
-    return create_backbone(name, pretrained=weights.get("format") != "random", **(weights.get("kwargs") or {}))
+    pretrained = weights.get("format") != "random"
+    return create_backbone(name, pretrained=pretrained, **(weights.get("kwargs") or {}))
 
 
 def load_source_model(
