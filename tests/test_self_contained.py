@@ -197,3 +197,21 @@ def test_an_adapter_of_an_earlier_release_still_loads_with_its_classes_beside_it
     new, _ = load_source_model(copy)
     images = torch.randn(2, 3, 40, 40)
     assert torch.equal(model(images), new(images))
+
+
+def test_predict_and_the_cli_read_an_adapter_pushed_to_the_hub_from_its_cache(trained, tmp_path, monkeypatch):
+    import huggingface_hub
+    from test_hub import put_in_cache
+
+    run_dir, copy, data, _ = trained
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    put_in_cache(cache, "my-org/fmnist-vpt", copy)
+    images = [str(data / "test")]
+    expected = predict_run(run_dir, images, None, None, "cpu", topk=2)
+    assert predict_run("my-org/fmnist-vpt", images, None, None, "cpu", topk=2) == expected
+    out = tmp_path / "rows.json"
+    argv = ["predict", "my-org/fmnist-vpt", *images, "--device", "cpu", "--topk", "2", "--output", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text()) == expected
