@@ -165,7 +165,7 @@ def test_push_to_hub_commits_the_adapter_s_files_and_they_pull_back(
     local = model.save_pretrained(tmp_path / "local")
     sent = hub.files("org/cub-vpt")
     assert sent == {p.name: p.read_bytes() for p in local.iterdir()}
-    assert set(sent) == {"adapter.safetensors", "adapter_config.json"}
+    assert set(sent) == {"README.md", "adapter.safetensors", "adapter_config.json"}  # with its card
     assert hub.repos == {"org/cub-vpt": {"private": True, "type": "model"}}
     assert url == f"{hub.url}/org/cub-vpt/commit/{hub.commits[0].oid}"
     assert hub.commits[0].message == "CUB, VPT-deep"
