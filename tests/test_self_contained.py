@@ -142,7 +142,8 @@ def test_the_model_card_is_written_with_the_hub_front_matter_and_the_run_facts(t
     config = read_config(copy)
     assert meta["library_name"] == "selfprompt" and meta["pipeline_tag"] == "image-classification"
     assert "vpt-shallow" in meta["tags"] and meta["metrics"] == ["accuracy"]
-    assert meta["datasets"] == [config["training"]["dataset"]]
+    assert "datasets" not in meta  # a folder of one's own is no Hub dataset
+    assert meta["model-index"][0]["results"][0]["dataset"]["name"] == config["training"]["dataset"]
     score = meta["model-index"][0]["results"][0]["metrics"][0]
     assert score == {"type": "accuracy", "value": round(100 * config["training"]["accuracy"], 2)}
     model, _ = load_source_model(copy)
@@ -152,7 +153,7 @@ def test_the_model_card_is_written_with_the_hub_front_matter_and_the_run_facts(t
         config["training"]["data_fingerprint"],
         config["backbone"]["fingerprint"]["sha256"],
         f"`{ZOO}`",
-        "final, seed 0, 1 epochs",
+        "final, seed 0, 1 epoch",
         "bilinear",
     ):
         assert fact in body, fact
@@ -215,3 +216,16 @@ def test_predict_and_the_cli_read_an_adapter_pushed_to_the_hub_from_its_cache(tr
     argv = ["predict", "my-org/fmnist-vpt", *images, "--device", "cpu", "--topk", "2", "--output", str(out)]
     assert main(argv) == 0
     assert json.loads(out.read_text()) == expected
+
+
+@pytest.mark.parametrize(
+    "argv0, recorded",
+    [("/venv/bin/selfprompt", True), ("/src/selfprompt/__main__.py", True), ("/x/pytest/__main__.py", False)],
+)
+def test_the_command_is_recorded_only_when_the_cli_ran(monkeypatch, tmp_path, argv0, recorded):
+    from selfprompt.engine.run import run_record
+
+    monkeypatch.setattr("sys.argv", [argv0, "train", "--data.root", "my images/"])
+    cfg = tiny_config(tmp_path, tmp_path / "run", "linear")
+    expected = "selfprompt train --data.root 'my images/'" if recorded else None
+    assert run_record(cfg)["command"] == expected

@@ -39,7 +39,7 @@ def model_card(config: dict[str, Any], trainable: int) -> str:
         base_model=weights.get("hub_id"),
         license=licence if licence and licence not in UNKNOWN_LICENCES else None,
         tags=["selfprompt", "timm", "image-classification", "peft", method],
-        datasets=[dataset] if dataset else None,
+        datasets=[dataset] if dataset and training.get("benchmark") else None,  # a benchmark task only
         metrics=["accuracy"],
         model_name=title if results else None,
         eval_results=results,
@@ -64,7 +64,7 @@ def _body(config: dict[str, Any], trainable: int, method: str) -> str:
             ("data", f"{training.get('dataset')}: trained on {training.get('trained_on')} "
              f"(fingerprint `{training.get('data_fingerprint')}`)"),
             ("stage", f"{training.get('stage')}, seed {training.get('seed')}, "
-             f"{training.get('epochs')} epochs"),
+             f"{training.get('epochs')} epoch{'' if training.get('epochs') == 1 else 's'}"),
             ("accuracy", _accuracy(training)),
             ("command", f"`{training['command']}`" if training.get("command") else "not recorded"),
         ]  # fmt: skip

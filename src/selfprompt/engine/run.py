@@ -53,8 +53,10 @@ def backbone_record(cfg: TrainConfig, backbone: torch.nn.Module) -> dict[str, An
 def run_record(cfg: TrainConfig) -> dict[str, Any]:
     """What every adapter of the run records of it for its model card: method, benchmark, dataset and the
     command that ran it (None when run from Python)."""
-    called = Path(sys.argv[0]).name if sys.argv else ""
-    command = shlex.join(["selfprompt", *sys.argv[1:]]) if called in ("selfprompt", "__main__.py") else None
+    called = Path(sys.argv[0]) if sys.argv else Path()
+    # the console script, or python -m selfprompt; not another program calling run()
+    cli = called.name == "selfprompt" or (called.name == "__main__.py" and called.parent.name == "selfprompt")
+    command = shlex.join(["selfprompt", *sys.argv[1:]]) if cli else None
     dataset = cfg.data.task or (Path(cfg.data.root).name if cfg.data.root else None)
     return {
         "method": cfg.model.method,
