@@ -106,6 +106,7 @@ def test_the_start_follows_the_official_code():
     assert torch.equal(model.key_up, torch.zeros_like(model.key_up))  # W2 = 0
     assert torch.equal(model.scales, torch.zeros(3))  # exp(s) = 1
     assert 0.8 < model.key_down.std().item() < 1.2  # W1 ~ N(0, 1)
+    assert model.xavier_bound() == pytest.approx(0.02 * math.sqrt(3))  # uniform with N(0, 0.02)'s std
     assert model.prompts.shape == (3, 7, 32) and model.prompts.abs().max() <= model.xavier_bound()
     # L (M D + 2 r D + 1) + head
     assert model.num_adapter_parameters() == 3 * (7 * 32 + 2 * 4 * 32 + 1) + 5 * 32 + 5

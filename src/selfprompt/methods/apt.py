@@ -12,13 +12,15 @@ s_l (0 at the start): at P = 0 or W = 0 nothing is added. The prompts are read a
 block's qkv nor its proj touches them. Trainable: L (M D + 2 r D + 1) + head; M = 50, r = 4 on ViT-B/16
 with 100 classes: 12 * 44,545 + 76,900 = 611,440.
 
-SPT initialisation (docs/methods.md, SPT on other methods): layer l's prompts from prototypes of LN1(x) at
-block l (patch tokens of the frozen backbone without prompts), the tokens the prompts' keys are scored
-against; W1, W2 and s keep their initial values.
+Init: ``xavier`` draws P uniform with the official N(0, 0.02)'s std (:meth:`APT.xavier_bound`). SPT
+initialisation (docs/methods.md, SPT on other methods): layer l's prompts from prototypes of LN1(x) at block l
+(patch tokens of the frozen backbone without prompts), the tokens the prompts' keys are scored against; W1,
+W2 and s keep their initial values.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,6 +45,8 @@ from selfprompt.model import check_backbone
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+INIT_STD = 0.02  # the prompts' random start (official code: N(0, 0.02))
 
 
 @dataclass
@@ -119,6 +123,12 @@ class APT(PromptedViT):
         self.key_down = nn.Parameter(torch.randn(layers, settings.rank, dim).to(device))
         self.key_up = nn.Parameter(torch.zeros(layers, dim, settings.rank, device=device))
         self.scales = nn.Parameter(torch.zeros(layers, device=device))
+
+    def xavier_bound(self) -> float:
+        """The random draw's bound, 0.02 sqrt(3): uniform with the official N(0, 0.02)'s std. The added term
+        grows as the cube of P's scale, so VPT's bound (0.0625 on ViT-B/16, 0.27 on a 32-wide ViT) would
+        start it far above the attention's own output."""
+        return INIT_STD * math.sqrt(3)
 
     def insert_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return x
