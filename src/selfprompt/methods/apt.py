@@ -7,8 +7,8 @@ No token enters the sequence. In each prompted block l, the attention branch's o
     A   = ReLU(X K_l^T),   K_l = P_l + P_l W1_l^T W2_l^T      (X = LN1(x), the attention's input; (N, M))
     out = exp(s_l) * (attn(X) + sg(max_j A_ij) * (A P_l)_i)  (row i; sg: no gradient)
 
-with M prompts P_l (D wide), a rank-r map W2 W1 (W1 r x D, W2 D x r, W2 zero at the start) and a scalar
-s_l (0 at the start): at P = 0 or W = 0 nothing is added. The prompts are read as they are: neither the
+with M prompts P_l (D wide), a rank-r map W2 W1 (W1 r x D, W2 D x r) and a scalar s_l; at the start W2 = 0
+and s = 0 (K = P, scale 1), and with P = 0 nothing is added. The prompts are read as they are: neither the
 block's qkv nor its proj touches them. Trainable: L (M D + 2 r D + 1) + head; M = 50, r = 4 on ViT-B/16
 with 100 classes: 12 * 44,545 + 76,900 = 611,440.
 
