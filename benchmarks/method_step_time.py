@@ -7,11 +7,15 @@ inference time of merged LoRA and re-parameterised SSF against their unmerged mo
    are interleaved round-robin so that machine drift hits all models alike; medians are reported.
 2. Inference (no-grad forward, eval mode) of LoRA and SSF before and after ``merged()``, and of the plain
    backbone with the same head (linear probe), interleaved the same way.
+3. ``--apt``: the linear probe, VPT-deep and APT at each M of ``--apt-prompts``, all in one process and
+   interleaved: median training step and inference, their ratios to the linear probe's, and memory (CUDA:
+   the peak allocated in a step; CPU: the bytes autograd saves for the backward pass of one step).
 
 Random weights; CPU unless CUDA is there.
 
     python benchmarks/method_step_time.py [--model vit_tiny_patch16_224] [--prompts 10] [--rounds 10]
         [--methods vpt-deep pc] [--no-inference]
+    python benchmarks/method_step_time.py --apt [--apt-prompts 10 50 100] [--model vit_small_patch16_224]
 """
 
 from __future__ import annotations
@@ -124,6 +128,68 @@ def inference_times(args: argparse.Namespace, device: torch.device) -> None:
     print("max |logit difference| merged vs unmerged: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
 
 
+def saved_bytes(step: Callable[[], None]) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while ``step`` runs (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(seen.values())
+
+
+def peak_bytes(call: Callable[[], object], device: torch.device) -> int | None:
+    """The peak CUDA memory allocated while ``call`` runs; None on CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def apt_comparison(args: argparse.Namespace, device: torch.device) -> None:
+    """Linear probe, VPT-deep and APT at each M: step and inference medians, ratios to linear, memory."""
+    x = torch.randn(args.batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    models = {"linear": build("linear", args.model, 1).to(device)}
+    for m in args.apt_prompts:
+        models[f"vpt-deep M={m}"] = build("vpt-deep", args.model, m).to(device)
+        models[f"apt M={m}"] = build("apt", args.model, m).to(device)
+    steps = {
+        name: train_step(model.train(), list(model.adapter_parameters().values()), x, y)
+        for name, model in models.items()
+    }
+    memory = {name: (saved_bytes(step), peak_bytes(step, device)) for name, step in steps.items()}
+    step_medians = interleaved(steps, args.rounds)
+    for model in models.values():
+        model.eval()
+    with torch.no_grad():
+        infer = {name: (lambda m=model: m(x)) for name, model in models.items()}
+        infer_memory = {name: peak_bytes(call, device) for name, call in infer.items()}
+        infer_medians = interleaved(infer, args.rounds)
+    title = f"Linear probe, VPT-deep and APT, {args.model}, batch {args.batch}"
+    print(f"\n{title}, median of {args.rounds} rounds; ratios against linear")
+    print(
+        f"{'model':16s} {'trainable':>10s} {'step s':>8s} {'ratio':>7s} {'infer s':>8s} {'ratio':>7s} "
+        f"{'saved MB':>9s} {'peak MB step/infer':>19s}"
+    )
+    mb = lambda n: "-" if n is None else f"{n / 2**20:.1f}"  # noqa: E731
+    for name, model in models.items():
+        step, infer_s = step_medians[name], infer_medians[name]
+        ratios = step / step_medians["linear"], infer_s / infer_medians["linear"]
+        peak = f"{mb(memory[name][1])}/{mb(infer_memory[name])}"
+        print(
+            f"{name:16s} {model.num_adapter_parameters():10,d} {step:8.3f} {ratios[0]:6.2f}x "
+            f"{infer_s:8.3f} {ratios[1]:6.2f}x {mb(memory[name][0]):>9s} {peak:>19s}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_tiny_patch16_224")
@@ -132,12 +198,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=sp.method_names(), choices=sp.method_names())
     parser.add_argument("--no-inference", action="store_true", help="Only the training steps.")
+    parser.add_argument("--apt", action="store_true", help="Only linear vs VPT-deep vs APT (3. above).")
+    parser.add_argument("--apt-prompts", type=int, nargs="+", default=[10, 50, 100])
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"torch {torch.__version__}, timm {timm.__version__}, selfprompt {sp.__version__}, "
         f"{platform.machine()}, {device}, {torch.get_num_threads()} threads"
     )
+    if args.apt:
+        apt_comparison(args, device)
+        return
     step_times(args, device)
     if not args.no_inference:
         inference_times(args, device)

@@ -33,6 +33,7 @@ PROMPT_METHODS = {
     "e2vpt": (10, {"kv_length": 5, "share_kv": True}),
     "vfpt": (10, {"fourier_share": 0.5}),
     "cvpt": (10, {}),
+    "apt": (50, {"rank": 4}),
 }
 
 
@@ -81,7 +82,8 @@ def test_recipe(recipe: Path):
         assert p.num_prompts == PROMPT_METHODS[name][0]
     else:
         assert p.num_prompts is None
-    assert p.dropout == (0.1 if name == "vpt_deep" or name in PROMPT_METHODS else 0.0)
+    # APT's dropout acts on its scores, the official attention dropout 0
+    assert p.dropout == (0.1 if name == "vpt_deep" or (name in PROMPT_METHODS and name != "apt") else 0.0)
     assert m.drop_path == (0.1 if name == "full" else 0.0)
     method, settings = method_settings(cfg)  # the recipe's settings are ones its method reads
     expected_init = {"spt": "sample", "vpt": "xavier", **dict.fromkeys(PROMPT_METHODS, "xavier")}.get(
@@ -144,6 +146,8 @@ def test_recipe(recipe: Path):
         assert (o.lr, o.weight_decay, o.head_weight_decay) == deep
     elif name == "cvpt":  # CVPT's own AdamW values
         assert (o.lr, o.weight_decay, o.head_weight_decay) == (1e-3, 0.05, 0.05)
+    elif name == "apt":  # the official ViLT fine-tuning's AdamW values
+        assert (o.lr, o.weight_decay, o.head_weight_decay, o.betas) == (5e-4, 1e-2, 1e-2, (0.9, 0.98))
     assert o.ema_decay is None or name == "ssf", "only the SSF FGVC recipes keep an EMA"
 
 
