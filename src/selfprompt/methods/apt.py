@@ -35,6 +35,7 @@ from selfprompt.methods.prompt_tools import (
     as_grid,
     check_attention,
     frozen_layers,
+    refuse_block_initializer,
     refuse_tracking,
     self_attention,
 )
@@ -169,6 +170,7 @@ register_settings("apt", APTSettings, "APT's key rank (with the prompt section).
 
 def _check(settings: Any, cfg: Any) -> None:
     refuse_tracking(cfg, "apt (whose prompts are not in the sequence)")
+    refuse_block_initializer(settings, "apt", "apt's prompts are keys scored by the block's normed tokens")
 
 
 def _build(backbone, num_classes, settings: Any, **common: Any) -> APT:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-from selfprompt.init.registry import get_initializer
 from selfprompt.methods.prompt import PromptedViT, PromptSettings, prepare, with_prompt_count
 from selfprompt.methods.prompt_tools import (
     as_grid,
     check_attention,
     cross_attention,
     frozen_layers,
+    refuse_block_initializer,
     refuse_tracking,
 )
 from selfprompt.methods.registry import Search, register_method
@@ -87,12 +87,7 @@ class CVPT(PromptedViT):
 
 def _check(settings: Any, cfg: Any) -> None:
     refuse_tracking(cfg, "cvpt (whose prompts are not in the sequence)")
-    if settings.init is not None and get_initializer(settings.init).reads_blocks:
-        raise ValueError(
-            f"cvpt with prompt.init={settings.init!r}: that initializer builds prompts that enter a block's "
-            f"self-attention, and cvpt's prompts are cross-attended after it; use xavier, sample, mean_pool, "
-            f"max_pool or kmeans."
-        )
+    refuse_block_initializer(settings, "cvpt", "cvpt's prompts are cross-attended after it")
 
 
 def _build(backbone, num_classes, settings: Any, **common: Any) -> CVPT:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from selfprompt.backbones import attention_family, backbone_family
+from selfprompt.init.registry import get_initializer
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,16 @@ def refuse_tracking(cfg: Any, method: str) -> None:
         raise ValueError(
             f"track.every: the prompt statistics are read at each block's input, which {method} computes "
             f"inside the block; set track.every 0."
+        )
+
+
+def refuse_block_initializer(settings: Any, method: str, why: str) -> None:
+    """Refuse ``prompt.init`` naming an initializer that builds prompts from the sequence entering each block
+    (``reads_blocks``: VIPAMIN) for a method whose prompts do not enter that sequence (``why``)."""
+    if settings.init is not None and get_initializer(settings.init).reads_blocks:
+        raise ValueError(
+            f"{method} with prompt.init={settings.init!r}: that initializer builds prompts that enter a "
+            f"block's self-attention, and {why}; use xavier, sample, mean_pool, max_pool or kmeans."
         )
 
 
