@@ -34,9 +34,9 @@ class CommandTable(MutableMapping[str, Command]):
 
     def _all(self) -> dict[str, Command]:
         if not self._complete:
-            given = self._table  # a command set here before (a test's stand-in) keeps its place's value
             listed = [group if isinstance(group, list) else group() for group in self._groups]
-            self._table = {c.name: given.get(c.name, c) for group in listed for c in group} | given
+            # in the groups' order; a command set here before (a test's stand-in) stays
+            self._table = {c.name: c for group in listed for c in group} | self._table
             self._complete = True
         return self._table
 
@@ -66,7 +66,8 @@ COMMANDS = CommandTable(
 
 
 class _Version(argparse._VersionAction):
-    """``--version``: :func:`version_line`, computed when asked for (it imports torch and timm)."""
+    """``--version`` (argparse's own action, so usage and help read as before): :func:`version_line`,
+    computed when asked for, since it imports torch and timm."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         self.version = version_line()
