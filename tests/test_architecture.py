@@ -11,7 +11,7 @@ SRC = Path(selfprompt.__file__).parent
 TOP_LEVEL = {
     # modules: the public API, the CLI entry and what several packages share
     "__init__.py", "__main__.py", "_torchvision_compat.py", "adapter.py", "atomic.py", "card.py", "config.py",
-    "hub.py", "model.py", "pictures.py", "safe_yaml.py", "version.py",
+    "hub.py", "model.py", "pictures.py", "safe_yaml.py", "tta_config.py", "version.py",
     # packages, arrows pointing down: cli -> apps -> engine, pretrain, serving -> config -> methods -> model,
     # init, backbones, analysis -> data
     "analysis", "apps", "backbones", "cli", "data", "engine", "init", "methods", "pretrain", "serving",

@@ -145,7 +145,10 @@ def takes_any_init() -> list[str]:
     return [n for n in method_names() if get_method(n).has_prompts and get_method(n).inits is None]
 
 
-REFUSE = {"cvpt": "cross-attended", "apt": "keys scored by the block's normed tokens"}  # prompts off the sequence
+REFUSE = {
+    "cvpt": "cross-attended",
+    "apt": "keys scored by the block's normed tokens",
+}  # prompts off the sequence
 
 
 @pytest.mark.parametrize("method", [m for m in takes_any_init() if m not in REFUSE])

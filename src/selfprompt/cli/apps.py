@@ -1,16 +1,17 @@
-"""``selfprompt bench`` and ``selfprompt demo``."""
+"""``selfprompt bench`` and ``selfprompt demo`` (their apps imported when a parser is built or a command
+runs)."""
 
 from __future__ import annotations
 
-from selfprompt.apps.bench import BenchConfig, bench
-from selfprompt.apps.demo import DEMO_EPOCHS, DEMO_TASK, demo
 from selfprompt.cli.command import Command
-from selfprompt.data import registry, vtab_mini
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 
 def _bench_parser() -> ArgumentParser:
+    from selfprompt.apps.bench import BenchConfig
+    from selfprompt.data import registry
+
     parser = ArgumentParser(prog="selfprompt bench", description="The VTAB-mini grid, resumable.")
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of bench settings.")
     parser.add_class_arguments(BenchConfig, nested_key=None, fail_untyped=True)
@@ -19,6 +20,8 @@ def _bench_parser() -> ArgumentParser:
 
 
 def _bench(args: Namespace) -> None:
+    from selfprompt.apps.bench import BenchConfig, bench
+
     d = args.as_dict()
     d.pop("config", None)
     d.pop("__path__", None)
@@ -26,6 +29,8 @@ def _bench(args: Namespace) -> None:
 
 
 def _demo_parser() -> ArgumentParser:
+    from selfprompt.apps.demo import DEMO_EPOCHS, DEMO_TASK
+
     parser = ArgumentParser(
         prog="selfprompt demo", description="linear vs VPT-deep vs SPT-deep, offline, on CPU."
     )
@@ -42,6 +47,9 @@ def _demo_parser() -> ArgumentParser:
 
 
 def _demo(args: Namespace) -> None:
+    from selfprompt.apps.demo import demo
+    from selfprompt.data import vtab_mini
+
     if args.task not in vtab_mini.TASKS:
         raise ValueError(f"Unknown VTAB-mini task {args.task!r}; tasks: {list(vtab_mini.TASKS)}.")
     demo(args.output_dir, args.task, args.epochs, args.seed, args.device)

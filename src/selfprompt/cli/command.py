@@ -15,11 +15,12 @@ class Command:
 
     Attributes:
         name: The command word.
-        help: One line for ``selfprompt --help``.
+        help: One line for ``selfprompt --help``, or a function giving it where the line needs an import.
         parser: Builds the command's parser.
         run: Runs the parsed arguments.
-        config: For recipe-driven commands, the config dataclass whose fields are options (checked, with
-            moved fields migrated, before parsing); None otherwise.
+        config: For recipe-driven commands, a function giving the config dataclass whose fields are options
+            (checked, with moved fields migrated, before parsing), so that the table imports no config;
+            None otherwise.
         extras: The options such a command adds beside its config's fields.
         actions: For command groups (``data``, ``zoo``): adds the group's own subcommands to the parser once
             it is attached (jsonargparse builds subcommands level by level).
@@ -28,10 +29,10 @@ class Command:
     """
 
     name: str
-    help: str
+    help: str | Callable[[], str]
     parser: Callable[[], ArgumentParser]
     run: Callable[[Namespace], None]
-    config: type | None = None
+    config: Callable[[], type] | None = None
     extras: tuple[str, ...] = ()
     actions: Callable[[ArgumentParser], None] | None = None
     default_recipe: Callable[[dict[str, str]], dict[str, Any] | None] | None = None

@@ -1,4 +1,7 @@
-"""What the commands share: recipe-driven config parsing with checked field names, and run-folder options."""
+"""What the commands share: recipe-driven config parsing with checked field names, and run-folder options.
+
+The config helpers import :mod:`selfprompt.config` (the method registry, and so torch) when they run: the
+run-folder options and this module's import stay light."""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selfprompt.config import flatten, legacy_fields, migrate
 from selfprompt.safe_yaml import load_yaml
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -22,6 +24,14 @@ RECIPE_SUFFIXES = (".yaml", ".yml")
 
 class UsageError(ValueError):
     """A command line that cannot be parsed: printed with the command's usage, exit status 2."""
+
+
+def train_config() -> type:
+    """:class:`selfprompt.config.TrainConfig`, the config of ``train``, ``sweep``, ``init-prompts`` and
+    ``meta-prompts``, imported when a parser or a run needs it."""
+    from selfprompt.config import TrainConfig
+
+    return TrainConfig
 
 
 def config_parser(prog: str, description: str, config_class: type) -> ArgumentParser:
@@ -36,6 +46,8 @@ def config_parser(prog: str, description: str, config_class: type) -> ArgumentPa
 
 def config_fields(config_class: type) -> set[str]:
     """Every option a config class accepts: ``--section.field`` and ``--section`` for each section."""
+    from selfprompt.config import flatten
+
     defaults = json.loads(json.dumps(dataclasses.asdict(config_class())))
     keys = set(flatten(defaults))
     return {f"--{k}" for k in keys} | {f"--{k.split('.')[0]}" for k in keys if "." in k}
@@ -119,6 +131,8 @@ def prepare_config_argv(
     closest known one. Without a recipe, ``default_recipe(given_options(argv))`` may give one (``train`` on
     one's own image folder), which the command line then overrides.
     """
+    from selfprompt.config import legacy_fields
+
     if argv and argv[0].endswith(RECIPE_SUFFIXES):
         argv = ["--config", *argv]
     known = config_fields(config_class) | {"--config", "--help", "-h", "--print_config", *extras}
@@ -182,6 +196,8 @@ def read_recipe(recipe: Path) -> dict[str, Any]:
 
 def _recipe_json(recipe: dict[str, Any], source: str, known: set[str], floats: set[str]) -> str:
     """A recipe read from ``source`` (its file), migrated and checked, as JSON for the parser."""
+    from selfprompt.config import flatten, migrate
+
     data = migrate(recipe)
     sections = {k.split(".")[0][2:] for k in known if "." in k}
     for key, value in data.items():

@@ -1,4 +1,5 @@
-"""``selfprompt data``: list, prepare and check benchmarks; check and show one's own image folder."""
+"""``selfprompt data``: list, prepare and check benchmarks; check and show one's own image folder (the
+benchmark registry, which imports torch, is read when the command's parser is built or it runs)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from selfprompt.apps.own_images import own_recipe
-from selfprompt.apps.show_data import show_images
 from selfprompt.cli.command import Command
-from selfprompt.config import ModelConfig, TrainConfig
-from selfprompt.data import registry
-from selfprompt.data.check import check_root
-from selfprompt.data.own_folder import LAYOUT, check_folder, is_image_folder
-from selfprompt.data.registry import PrepareOptions
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -39,6 +33,9 @@ _PREPARE_OPTIONS = (
 
 
 def _add_data_actions(parser: ArgumentParser) -> None:
+    from selfprompt.data import registry
+    from selfprompt.data.own_folder import LAYOUT
+
     actions = parser.add_subcommands(dest="action")
     listing = ArgumentParser()
     listing.add_argument(
@@ -89,6 +86,11 @@ def _add_data_actions(parser: ArgumentParser) -> None:
 
 
 def _data(ns: Namespace) -> None:
+    from selfprompt.data import registry
+    from selfprompt.data.check import check_root
+    from selfprompt.data.own_folder import check_folder, is_image_folder
+    from selfprompt.data.registry import PrepareOptions
+
     action, args = ns.action, ns[ns.action]
     names = args.tasks.split(",") if getattr(args, "tasks", None) else None
     if action == "list":
@@ -114,6 +116,10 @@ def _data(ns: Namespace) -> None:
 
 
 def _show(args: Namespace) -> None:
+    from selfprompt.apps.own_images import own_recipe
+    from selfprompt.apps.show_data import show_images
+    from selfprompt.config import ModelConfig, TrainConfig
+
     recipe, _ = own_recipe(args.root, ModelConfig.method)
     cfg = TrainConfig.from_dict(recipe)
     cfg.model.pretrained = False  # the transform needs the backbone's config, not its weights
@@ -129,6 +135,9 @@ def _show(args: Namespace) -> None:
 
 def _detect_benchmark(root: Path) -> str:
     """The benchmark the root's manifest names, else the first whose task folders are there."""
+    from selfprompt.data import registry
+    from selfprompt.data.own_folder import LAYOUT
+
     index = root / "manifest.json"
     named = registry.of_manifest(json.loads(index.read_text())) if index.is_file() else None
     if named is not None:
@@ -142,10 +151,14 @@ def _detect_benchmark(root: Path) -> str:
     )
 
 
+#: the benchmarks ``selfprompt --help`` names: the registry's titles (tests/test_cli_startup.py holds them
+#: to it; asking the registry would import every benchmark's module, and torch)
+TITLES = ("VTAB-1k", "FGVC", "VTAB-mini")
+
 COMMANDS = [
     Command(
         "data",
-        f"List, prepare or check benchmarks ({', '.join(registry.titles())}); check or show your own images.",
+        f"List, prepare or check benchmarks ({', '.join(TITLES)}); check or show your own images.",
         _parser,
         _data,
         actions=_add_data_actions,

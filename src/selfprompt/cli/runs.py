@@ -1,5 +1,6 @@
 """``selfprompt eval``, ``predict``, ``analyze`` and ``transfer-prompts``: commands on trained runs (the
-methods' second stages, ``prune`` and ``condense``, come from the registry: :mod:`selfprompt.cli.methods`)."""
+methods' second stages, ``prune`` and ``condense``, come from the registry: :mod:`selfprompt.cli.methods`).
+The apps are imported when a command runs, so building a parser imports no torch."""
 
 from __future__ import annotations
 
@@ -10,12 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selfprompt.apps.analyze import analyze
-from selfprompt.apps.predict import evaluate_run, predict_run
-from selfprompt.apps.transfer_prompts import COMBINE, transfer_prompts
 from selfprompt.cli.command import Command
 from selfprompt.cli.common import TRAINED_SOURCE, backbone_argument, check_weights_argument, run_dir_parser
-from selfprompt.engine.tta import TPTConfig
+from selfprompt.tta_config import TPTConfig
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -58,6 +56,8 @@ def _eval_parser() -> ArgumentParser:
 
 
 def _eval(args: Namespace) -> None:
+    from selfprompt.apps.predict import evaluate_run
+
     scores = evaluate_run(
         args.run_dir,
         args.split,
@@ -90,6 +90,8 @@ def _predict_parser() -> ArgumentParser:
 
 
 def _predict(args: Namespace) -> None:
+    from selfprompt.apps.predict import predict_run
+
     if args.output is not None and not args.output.endswith((".csv", ".json")):
         raise ValueError(f"--output must end in .csv or .json, got {args.output}")
     tpt = _tpt(args)
@@ -146,11 +148,15 @@ def _analyze_parser() -> ArgumentParser:
 
 
 def _analyze(args: Namespace) -> None:
+    from selfprompt.apps.analyze import analyze
+
     for path in analyze(args.run_dirs, args.output, args.seed, args.stage):
         print(f"Wrote {path}")
 
 
 def _transfer_parser() -> ArgumentParser:
+    from selfprompt.apps.transfer_prompts import COMBINE  # its --combine choices (the module imports torch)
+
     parser = ArgumentParser(
         prog="selfprompt transfer-prompts",
         description="A prompts file from trained prompts of other tasks on the same backbone, for a run that "
@@ -177,6 +183,8 @@ def _transfer_parser() -> ArgumentParser:
 
 
 def _transfer(args: Namespace) -> None:
+    from selfprompt.apps.transfer_prompts import transfer_prompts
+
     transfer_prompts(
         args.sources, args.output, args.combine, args.num_prompts, args.layers, args.seed, args.stage
     )

@@ -1,13 +1,12 @@
-"""``selfprompt sweep``: a recipe's hyperparameter search under the protocol (Optuna)."""
+"""``selfprompt sweep``: a recipe's hyperparameter search under the protocol (Optuna, imported when it
+runs)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from selfprompt.apps.sweep import PRUNERS, SAMPLERS, SweepSettings, sweep
 from selfprompt.cli.command import Command
-from selfprompt.cli.common import config_from, config_parser
-from selfprompt.config import TrainConfig
+from selfprompt.cli.common import config_from, config_parser, train_config
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -15,10 +14,12 @@ EXTRAS = ("--search", "--sampler", "--trials", "--storage", "--final", "--pruner
 
 
 def _parser() -> ArgumentParser:
+    from selfprompt.apps.sweep import PRUNERS, SAMPLERS
+
     parser = config_parser(
         "selfprompt sweep",
         "Search a recipe's settings on the validation split, retrain the best on train+val, test once.",
-        TrainConfig,
+        train_config(),
     )
     parser.add_argument(
         "--search", type=dict[str, list[Any]], required=True,
@@ -39,8 +40,10 @@ def _parser() -> ArgumentParser:
 
 
 def _sweep(args: Namespace) -> None:
+    from selfprompt.apps.sweep import SweepSettings, sweep
+
     settings = SweepSettings(args.search, args.sampler, args.trials, args.storage, args.final, args.pruner)
-    record = sweep(config_from(args, TrainConfig, EXTRAS), settings)
+    record = sweep(config_from(args, train_config(), EXTRAS), settings)
     best = record.get("best")
     if best is not None:
         print(f"best setting {best['params']}: val acc {100 * best['val_acc']:.2f}% ({record['tie_rule']})")
@@ -62,4 +65,4 @@ def _sweep(args: Namespace) -> None:
 
 
 COMMANDS = [Command("sweep", "Hyperparameter search on val, final retrain, one test.", _parser, _sweep,
-                    config=TrainConfig, extras=EXTRAS)]  # fmt: skip
+                    config=train_config, extras=EXTRAS)]  # fmt: skip

@@ -1,15 +1,11 @@
-"""``selfprompt zoo`` and ``selfprompt backbone``: the shipped backbones and any backbone or weights file."""
+"""``selfprompt zoo`` and ``selfprompt backbone``: the shipped backbones and any backbone or weights file (the
+library imported when a command runs)."""
 
 from __future__ import annotations
 
 import json
 
-from selfprompt import zoo
-from selfprompt.apps.zoo_export import export
-from selfprompt.backbones import backbone_info, create_backbone
 from selfprompt.cli.command import Command
-from selfprompt.data.config import DataConfig
-from selfprompt.data.splits import preprocessing
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -36,6 +32,9 @@ def _add_zoo_actions(parser: ArgumentParser) -> None:
 
 
 def _zoo(ns: Namespace) -> None:
+    from selfprompt import zoo
+    from selfprompt.apps.zoo_export import export
+
     action, args = ns.action, ns[ns.action]
     if action == "list":
         for name, entry in zoo.registry().items():
@@ -63,6 +62,10 @@ def _backbone_parser() -> ArgumentParser:
 
 
 def _backbone(args: Namespace) -> None:
+    from selfprompt.backbones import backbone_info, create_backbone
+    from selfprompt.data.config import DataConfig
+    from selfprompt.data.splits import preprocessing
+
     model = create_backbone(args.backbone, args.checkpoint, **args.backbone_kwargs)
     info = backbone_info(model)
     print(info.describe())
