@@ -150,6 +150,7 @@ VIT_BASE_COUNTS = {
     "ssf": 282_724,
     "vfpt": 169_060,
     "cvpt": 169_060,
+    "bpt": 142_000,  # shallow: codes 100 x 75 + basis 768 x 75 + head (deep: 260,500 trained)
 }
 
 
