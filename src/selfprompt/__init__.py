@@ -10,6 +10,7 @@ from selfprompt.init import available_initializers, init_prompts, register_initi
 from selfprompt.methods import get_method, load_pretrained, method_names, register_method  # noqa: E402
 from selfprompt.methods.adaptformer import AdaptFormer  # noqa: E402
 from selfprompt.methods.bitfit import BitFit  # noqa: E402
+from selfprompt.methods.bpt import BPT  # noqa: E402
 from selfprompt.methods.condensation import CondensedViT  # noqa: E402
 from selfprompt.methods.cvpt import CVPT  # noqa: E402
 from selfprompt.methods.e2vpt import E2VPT  # noqa: E402
@@ -23,6 +24,7 @@ from selfprompt.version import __version__  # noqa: E402
 from selfprompt.zoo import models as _zoo_models  # noqa: E402, F401  (registers the zoo with timm)
 
 __all__ = [
+    "BPT",
     "CVPT",
     "E2VPT",
     "SSF",
