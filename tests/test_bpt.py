@@ -270,3 +270,11 @@ def test_mixed_task_serving_runs_it_through_its_own_model_and_onnx_exports_it_al
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
     assert (got - own).abs().max().item() <= 1e-4 * max(1.0, own.abs().max().item())
+
+
+def test_get_model_takes_its_settings_by_name_and_whitens_from_init_data(images):
+    model = sp.get_model(tiny_vit(), "bpt", 5, deep=True, rank=6, num_prompts=3, eps=0.0, init_data=[images])
+    assert (type(model), model.codes.shape, model.num_frozen_bases) == (BPT, (3, 3, 6), 0)
+    for layer, (_, sigma) in enumerate(hand_statistics(model.backbone, images, 3)):
+        basis = model.basis(layer).double()
+        assert (basis.T @ sigma @ basis - eye(6)).abs().max() <= TOLERANCE
