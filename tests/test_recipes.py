@@ -80,6 +80,10 @@ def test_recipe(recipe: Path):
         assert p.num_prompts == 100
     elif name in PROMPT_METHODS:
         assert p.num_prompts == PROMPT_METHODS[name][0]
+    elif name == "bpt":  # BPT-shallow: the official scripts' 100 prompts, rank 75 (supervised CUB: 25)
+        assert p.num_prompts == 100
+        rank, whitening = (25, False) if backbone == "sup_in21k" else (75, backbone == "mae")
+        assert (cfg.bpt.deep, cfg.bpt.rank, cfg.bpt.whitening) == (False, rank, whitening)
     else:
         assert p.num_prompts is None
     # APT's dropout acts on its scores, the official attention dropout 0
@@ -89,6 +93,8 @@ def test_recipe(recipe: Path):
     expected_init = {"spt": "sample", "vpt": "xavier", **dict.fromkeys(PROMPT_METHODS, "xavier")}.get(
         name.split("_")[0]
     )
+    if name == "bpt":  # its only init: the codes' random draw
+        expected_init = "xavier"
     if name in PROMPT_METHODS:  # each paper's own settings, its own section
         for key, value in PROMPT_METHODS[name][1].items():
             assert getattr(getattr(cfg, name), key) == value, key
@@ -144,6 +150,9 @@ def test_recipe(recipe: Path):
     elif name == "pc":  # fine-tuning kept prompts: a fifth of vpt_deep's rate (ours)
         deep = (2e-4, 1e-2, 3.0) if backbone == "sup_in21k" else (1e-2, 1e-2, 0.5)
         assert (o.lr, o.weight_decay, o.head_weight_decay) == deep
+    elif name == "bpt":  # the official CUB scripts' AdamW values
+        bpt = {"mae": (5e-2, 5e-3, 0.5), "moco": (5e-2, 5e-3, 0.1), "sup_in21k": (5e-3, 0.1, 10.0)}
+        assert (o.lr, o.weight_decay, o.head_weight_decay) == bpt[backbone]
     elif name == "cvpt":  # CVPT's own AdamW values
         assert (o.lr, o.weight_decay, o.head_weight_decay) == (1e-3, 0.05, 0.05)
     elif name == "apt":  # the official ViLT fine-tuning's AdamW values

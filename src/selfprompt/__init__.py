@@ -30,6 +30,7 @@ _HOMES = {
     "AdaptFormer": "selfprompt.methods.adaptformer",
     "APT": "selfprompt.methods.apt",
     "BitFit": "selfprompt.methods.bitfit",
+    "BPT": "selfprompt.methods.bpt",
     "CondensedViT": "selfprompt.methods.condensation",
     "CVPT": "selfprompt.methods.cvpt",
     "E2VPT": "selfprompt.methods.e2vpt",
@@ -46,6 +47,7 @@ _HOMES = {
 
 __all__ = [
     "APT",
+    "BPT",
     "CVPT",
     "E2VPT",
     "SSF",
