@@ -14,6 +14,7 @@ from selfprompt.methods.condensation import CondensedViT  # noqa: E402
 from selfprompt.methods.cvpt import CVPT  # noqa: E402
 from selfprompt.methods.e2vpt import E2VPT  # noqa: E402
 from selfprompt.methods.gapt import GaPT  # noqa: E402
+from selfprompt.methods.ipt import IPT  # noqa: E402
 from selfprompt.methods.lora import LoRA  # noqa: E402
 from selfprompt.methods.prompt import PromptedViT, PromptedViTConfig, PromptSettings  # noqa: E402
 from selfprompt.methods.ssf import SSF  # noqa: E402
@@ -25,6 +26,7 @@ from selfprompt.zoo import models as _zoo_models  # noqa: E402, F401  (registers
 __all__ = [
     "CVPT",
     "E2VPT",
+    "IPT",
     "SSF",
     "VFPT",
     "AdaptFormer",
