@@ -1,6 +1,7 @@
 """IPT (docs/methods.md, IPT): instance-wise prompts, relevance-weighted or picked from a vocabulary."""
 
 import math
+import re
 
 import selfprompt as sp
 from selfprompt import PromptedViT
@@ -139,6 +140,17 @@ def test_shapes(images, form, placement, layers):
     assert seen == [(len(images), 1 + 4 + 64, 32)] * 3
 
 
+@pytest.mark.parametrize("form", ["relevance", "vocabulary"])
+def test_shallow_is_one_deep_layer(images, form):
+    """The recipe's shallow: ``prompt.deep_layers: 1``, the layout of IPT(deep=False)."""
+    built = sp.get_model(tiny_vit(), "ipt", 5, num_prompts=3, deep_layers=1, form=form, vocabulary_size=6)
+    shallow = IPT(tiny_vit(), 5, num_prompts=3, deep=False, form=form, vocabulary_size=6)
+    assert built.num_prompt_layers == shallow.num_prompt_layers == 1
+    shallow.load_state_dict(built.state_dict())
+    with torch.no_grad():
+        assert torch.equal(built.eval()(images), shallow.eval()(images))
+
+
 def test_relevance_trains_prompts_query_and_head(images):
     model = IPT(tiny_vit(), 5, num_prompts=4, form="relevance")
     check_trains_exactly(model, {"prompts", "query", "head.weight", "head.bias"}, images)
@@ -267,3 +279,28 @@ def test_served_unshared_each_row_as_its_own_model(images, tmp_path):
     with torch.no_grad():
         for i, (task, row) in enumerate(zip(tasks, rows, strict=True)):
             torch.testing.assert_close(row, singles[task](images[i : i + 1])[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["relevance", "vocabulary"])
+def test_one_task_exports_to_onnx_and_a_multitask_graph_refuses_it(form, tmp_path, capsys):
+    """The choice (distances, counts, one distinct key per prototype, TopK) exports with a dynamic batch."""
+    ort = pytest.importorskip("onnxruntime")
+    zoo = "vit_mini_patch4_32.mae_fmnist"
+    model = IPT(timm.create_model(zoo, pretrained=True, num_classes=0), 4, num_prompts=3, form=form)
+    with torch.no_grad():
+        for p in model.adapter_parameters().values():
+            p.add_(0.1 * torch.randn_like(p))
+    folder, output = model.save_pretrained(tmp_path / "ipt"), tmp_path / "ipt.onnx"
+    assert main(["export", str(folder), "--format", "onnx", "--output", str(output)]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    model.eval()
+    for batch in (1, 5):
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = model(images)
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        assert (got - expected).abs().max().item() <= 1e-4
+    argv = ["export", f"a={folder}", f"b={folder}", "--format", "onnx", "--output", str(tmp_path / "m.onnx")]
+    assert main(argv) != 0
+    assert re.search(r"run through their own models.*export them one by one", capsys.readouterr().err)

@@ -8,14 +8,14 @@ two forms (``ipt.form``):
 
 ``relevance`` (Jin et al.): M shared prompts P_l; q = w_l * mean(patch tokens) (w_l: a learned vector per
 layer), s_i = q . p_i / sqrt(D), and the image's prompts are ``M * softmax(s)_i * p_i``: with equal relevance
-(w_l = 0, the start) every weight is exactly 1 and IPT is VPT with prompts P. Differentiable throughout.
+(w_l = 0, the start) every weight is M * (1/M) = 1 and IPT is VPT with prompts P. Differentiable throughout.
 Trainable: L * M * D + L * D + head (M = 10 on ViT-B/16, 100 classes: 178,276).
 
 ``vocabulary`` (IPT's prompts looked up from the input): K prototypes V_l per layer. Each patch token is
 assigned its nearest prototype (Euclidean); the image's M prompts are the M prototypes with the most tokens
 assigned, ties (zero counts included) by the distance from the prototype to its nearest token of the image,
 then by index, in that order, each refined as ``v + up(GELU(down(v)))`` (one MLP for every layer, ``up``
-zero-initialised, so it starts as the plain prototypes). The choice is not differentiated (argmin/sort
+zero-initialised, so it starts as the plain prototypes). The choice is not differentiated (argmin/top-k
 under no_grad); the gradient reaches the chosen prototypes' rows and the MLP. Trainable: L * K * D +
 2 * D * r + r + D + head (K = 64, r = 64: 765,860).
 
@@ -95,19 +95,26 @@ def choose_prototypes(tokens: torch.Tensor, vocabulary: torch.Tensor, count: int
     """The indices ``(B, count)`` of the prototypes each image's patch tokens ``(B, N, D)`` pick from
     ``vocabulary`` ``(K, D)``: by the number of tokens whose nearest prototype each is (most first), ties by
     the distance from the prototype to the image's nearest token (closest first), then by index."""
-    distance = torch.cdist(tokens.float(), vocabulary.float().expand(len(tokens), -1, -1))  # (B, N, K)
-    nearest = distance.argmin(dim=2)
-    counts = F.one_hot(nearest, vocabulary.shape[0]).sum(dim=1)  # (B, K)
+    k = vocabulary.shape[0]
+    distance = torch.cdist(tokens.float(), vocabulary.float()[None])  # (B, N, K)
+    index = torch.arange(k, device=tokens.device)
+    counts = (distance.argmin(dim=2)[..., None] == index).sum(dim=1)  # (B, K)
     closest = distance.min(dim=1).values  # (B, K)
-    order = closest.argsort(dim=1, stable=True)
-    order = order.gather(1, counts.gather(1, order).argsort(dim=1, descending=True, stable=True))
-    return order[:, :count]
+    # each prototype's place by distance, ties by index: how many come before it (0 .. K-1, all distinct)
+    ahead, level = closest[:, None, :] < closest[:, :, None], closest[:, None, :] == closest[:, :, None]
+    place = (ahead | (level & (index[None, :] < index[:, None]))).sum(dim=2)
+    # one distinct key per prototype, so the top ``count`` are one order (no sort ties; ONNX's TopK)
+    return (counts * k + (k - 1 - place)).topk(count, dim=1).indices
 
 
 class IPT(PromptedViT):
     """A frozen timm ``VisionTransformer`` with prompts of each image's own (the module docstring). Args: as
     :class:`PromptedViT` (its :class:`PromptSettings` as ``prompt``; deep by default) plus its
-    :class:`IPTSettings` (``settings``); ``fields`` by name go to either."""
+    :class:`IPTSettings` (``settings``); ``fields`` by name go to either.
+
+    ``prompts`` holds P (L, M, D) in the relevance form and the vocabulary V (L, K, D) in the other, which
+    its method's ``prepare`` initialises (``selfprompt.get_model(..., init_data=loader)``, ``selfprompt
+    train``); ``selfprompt.init_prompts(model, ...)`` fills M rows per layer, the relevance form's."""
 
     config_class = IPTConfig
     prompt_defaults: ClassVar[dict[str, Any]] = {"num_prompts": 10, "dropout": 0.1}
