@@ -221,6 +221,12 @@ def test_spt_init_of_the_vocabulary_is_from_the_tokens_it_is_compared_with(image
     assert model.prompts.shape == before.shape and not torch.equal(model.prompts, before)
 
 
+def test_init_prompts_on_a_vocabulary_says_to_go_through_the_method(images):
+    model = IPT(tiny_vit(), 5, num_prompts=2, form="vocabulary", vocabulary_size=6)
+    with pytest.raises(ValueError, match=r"holds 6 rows per layer for its 2 prompts.*init_data=loader"):
+        sp.init_prompts(model, [images], "sample")
+
+
 def test_settings_are_checked_up_front(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path, "ipt", **{"ipt.form": "vocabulary", "ipt.vocabulary_size": 3})
     with pytest.raises(ValueError, match=r"vocabulary_size \(3\) must be at least prompt.num_prompts \(4\)"):
