@@ -152,6 +152,7 @@ VIT_BASE_COUNTS = {
     "cvpt": 169_060,
     "apt": 611_440,
     "bpt": 142_000,  # shallow: codes 100 x 75 + basis 768 x 75 + head (deep: 260,500 trained)
+    "ipt": 178_276,
 }
 
 

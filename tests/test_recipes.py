@@ -34,6 +34,7 @@ PROMPT_METHODS = {
     "vfpt": (10, {"fourier_share": 0.5}),
     "cvpt": (10, {}),
     "apt": (50, {"rank": 4}),
+    "ipt": (10, {"form": "relevance", "vocabulary_size": 64, "hidden": 64}),
 }
 
 
@@ -90,11 +91,13 @@ def test_recipe(recipe: Path):
     assert p.dropout == (0.1 if name == "vpt_deep" or (name in PROMPT_METHODS and name != "apt") else 0.0)
     assert m.drop_path == (0.1 if name == "full" else 0.0)
     method, settings = method_settings(cfg)  # the recipe's settings are ones its method reads
-    expected_init = {"spt": "sample", "vpt": "xavier", **dict.fromkeys(PROMPT_METHODS, "xavier")}.get(
-        name.split("_")[0]
-    )
-    if name == "bpt":  # its only init: the codes' random draw
-        expected_init = "xavier"
+    expected_init = {
+        "spt": "sample",
+        "vpt": "xavier",
+        **dict.fromkeys(PROMPT_METHODS, "xavier"),
+        "ipt": "kmeans",
+        "bpt": "xavier",  # its only init: the codes' random draw
+    }.get(name.split("_")[0])
     if name in PROMPT_METHODS:  # each paper's own settings, its own section
         for key, value in PROMPT_METHODS[name][1].items():
             assert getattr(getattr(cfg, name), key) == value, key
@@ -138,7 +141,7 @@ def test_recipe(recipe: Path):
     elif name == "ssf":  # SSF's scripts (METHODS.md 4): CIFAR-100's lr, EMA on FGVC
         assert (o.lr, o.weight_decay, o.head_weight_decay) == (5e-3, 5e-5, 5e-5)
         assert o.ema_decay == (0.9998 if benchmark == "fgvc" else None)
-    elif name in ("e2vpt", "vfpt"):  # VPT-deep's AdamW values (their papers tuned SGD)
+    elif name in ("e2vpt", "vfpt", "ipt"):  # VPT-deep's AdamW values (their papers tuned SGD; IPT: none)
         deep = (1e-3, 1e-2, 3.0) if backbone == "sup_in21k" else (5e-2, 1e-2, 0.5)
         assert (o.lr, o.weight_decay, o.head_weight_decay) == deep
     elif name == "gapt":  # its wd 0; AdamW rates of vpt_deep (GaPT tuned SGD)

@@ -63,6 +63,13 @@ def init_prompts(
     if not isinstance(getattr(model, "prompts", None), nn.Parameter):
         raise TypeError(f"init_prompts needs a model with prompts, got {type(model).__name__} (it has none).")
     initializer = get_initializer(method)
+    rows = model.prompts.shape[1] if model.prompts.dim() == 3 else model.num_prompts
+    if rows != model.num_prompts:
+        raise ValueError(
+            f"{type(model).__name__} holds {rows} rows per layer for its {model.num_prompts} prompts (a "
+            f"vocabulary they are picked from): its method initialises them; use "
+            f"selfprompt.get_model(backbone, method, num_classes, init_data=loader) or selfprompt train."
+        )
     if fraction is not None and not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
     if max_images is not None and max_images < 1:

@@ -32,8 +32,9 @@ class MultiTaskGraph(nn.Module):
         grouped = [name for name, task in model.tasks.items() if not task.shared]
         if grouped:
             raise ValueError(
-                f"Tasks {grouped} change the backbone's weights (full, bitfit, ...): a multi-task graph "
-                f"shares one backbone; export them one by one."
+                f"Tasks {grouped} run through their own models (their methods change the backbone's weights, "
+                f"as full and bitfit, or build prompts per image, as ipt): a multi-task graph shares one "
+                f"backbone's forward; export them one by one."
             )
         if not model.tasks:
             raise ValueError("The multi-task model serves no task: add adapters first.")
