@@ -7,15 +7,17 @@ inference time of merged LoRA and re-parameterised SSF against their unmerged mo
    are interleaved round-robin so that machine drift hits all models alike; medians are reported.
 2. Inference (no-grad forward, eval mode) of LoRA and SSF before and after ``merged()``, and of the plain
    backbone with the same head (linear probe), interleaved the same way.
-3. ``--apt``: the linear probe, VPT-deep and APT at each M of ``--apt-prompts``, all in one process and
-   interleaved: median training step and inference, their ratios to the linear probe's, and memory (CUDA:
-   the peak allocated in a step; CPU: the bytes autograd saves for the backward pass of one step).
+3. ``--by-prompts``: the linear probe and each of ``--by-prompts-methods`` (default VPT-deep, APT, IPT, BPT)
+   at each M of ``--by-prompts-counts``, all in one process and interleaved: median training step and
+   inference, their ratios to the linear probe's, and memory (CUDA: the peak allocated in a step; CPU: the
+   bytes autograd saves for the backward pass of one step).
 
 Random weights; CPU unless CUDA is there.
 
     python benchmarks/method_step_time.py [--model vit_tiny_patch16_224] [--prompts 10] [--rounds 10]
         [--methods vpt-deep pc] [--no-inference]
-    python benchmarks/method_step_time.py --apt [--apt-prompts 10 50 100] [--model vit_small_patch16_224]
+    python benchmarks/method_step_time.py --by-prompts [--by-prompts-counts 10 50 100]
+        [--by-prompts-methods vpt-deep apt ipt bpt] [--model vit_small_patch16_224]
 """
 
 from __future__ import annotations
@@ -153,14 +155,15 @@ def peak_bytes(call: Callable[[], object], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated()
 
 
-def apt_comparison(args: argparse.Namespace, device: torch.device) -> None:
-    """Linear probe, VPT-deep and APT at each M: step and inference medians, ratios to linear, memory."""
+def by_prompts(args: argparse.Namespace, device: torch.device) -> None:
+    """The linear probe and each prompt method at each M: step and inference medians, ratios to linear,
+    memory."""
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     models = {"linear": build("linear", args.model, 1).to(device)}
-    for m in args.apt_prompts:
-        models[f"vpt-deep M={m}"] = build("vpt-deep", args.model, m).to(device)
-        models[f"apt M={m}"] = build("apt", args.model, m).to(device)
+    for m in args.by_prompts_counts:
+        for method in args.by_prompts_methods:
+            models[f"{method} M={m}"] = build(method, args.model, m).to(device)
     steps = {
         name: train_step(model.train(), list(model.adapter_parameters().values()), x, y)
         for name, model in models.items()
@@ -173,7 +176,7 @@ def apt_comparison(args: argparse.Namespace, device: torch.device) -> None:
         infer = {name: (lambda m=model: m(x)) for name, model in models.items()}
         infer_memory = {name: peak_bytes(call, device) for name, call in infer.items()}
         infer_medians = interleaved(infer, args.rounds)
-    title = f"Linear probe, VPT-deep and APT, {args.model}, batch {args.batch}"
+    title = f"Linear probe and {', '.join(args.by_prompts_methods)} by M, {args.model}, batch {args.batch}"
     print(f"\n{title}, median of {args.rounds} rounds; ratios against linear")
     print(
         f"{'model':16s} {'trainable':>10s} {'step s':>8s} {'ratio':>7s} {'infer s':>8s} {'ratio':>7s} "
@@ -198,16 +201,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=sp.method_names(), choices=sp.method_names())
     parser.add_argument("--no-inference", action="store_true", help="Only the training steps.")
-    parser.add_argument("--apt", action="store_true", help="Only linear vs VPT-deep vs APT (3. above).")
-    parser.add_argument("--apt-prompts", type=int, nargs="+", default=[10, 50, 100])
+    parser.add_argument("--by-prompts", action="store_true", help="Only the prompt methods by M (3. above).")
+    parser.add_argument("--by-prompts-counts", type=int, nargs="+", default=[10, 50, 100])
+    prompt_methods = ["vpt-deep", "apt", "ipt", "bpt"]
+    parser.add_argument("--by-prompts-methods", nargs="+", default=prompt_methods, choices=sp.method_names())
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"torch {torch.__version__}, timm {timm.__version__}, selfprompt {sp.__version__}, "
         f"{platform.machine()}, {device}, {torch.get_num_threads()} threads"
     )
-    if args.apt:
-        apt_comparison(args, device)
+    if args.by_prompts:
+        by_prompts(args, device)
         return
     step_times(args, device)
     if not args.no_inference:
