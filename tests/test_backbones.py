@@ -313,7 +313,8 @@ def test_train_from_a_checkpoint_end_to_end_records_the_licence(tmp_path, capsys
     assert json.loads((out / "env.json").read_text())["backbone"] == summary
     adapter = json.loads((out / "seed0/tune/adapter/adapter_config.json").read_text())
     assert adapter["backbone_weights"] == {
-        "license": "cc-by-nc-4.0", "family": "mae", "format": "MAE pretraining", "checkpoint": path.name
+        "license": "cc-by-nc-4.0", "family": "mae", "format": "MAE pretraining", "checkpoint": path.name,
+        "hub_id": None, "kwargs": TINY_BACKBONE,  # a file's weights have no Hub repository
     }  # fmt: skip
     assert adapter["model"]["pool"] == "mae" and adapter["backbone"]["name"] == f"{NAME}+{path.name}"
     assert main(["eval", str(out), "--stage", "tune", "--split", "val"]) == 0  # rebuilt from the same file
