@@ -209,6 +209,26 @@ def test_every_setting_of_the_search_is_checked_before_anything_is_written(data,
 PRUNED_SEARCH = {"optim.lr": [0.02, 0.01, 0.005, 1e-7]}  # the last one barely moves: the hopeless setting
 
 
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_the_pruners_never_judge_a_warmup_epoch(data, tmp_path, pruner):
+    """The steps are epochs from 1: with one warmup epoch, epoch 1 is never judged, epoch 2 is."""
+    (tmp_path / "s").mkdir()
+    base = tiny_config(data, tmp_path / "s")
+    assert base.optim.warmup_epochs == 1 and base.optim.epochs == 3
+    _, study = _study(tmp_path / "s", SweepSettings(PRUNED_SEARCH, pruner=pruner), base)
+    for _ in range(3):  # finished settings that score 1 at every epoch
+        trial = study.ask()
+        for epoch in (1, 2, 3):
+            trial.report(1.0, epoch)
+            assert not trial.should_prune()  # as the sweep asks after every report (Hyperband's rungs)
+        study.tell(trial, 1.0)
+    hopeless = study.ask()
+    hopeless.report(0.0, 1)  # the end of the warmup epoch
+    assert not hopeless.should_prune()
+    hopeless.report(0.0, 2)
+    assert hopeless.should_prune()
+
+
 @pytest.mark.slow
 def test_the_median_pruner_stops_the_hopeless_setting_and_never_chooses_it(data, tmp_path):
     out = tmp_path / "pruned"

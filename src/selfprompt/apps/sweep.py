@@ -124,13 +124,15 @@ def mean_val_acc(run: RunDir) -> float:
 
 
 def _pruner(optuna, settings: SweepSettings, base: TrainConfig):
-    """Optuna's pruner for ``settings.pruner``; the warmup epochs are never judged."""
-    warmup = base.optim.warmup_epochs
+    """Optuna's pruner for ``settings.pruner``; the warmup epochs are never judged: the steps reported are the
+    epochs, numbered from 1, so the first judged is ``warmup_epochs + 1`` (Optuna judges a step from
+    ``n_warmup_steps`` on, and Hyperband's first rung is ``min_resource``)."""
+    first = base.optim.warmup_epochs + 1
     if settings.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=warmup)
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=first)
     if settings.pruner == "hyperband":
         steps = base.optim.epochs * len(base.seeds)
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup), max_resource=steps)
+        return optuna.pruners.HyperbandPruner(min_resource=min(first, steps), max_resource=steps)
     return optuna.pruners.NopPruner()
 
 
