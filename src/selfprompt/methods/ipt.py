@@ -30,8 +30,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from selfprompt.init import init_prompts
-from selfprompt.init.registry import get_initializer
 from selfprompt.methods import prompt
 from selfprompt.methods.prompt import (
     MAX_PROMPTS,
@@ -42,7 +40,7 @@ from selfprompt.methods.prompt import (
     PromptSettings,
     with_prompt_count,
 )
-from selfprompt.methods.prompt_tools import PromptPart, as_grid, frozen_layers
+from selfprompt.methods.prompt_tools import PromptPart, as_grid, frozen_layers, refuse_block_initializer
 from selfprompt.methods.registry import Method, register_method, register_settings
 from selfprompt.methods.settings import adapter_config, is_integer, positive_int, settings_from
 
@@ -199,12 +197,7 @@ def _check(settings: Any, cfg: Any) -> None:
     m = with_prompt_count(settings, 10).num_prompts
     if settings.ipt.vocabulary_size < m:
         raise ValueError(_vocabulary_too_small(settings.ipt.vocabulary_size, m))
-    if settings.init is not None and get_initializer(settings.init).reads_blocks:
-        raise ValueError(
-            f"ipt.form vocabulary with prompt.init={settings.init!r}: that initializer builds prompts for "
-            f"a block's self-attention, and the vocabulary holds prototypes of the patch tokens; use xavier, "
-            f"sample, mean_pool, max_pool or kmeans."
-        )
+    refuse_block_initializer(settings, "ipt.form vocabulary", "the vocabulary holds patch-token prototypes")
 
 
 def prepare(method: Method, model: IPT, settings: PromptRunSettings, loader: DataLoader, seed: int) -> None:
@@ -219,15 +212,7 @@ def prepare(method: Method, model: IPT, settings: PromptRunSettings, loader: Dat
         model.num_prompt_layers,
         tokens_by_layer=model.vocabulary_tokens_by_layer,
     )
-    values = init_prompts(
-        view,
-        loader,
-        method.initializer(settings.init),
-        fraction=settings.init_fraction,
-        max_images=settings.init_max_images,
-        seed=seed,
-        options=prompt.initializer_options(settings),
-    )
+    values = prompt.initial_prompts(view, loader, method.initializer(settings.init), settings, seed)
     with torch.no_grad():
         model.prompts.copy_(values)
 

@@ -318,10 +318,17 @@ def prepare(
         with torch.no_grad():
             model.prompts.copy_(load_prompts_file(settings.file, model.prompts.shape))
         return
-    init_prompts(
-        model,
+    initial_prompts(model, loader, method.initializer(settings.init), settings, seed)
+
+
+def initial_prompts(target: nn.Module, loader: Any, init: str, settings: Any, seed: int) -> torch.Tensor:
+    """``init_prompts`` of ``target`` (a model, or a :class:`~selfprompt.methods.prompt_tools.PromptPart` of
+    one) by the initializer ``init``, on the images a ``prompt`` section chooses (``init_fraction``,
+    ``init_max_images``) with its initializer options; sets ``target``'s prompts and returns them."""
+    return init_prompts(
+        target,
         loader,
-        method.initializer(settings.init),
+        init,
         fraction=settings.init_fraction,
         max_images=settings.init_max_images,
         seed=seed,

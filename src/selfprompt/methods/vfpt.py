@@ -130,15 +130,7 @@ def prepare(method: Method, model: VFPT, settings: PromptRunSettings, loader: Da
         _refuse_all_fourier(init)
     init_prompts(model, None, "xavier", seed=seed)
     view = PromptPart(model, model.num_prompts - m, model.num_prompt_layers)
-    plain = init_prompts(
-        view,
-        loader,
-        init,
-        fraction=settings.init_fraction,
-        max_images=settings.init_max_images,
-        seed=seed,
-        options=prompt.initializer_options(settings),
-    )
+    plain = prompt.initial_prompts(view, loader, init, settings, seed)
     with torch.no_grad():
         model.prompts[:, m:].copy_(plain)
 

@@ -42,7 +42,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-from selfprompt.init import init_prompts
 from selfprompt.init.registry import get_initializer
 from selfprompt.methods import prompt
 from selfprompt.methods.prompt import (
@@ -367,14 +366,7 @@ def prepare(method: Method, model: E2VPT, settings: PromptRunSettings, loader: D
             embed_dim=attn.attn_dim,
             tokens_by_layer=partial(model.keys_values_by_layer, part),
         )
-        values = init_prompts(
-            view,
-            loader,
-            init,
-            fraction=settings.init_fraction,
-            max_images=settings.init_max_images,
-            seed=seed,
-        )  # (L, L_kv, H * d_h)
+        values = prompt.initial_prompts(view, loader, init, settings, seed)  # (L, L_kv, H * d_h)
         values = values.reshape(depth, model.kv_length, heads, -1).transpose(1, 2)
         with torch.no_grad():
             model.kv_prompts[name].copy_(values)
