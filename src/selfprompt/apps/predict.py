@@ -16,7 +16,6 @@ from selfprompt.data.splits import build_splits
 from selfprompt.engine.distributed import Context, resolve_device
 from selfprompt.engine.loop import evaluate
 from selfprompt.engine.rundir import TrainingDir
-from selfprompt.engine.trained import load_run_config
 from selfprompt.engine.tta import PromptTuner, TPTConfig
 from selfprompt.pictures import confusion_picture, image_grid
 from selfprompt.serving.loading import load_source_model
@@ -52,7 +51,7 @@ def evaluate_run(
         )
     model, found = load_source_model(source, seed, stage, ema, backbone, check_weights)
     model.to(resolve_device(device))
-    cfg = load_run_config(found.run) if found.run is not None else TrainConfig()
+    cfg = found.run_config or TrainConfig()
     classes = model.task_info.labels
     if images is not None:
         folder = Path(images).expanduser().resolve()

@@ -195,11 +195,11 @@ def run_peft_export(
     plain timm classifier and comparing logits with selfprompt's (max |diff| <= 1e-5)."""
     from selfprompt.methods import load_pretrained
     from selfprompt.methods.lora import LoRA, peft_base, save_peft
-    from selfprompt.serving.loading import load_backbone
+    from selfprompt.serving.loading import source_backbone
     from selfprompt.serving.sources import resolve_source
 
     found = resolve_source(source, stage=stage)
-    pristine = load_backbone(backbone, Path(source))
+    pristine = source_backbone(backbone, found)
     model = load_pretrained(found.adapter, copy.deepcopy(pristine), check_weights=check_weights)
     model = model.float().cpu().eval()
     if not isinstance(model, LoRA):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from selfprompt.backbones import create_backbone
 from selfprompt.engine.build import backbone_name
 from selfprompt.engine.build import create_backbone as create_run_backbone
-from selfprompt.engine.trained import load_run_config
 from selfprompt.methods import load_pretrained
 from selfprompt.model import ViTClassifier
 from selfprompt.serving.multitask import MultiTaskViT
@@ -46,8 +44,8 @@ def source_backbone(spec: str | None, source: AdapterSource | None) -> nn.Module
     whether its weights were pretrained or random; a weights file must be given)."""
     if spec is not None:
         return create_backbone(None, spec) if Path(spec).is_file() else create_backbone(spec)
-    if source.run is not None:  # a run folder: its configured backbone
-        return create_run_backbone(load_run_config(source.run).model)
+    if source.run_config is not None:  # a run folder: its configured backbone
+        return create_run_backbone(source.run_config.model)
     name = source.config["backbone"]["name"]
     if not name or "+" in name:
         raise ValueError(
@@ -76,10 +74,7 @@ def load_source_model(
     source = resolve_source(path, seed, stage, ema)
     pristine = source_backbone(backbone, source)
     model = load_pretrained(source.adapter, pristine, backbone_name(pristine), check_weights)
-    classes = source.classes or [f"class_{i}" for i in range(model.config.num_classes)]
-    task = replace(model.task_info, labels=classes, preprocessing=source.preprocessing_for(pristine))
-    task.check(model.config.num_classes, f"{source.adapter} (its classes.json)")
-    model.task_info = task
+    source.complete(model, pristine)
     return model.eval(), source
 
 

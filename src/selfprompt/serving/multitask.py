@@ -21,7 +21,6 @@ the backbone's forward: their rows are grouped by task and run through that task
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import threading
 from collections.abc import Sequence
@@ -205,15 +204,7 @@ class MultiTaskViT(nn.Module):
         model.requires_grad_(False).eval()
         if shared and type(model).__name__ not in sharing:
             raise ValueError(f"{source.adapter}: {type(model).__name__} cannot share the backbone.")
-        num_classes = model.config.num_classes
-        classes = source.classes if source.classes is not None else [f"class_{i}" for i in range(num_classes)]
-        if len(classes) != num_classes:
-            raise ValueError(
-                f"{source.adapter}: its head has {num_classes} classes, classes.json names {len(classes)}."
-            )
-        pre = source.preprocessing_for(backbone)
-        model.task_info = dataclasses.replace(model.task_info, labels=list(classes), preprocessing=pre)
-        task = Task(name, list(classes), shared, model, source)
+        task = Task(name, source.complete(model, backbone), shared, model, source)
         with self._lock:
             tasks = {**self._tasks, name: task}
             self._publish(tasks)

@@ -37,7 +37,6 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from selfprompt.adapter import read_config
 from selfprompt.data.images import to_rgb
 from selfprompt.serving.loading import load_multitask
 from selfprompt.serving.sources import resolve_source
@@ -125,7 +124,7 @@ def check_adapters(settings: ServeSettings) -> dict[str, dict[str, Any]]:
             if not path.resolve().is_relative_to(root):
                 raise ValueError(f"Adapter {name}={path} lies outside the allowed root {root}.")
         source = resolve_source(path, stage=settings.stage)
-        config = read_config(source.adapter)
+        config = source.config
         listing[name] = {
             "method_class": config["class"],
             "num_classes": config["model"]["num_classes"],
