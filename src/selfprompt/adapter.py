@@ -103,8 +103,8 @@ class TaskInfo:
 def timm_name(backbone: nn.Module) -> str | None:
     """timm's ``architecture.tag`` name of a backbone (``hf-hub:org/name`` for one from a Hub repo), or None
     for a hand-built one."""
-    if hub_name(backbone) is not None:
-        return hub_name(backbone)
+    if (hub := hub_name(backbone)) is not None:
+        return hub
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from selfprompt.adapter import (
+    CONFIG_NAME,
     TaskInfo,
     brings_weights,
     check_fingerprint,
@@ -301,7 +302,7 @@ class ViTClassifier(nn.Module):
         unknown = sorted(set(saved) - accepted)
         if unknown:
             raise ValueError(
-                f"{directory / 'adapter_config.json'}: 'model' holds {unknown}, which {cls.__name__} does "
+                f"{directory / CONFIG_NAME}: 'model' holds {unknown}, which {cls.__name__} does "
                 f"not take (it takes {sorted(accepted)}); the file is damaged or from another selfprompt."
             )
         model = cls(backbone, backbone_name=backbone_name, **saved)
@@ -313,7 +314,7 @@ class ViTClassifier(nn.Module):
             check_fingerprint(record, backbone, directory)
         load_tensors(directory, held)
         model.task_info = TaskInfo.from_config(config)
-        model.task_info.check(model.config.num_classes, str(directory / "adapter_config.json"))
+        model.task_info.check(model.config.num_classes, str(directory / CONFIG_NAME))
         return model
 
     def push_to_hub(
