@@ -30,11 +30,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import selfprompt as sp  # before timm (see README)
-from selfprompt.config import TrainConfig
-from selfprompt.methods.condensation.model import condense_at_random
 
 import timm
 import torch
+from method_step_time import build, saved_bytes  # the benchmarks' model builder and autograd-memory probe
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,19 +46,6 @@ SETTINGS = {  # name: (autocast dtype, compile)
 }
 # dense peak TFLOP/s by device-name fragment: (bf16 tensor cores, tf32 tensor cores)
 PEAKS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L4": (121.0, 60.0)}
-
-
-def build(name: str, model_name: str, prompts: int, img_size: int = 224) -> sp.ViTClassifier:
-    """``name``'s model at its default settings (M prompts where it has prompts; pc: 30% of vpt-deep's)."""
-    method, cfg = sp.get_method(name), TrainConfig()
-    if method.condenses:
-        return condense_at_random(build(method.condenses, model_name, prompts, img_size), 0.3)
-    cfg.model.method = name
-    if method.has_prompts:
-        cfg.prompt.num_prompts = prompts
-    torch.manual_seed(0)
-    backbone = timm.create_model(model_name, num_classes=0, img_size=img_size)
-    return method.create(backbone, 10, method.settings_of(cfg))
 
 
 def sync(device: torch.device) -> None:
@@ -76,20 +62,6 @@ def median_seconds(fn: Callable[[], object], rounds: int, device: torch.device) 
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def saved_mb(fn: Callable[[], object]) -> float:
-    """MB of the tensors autograd saves for the backward pass while ``fn`` runs (shared storage once)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values()) / 2**20
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype | None, override: float | None) -> float | None:
@@ -148,7 +120,7 @@ def measure(
         with autocast:
             return model(x)
 
-    saved = saved_mb(forward)
+    saved = saved_bytes(forward) / 2**20
     model.eval()
     infer()
     infer()
@@ -186,7 +158,7 @@ def checkpointing_memory(args: argparse.Namespace, device: torch.device) -> dict
         def step() -> None:
             torch.nn.functional.cross_entropy(model(x), y).backward()
 
-        saved = saved_mb(step)
+        saved = saved_bytes(step) / 2**20
         seconds = median_seconds(step, max(1, args.rounds // 2), device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         rows["on" if checkpointing else "off"] = {"saved_mb": saved, "peak_mb": peak, "step_s": seconds}

@@ -36,17 +36,19 @@ import timm
 import torch
 
 
-def build(name: str, model_name: str, prompts: int) -> sp.ViTClassifier:
-    """``name``'s model with its default settings (M prompts for methods with prompts); pc: its source
-    (vpt-deep, M prompts) with a random 30% of the prompts kept."""
+def build(name: str, model_name: str, prompts: int, img_size: int = 224) -> sp.ViTClassifier:
+    """``name``'s model with its default settings (M prompts for methods with prompts) on a random-weight
+    ``model_name`` at ``img_size``; pc: its source (vpt-deep, M prompts) with a random 30% of the prompts
+    kept. Also gpu_throughput.py's."""
     method, cfg = sp.get_method(name), TrainConfig()
     if method.condenses:
-        return condense_at_random(build(method.condenses, model_name, prompts), 0.3)
+        return condense_at_random(build(method.condenses, model_name, prompts, img_size), 0.3)
     cfg.model.method = name
     if method.has_prompts:
         cfg.prompt.num_prompts = prompts
     torch.manual_seed(0)
-    return method.create(timm.create_model(model_name, num_classes=0), 10, method.settings_of(cfg))
+    backbone = timm.create_model(model_name, num_classes=0, img_size=img_size)
+    return method.create(backbone, 10, method.settings_of(cfg))
 
 
 def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], x, y) -> Callable[[], None]:
@@ -131,7 +133,8 @@ def inference_times(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def saved_bytes(step: Callable[[], None]) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass while ``step`` runs (each storage once)."""
+    """Bytes of the tensors autograd keeps for the backward pass while ``step`` runs (each storage once).
+    Also gpu_throughput.py's."""
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
