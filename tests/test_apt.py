@@ -188,8 +188,8 @@ def test_trains_through_the_engine_from_kmeans_prototypes(tmp_path):
 
 
 def test_served_in_a_mixed_batch_beside_input_prompts(images, tmp_path):
-    """An APT task runs through its own model (it is not a backbone-sharing class), the others through the
-    shared pass; each row matches its own model."""
+    """APT tasks share the backbone's pass with input prompts and linear probes (no prompt tokens: no length
+    group of their own), grouped, masked and in the export's static pass; each row matches its own model."""
     torch.manual_seed(0)
     models = {
         "apt": perturbed(APT(tiny_vit(), 4, num_prompts=5)),
@@ -199,13 +199,19 @@ def test_served_in_a_mixed_batch_beside_input_prompts(images, tmp_path):
     multi = MultiTaskViT(tiny_vit())
     for name, model in models.items():
         multi.add_adapter(name, model.save_pretrained(tmp_path / name))
-    assert {n: t.shared for n, t in multi.tasks.items()} == {"apt": False, "deep": True, "linear": True}
+    masked = MultiTaskViT(tiny_vit(), mask=True)
+    for name in models:
+        masked.add_adapter(name, tmp_path / name)
+    assert all(t.shared for t in multi.tasks.values())
     tasks = ["apt", "deep", "apt", "linear", "deep", "apt"]
-    rows = multi(images, tasks)
-    with torch.no_grad():
-        expected = {n: m.eval()(images) for n, m in models.items()}
-    for i, (task, row) in enumerate(zip(tasks, rows, strict=True)):
-        torch.testing.assert_close(row, expected[task][i], rtol=0, atol=1e-5)
+    index = multi._state[2]
+    static = multi.forward_shared(images, torch.tensor([index[t] for t in tasks]), static=True)
+    with torch.no_grad():  # the first 3 logits: the fewest classes
+        expected = torch.stack([models[t].eval()(images)[i, :3] for i, t in enumerate(tasks)])
+    for served in (multi, masked):
+        rows = served(images, tasks)
+        torch.testing.assert_close(torch.stack([r[:3] for r in rows]), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(static[:, :3], expected[:, :3], rtol=0, atol=1e-5)
 
 
 def test_exports_to_onnx_with_a_dynamic_batch(tmp_path, capsys):

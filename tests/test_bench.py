@@ -17,6 +17,7 @@ from selfprompt.data import vtab_mini
 from selfprompt.methods import get_method, method_names
 
 import pytest
+import yaml
 from conftest import small_vtab_mini
 
 
@@ -159,6 +160,28 @@ def test_a_searched_cell_is_a_sweep_recorded_with_its_choice(tmp_path, mini):
     assert bench(cfg, log=lambda _: None) == [row]  # read, not recomputed
     with pytest.raises(ValueError, match="use another --output_dir for another protocol"):
         bench(dataclasses.replace(cfg, search=None), log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_later_seeds_train_the_setting_the_first_seed_chose(tmp_path, mini):
+    search = {"optim.lr": [0.05, 0.001]}
+    cfg = BenchConfig(
+        root=str(mini), output_dir=str(tmp_path / "bench"), methods=["linear"], search=search,
+        search_seeds="first", backbones=["vit_mini_patch4_32.mae_fmnist"], seeds=[3, 1], epochs=1,
+        device="cpu", num_workers=0,
+    )  # fmt: skip
+    rows = {r["seed"]: r for r in bench(cfg, log=lambda _: None)}
+    first, later = (
+        Path(cfg.output_dir) / "cells" / rows[3]["backbone"] / rows[3]["task"] / "linear" / f"seed{s}"
+        for s in (3, 1)
+    )
+    best = json.loads((first / "sweep.json").read_text())["best"]
+    assert not (later / "sweep.json").exists()  # no tune stage of its own
+    assert rows[1]["chosen"] == rows[3]["chosen"] == best["params"] and rows[1]["searched_seed"] == 3
+    config = yaml.safe_load((later / "config.yaml").read_text())
+    assert config["optim"]["lr"] == best["params"]["optim.lr"] and config["seeds"] == [1]  # its own seed
+    with pytest.raises(ValueError, match=r"\(on seed 3\), this bench asks for .* \(on seed 1\)"):
+        bench(dataclasses.replace(cfg, search_seeds="each"), log=lambda _: None)
 
 
 def test_cells_of_an_older_release_and_new_columns_share_one_csv():

@@ -3,6 +3,7 @@
 import threading
 
 from selfprompt.methods import load_pretrained
+from selfprompt.methods.apt import APT
 from selfprompt.methods.bitfit import BitFit
 from selfprompt.methods.prompt import PromptedViT
 from selfprompt.model import ViTClassifier
@@ -36,10 +37,18 @@ def _make_adapters(root, backbone_kwargs):
         "shallow1_avg": PromptedViT(bb(), 6, num_prompts=1, pool="avg"),
         "linear_token": ViTClassifier(bb(), 3, pool="token"),
         "linear_mae": ViTClassifier(bb(), 5, pool="mae"),
+        "apt4_token": APT(bb(), 5, num_prompts=4, pool="token"),
+        "apt6_first2_mae": APT(bb(), 3, num_prompts=6, deep_layers=2, rank=2, pool="mae"),
         "bitfit": BitFit(bb(), 5),
         "full": ViTClassifier(bb(), 4, train_backbone=True),
     }
     with torch.no_grad():
+        for name in (
+            "apt4_token",
+            "apt6_first2_mae",
+        ):  # a start of zero W2 and s would hide the keys and scale
+            for param in (models[name].prompts, models[name].key_up, models[name].scales):
+                param.copy_(torch.randn(param.shape) * 0.5)
         for param in models["bitfit"].biases().values():
             param.add_(torch.randn(param.shape) * 0.3)
         for param in models["full"].backbone.parameters():
@@ -95,11 +104,26 @@ def test_every_kind_of_task_in_one_batch_matches_its_own_model(served):
         ["shallow5_token", "linear_token", "deep8_first2_mae", "shallow1_avg"],  # several prompt lengths
         ["bitfit", "bitfit"],  # grouped only
         ["shallow5_token"],
+        ["apt4_token", "linear_token", "apt6_first2_mae"],  # APT: no prompt tokens, one sequence length
+        ["apt6_first2_mae", "deep3_avg", "apt4_token", "shallow1_avg"],
     ],
 )
 def test_subsets_of_tasks(served, tasks):
     multi, singles, _ = served
     _check_rows(multi, singles, _images(len(tasks), seed=len(tasks)), tasks)
+
+
+def test_apt_rows_carry_no_prompt_tokens(served):
+    multi, _, _ = served
+    tasks, bank, index = multi._state
+    assert tasks["apt4_token"].num_prompts == tasks["apt6_first2_mae"].num_prompts == 0
+    assert bank.lengths[index["apt4_token"]] == 0  # grouped with the linear probes: no group of its own
+    apt6 = index["apt6_first2_mae"]
+    scales = [terms[2][apt6].item() for terms in bank.attention_terms]  # apt4 keeps all 3 layers' terms
+    assert scales[2] == 1 and scales[:2] == pytest.approx(
+        multi.tasks["apt6_first2_mae"].model.scales.exp().tolist()
+    )
+    assert bank.attention_terms[2][0][apt6].abs().sum() == 0  # no keys where it has no prompts
 
 
 def test_one_padded_pass_with_a_key_mask_gives_the_same_rows(served):

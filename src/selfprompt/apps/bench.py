@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +85,9 @@ class BenchConfig:
             such as {"optim.lr": [0.05, 0.01]} for every method, a grid per method ({"full": {"optim.lr":
             [1e-3, 1e-4]}, "vpt-deep": {...}}), or "default" for each method's own grid
             (``selfprompt.methods``, tagged with its source); None trains each recipe's fixed settings.
+        search_seeds: With a search, ``each`` seed searches for itself; ``first`` searches with the first seed
+            only, and the other seeds train the setting it chose (VPT's protocol: one search per task, then
+            the seeds), which saves a tune training per grid point and seed.
     """
 
     root: str
@@ -110,6 +113,7 @@ class BenchConfig:
     launcher: Literal["local", "submitit", "slurm"] = "local"
     slurm: dict[str, Any] = field(default_factory=dict)
     search: dict[str, list[Any] | dict[str, list[Any]]] | Literal["default"] | None = None
+    search_seeds: Literal["each", "first"] = "each"
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,13 @@ def cell_search(cfg: BenchConfig, cell: Cell) -> dict[str, list[Any]] | None:
     if cfg.search is not None and cell.method in cfg.search:
         return cfg.search[cell.method]
     return cfg.search
+
+
+def searched_by(cfg: BenchConfig, cell: Cell) -> Cell | None:
+    """The cell whose search chose this one's settings when it trains them without searching, else None."""
+    if cell_search(cfg, cell) is None or cfg.search_seeds == "each" or cell.seed == cfg.seeds[0]:
+        return None
+    return replace(cell, seed=cfg.seeds[0])
 
 
 def backbones(cfg: BenchConfig) -> list[str]:
@@ -228,6 +239,13 @@ def cell_commands(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list
     condense`` of its source's run for a method that condenses one."""
     train = train_command(cfg, cell, out, resume)
     search = cell_search(cfg, cell)
+    searcher = searched_by(cfg, cell)
+    if searcher is not None:
+        chosen = read_json(searcher.directory(out) / "sweep.json")["best"]["params"]
+        settings = [
+            a for k, v in chosen.items() for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))
+        ]
+        return [[*train, *settings]]
     if search is not None:  # the sweep resumes its trials itself
         return [[*train[:3], "sweep", *train[4:], "--search", json.dumps(search)]]
     if cell.source is None:
@@ -285,8 +303,10 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
             raise RuntimeError(
                 f"cell {directory} failed (exit {done.returncode}); see {directory / LOG_NAME}"
             )
-    search = cell_search(cfg, cell)
-    if search is not None:
+    search, searcher = cell_search(cfg, cell), searched_by(cfg, cell)
+    if searcher is not None:
+        chosen = read_json(searcher.directory(out) / "sweep.json")["best"]
+    elif search is not None:
         chosen = read_json(directory / "sweep.json")["best"]
         run = RunDir(directory / "final")
     results, env_info = run.read_results(), run.read_env()
@@ -299,6 +319,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
         "val_acc": chosen["val_acc"] if search is not None else tune.last_acc if tune else None,
         "search": search,
         "chosen": chosen["params"] if search is not None else None,
+        "searched_seed": None if search is None else cell.seed if searcher is None else searcher.seed,
         "trainable_parameters": final.trainable_parameters,
         "trainable_share": final.trainable_share,
         "epochs": final.epochs,
@@ -345,10 +366,13 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str
             return
         done = cell.directory(out) / CELL_NAME  # a finished cell is read, never run (nor queued) again
         record = json.loads(done.read_text()) if done.is_file() else launch(run_cell, cfg, cell, out, threads)
-        if record.get("search") != cell_search(cfg, cell):
+        search, searcher = cell_search(cfg, cell), searched_by(cfg, cell)
+        asked = (search, None if search is None else (searcher or cell).seed)
+        ran = (record.get("search"), record.get("searched_seed", None if search is None else cell.seed))
+        if ran != asked:
             raise ValueError(
-                f"{done} was run with search {record.get('search')}, this bench asks for "
-                f"{cell_search(cfg, cell)}: use another --output_dir for another protocol."
+                f"{done} was run with search {ran[0]} (on seed {ran[1]}), this bench asks for {asked[0]} (on "
+                f"seed {asked[1]}): use another --output_dir for another protocol."
             )
         with lock:
             records[cell] = record
@@ -359,8 +383,10 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str
             )
 
     launch = launcher(cfg, out)
-    for phase in ([c for c in cells if c.source is None], [c for c in cells if c.source is not None]):
-        with ThreadPoolExecutor(cfg.workers) as pool:  # sources finish before the cells that condense them
+    waits = {c: c.source is not None or searched_by(cfg, c) is not None for c in cells}
+    for phase in ([c for c in cells if not waits[c]], [c for c in cells if waits[c]]):
+        # sources finish before the cells that condense them, searches before the seeds that reuse them
+        with ThreadPoolExecutor(cfg.workers) as pool:
             for future in [pool.submit(work, cell) for cell in phase]:
                 future.result()
     rows = [records[c] for c in cells if c in records]

@@ -72,6 +72,24 @@ class APTSettings:
 APTConfig = adapter_config(APTSettings, PromptedViTConfig)
 
 
+def prompt_keys(prompts: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``K = P + P down^T up^T`` for ``prompts`` (M, D), ``down`` (r, D) and ``up`` (D, r): (M, D)."""
+    return prompts + prompts @ down.T @ up.T
+
+
+def read_prompts(
+    x: torch.Tensor, keys: torch.Tensor, prompts: torch.Tensor, dropout: nn.Module | None = None
+) -> torch.Tensor:
+    """``sg(max_j A_ij) * (A P)_i`` for the tokens ``x`` (B, N, D), with ``A = dropout(ReLU(x K^T))``:
+    (B, N, D). ``keys`` and ``prompts`` are (M, D), one set for every row, or (B, M, D), each row its own (a
+    multi-task server's batch; zero prompts past a row's own M add nothing)."""
+    scores = F.relu(x @ keys.transpose(-2, -1))  # not .mT: ONNX's exporter lacks it
+    if dropout is not None:
+        scores = dropout(scores)
+    gate = scores.detach().amax(dim=-1, keepdim=True)
+    return (scores @ prompts) * gate
+
+
 def approximated_prompts(
     x: torch.Tensor,
     prompts: torch.Tensor,
@@ -79,14 +97,8 @@ def approximated_prompts(
     up: torch.Tensor,
     dropout: nn.Module | None = None,
 ) -> torch.Tensor:
-    """``sg(max_j A_ij) * (A P)_i`` for the tokens ``x`` (B, N, D), with ``A = dropout(ReLU(x K^T))`` and
-    ``K = P + P down^T up^T`` (``prompts`` (M, D), ``down`` (r, D), ``up`` (D, r)): (B, N, D)."""
-    keys = prompts + prompts @ down.T @ up.T
-    scores = F.relu(x @ keys.T)
-    if dropout is not None:
-        scores = dropout(scores)
-    gate = scores.detach().amax(dim=-1, keepdim=True)
-    return (scores @ prompts) * gate
+    """:func:`read_prompts` of ``prompts`` with the keys :func:`prompt_keys` makes of them: (B, N, D)."""
+    return read_prompts(x, prompt_keys(prompts, down, up), prompts, dropout)
 
 
 class APT(PromptedViT):
@@ -148,6 +160,13 @@ class APT(PromptedViT):
         return self.block_branches(index, block, x, attn=attention)
 
     @torch.no_grad()
+    def attention_terms(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per prompted block, what inference adds to its attention output, as a multi-task server reads
+        it (:mod:`selfprompt.serving.multitask`): keys K (M, D), prompts P (M, D) and the scale exp(s)."""
+        keys = [prompt_keys(*t) for t in zip(self.prompts, self.key_down, self.key_up, strict=True)]
+        return list(zip(keys, self.prompts, self.scales.exp(), strict=True))
+
+    @torch.no_grad()
     def prompt_tokens_by_layer(self, images: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
         """What SPT builds layer l's prompts from: LN1(x) at block l, patch tokens only."""
         return [
@@ -188,6 +207,7 @@ register_method(
     default_init="xavier",
     prepare=prepare,
     order=24,
+    shares_backbone=True,
     search=Search(
         {"optim.lr": [5e-3, 1e-3, 5e-4, 1e-4], "optim.weight_decay": [1e-2, 1e-4]},
         "lr: around the official ViLT fine-tuning rate 5e-4 (config.py), the neighbours ours; weight_decay: "

@@ -1,7 +1,9 @@
 """Many tasks on one frozen backbone: :class:`MultiTaskViT` runs a batch whose rows belong to different tasks.
 
 Prompt adapters (``PromptedViT``, shallow or deep, any ``num_prompts``, ``deep_layers``, pooling and class
-count) and linear probes (``ViTClassifier`` with a frozen backbone: zero prompts) share one pass through the
+count), APT adapters (which insert no tokens: their rows join the linear probes' sequence length, and each
+prompted block's attention output gets the row's own prompts' term, ``selfprompt.methods.apt.read_prompts``)
+and linear probes (``ViTClassifier`` with a frozen backbone: zero prompts) share one pass through the
 backbone: the rows are grouped by prompt length (each group gathers every row's prompts by its task id) and
 the groups go through each block together, the token-wise layers once over all their tokens and attention
 per group (:mod:`selfprompt.serving.packed`; blocks other than timm's plain ``Block`` run one group at a
@@ -25,15 +27,16 @@ import inspect
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from selfprompt.adapter import WEIGHTS_NAME, check_signature
 from selfprompt.backbones import backbone_info
 from selfprompt.methods import load_pretrained
-from selfprompt.methods.prompt import PromptedViT
+from selfprompt.methods.apt import APT, read_prompts
 from selfprompt.methods.registry import backbone_sharing_classes
 from selfprompt.model import POOL_TYPES, ViTClassifier, check_backbone
-from selfprompt.serving.packed import packable, packed_block
+from selfprompt.serving.packed import AttentionTerm, packable, packed_block
 from selfprompt.serving.sources import AdapterSource, resolve_source
 
 import torch
@@ -67,7 +70,8 @@ class Task:
 
     @property
     def num_prompts(self) -> int:
-        return self.model.num_prompts if isinstance(self.model, PromptedViT) else 0
+        """The prompt tokens its rows carry in the sequence (APT's prompts are not in it: 0)."""
+        return self.model.num_extra_tokens
 
 
 class _Bank:
@@ -77,7 +81,8 @@ class _Bank:
     without prompts at layer i); ``replaces[i]``: (T,) bool, the tasks whose prompts enter at layer i (all
     prompted tasks at 0, deep ones at their first ``num_prompt_layers``); ``lengths``: (T,) prompts per
     task; ``weight``/``bias``: (T, C, D)/(T, C) heads padded to the widest; ``pools``: (T,) index into
-    POOL_TYPES.
+    POOL_TYPES; ``attention_terms[i]``: APT's keys and prompts (T, M_i, D) (zeros past a task's own M and for
+    every other task) and scales (T,) (ones for the others) at layer i, None where no task has them.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class _Bank:
             self.weight[k, : task.num_classes] = task.model.head.weight.detach()
             self.bias[k, : task.num_classes] = task.model.head.bias.detach()
         self.max_prompts = max(self.lengths_list, default=0)
+        self.attention_terms = [_stacked_terms(tasks, i, embed_dim, device, dtype) for i in range(depth)]
 
 
 class MultiTaskViT(nn.Module):
@@ -157,7 +163,7 @@ class MultiTaskViT(nn.Module):
                 if not task.shared:
                     task.model._apply(fn, recurse)
                 else:
-                    for param in (task.model.head.weight, task.model.head.bias, *_prompts(task.model)):
+                    for param in task.model.adapter_parameters().values():
                         param.data = fn(param.data)
             self._publish(self._tasks)
         return self
@@ -295,10 +301,7 @@ class MultiTaskViT(nn.Module):
                         self._replace(layer, x, r, bank, inplace=not static)
                         for x, r in zip(xs, passes, strict=True)
                     ]
-                xs = [
-                    block(x) if r.mask is None else block(x, attn_mask=r.mask)
-                    for x, r in zip(xs, passes, strict=True)
-                ]
+                xs = [self._block(layer, block, x, r, bank) for x, r in zip(xs, passes, strict=True)]
         logits = [self._exit(x, rows, bank, static) for x, rows in zip(xs, passes, strict=True)]
         if groups is None:
             return logits[0]
@@ -331,6 +334,14 @@ class MultiTaskViT(nn.Module):
             mask = keys[:, None, None, :]  # (B, 1, 1, N): SDPA's boolean mask, True = attend
         return _Pass(self.family.pre_blocks(bb, x), ids, lengths, width, valid, mask, pools)
 
+    def _block(self, layer: int, block: nn.Module, x: torch.Tensor, rows: _Pass, bank: _Bank) -> torch.Tensor:
+        """One block over one pass, with its key mask and the rows' APT terms."""
+        attention = block.attn if rows.mask is None else partial(block.attn, attn_mask=rows.mask)
+        term = _attention_term(bank, layer, rows.ids)
+        if term is None:
+            return block(x) if rows.mask is None else block(x, attn_mask=rows.mask)
+        return self.family.residual_branches(block, x, None, layer, attn=lambda h: term(h, attention(h)))
+
     def _packed(self, passes: list[_Pass], bank: _Bank) -> list[torch.Tensor]:
         """The blocks over every pass at once (:func:`packed_block`); each pass's final tokens."""
         shapes = [tuple(rows.x.shape[:2]) for rows in passes]
@@ -341,7 +352,8 @@ class MultiTaskViT(nn.Module):
             if layer:
                 for x, rows in zip(xs, passes, strict=True):
                     self._replace(layer, x, rows, bank, inplace=True)
-            packed_block(block, flat, shapes)
+            terms = [_attention_term(bank, layer, rows.ids) for rows in passes]
+            packed_block(block, flat, shapes, None if terms[0] is None else terms)
         return xs
 
     def _replace(self, layer: int, x: torch.Tensor, rows: _Pass, bank: _Bank, inplace: bool) -> torch.Tensor:
@@ -405,8 +417,33 @@ class _Pass:
     pools: Sequence[int]
 
 
-def _prompts(model: ViTClassifier) -> list[torch.Tensor]:
-    return [model.prompts] if isinstance(model, PromptedViT) else []
+def _stacked_terms(
+    tasks: list[Task], layer: int, dim: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The tasks' APT keys, prompts and scales at ``layer``, stacked by task (see :class:`_Bank`)."""
+    terms = {
+        k: t.model.attention_terms()[layer]
+        for k, t in enumerate(tasks)
+        if isinstance(t.model, APT) and layer < t.model.num_prompt_layers
+    }
+    if not terms:
+        return None
+    width = max(keys.shape[0] for keys, _, _ in terms.values())
+    keys = torch.zeros(len(tasks), width, dim, device=device, dtype=dtype)
+    prompts, scales = torch.zeros_like(keys), torch.ones(len(tasks), device=device, dtype=dtype)
+    for k, (key, prompt, scale) in terms.items():
+        keys[k, : len(key)], prompts[k, : len(prompt)], scales[k] = key, prompt, scale
+    return keys, prompts, scales
+
+
+def _attention_term(bank: _Bank, layer: int, ids: torch.Tensor) -> AttentionTerm | None:
+    """``out -> (out + read_prompts(h)) * scale`` for rows ``ids`` at ``layer``: exactly ``out`` for a row of
+    a task without APT prompts there; None when no task has them."""
+    terms = bank.attention_terms[layer]
+    if terms is None:
+        return None
+    keys, prompts, scales = (t[ids] for t in terms)
+    return lambda h, out: (out + read_prompts(h, keys, prompts)) * scales[:, None, None]
 
 
 def _holds_backbone_tensors(adapter: Path) -> bool:

@@ -10,12 +10,15 @@ into the matrix in place, which keeps the large temporaries (and the allocator's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from selfprompt.backbones import attention_family
 
 import torch
 from torch import nn
+
+#: ``(h, out) -> out'``: what a pass's attention output becomes, given the block's normed input ``h``.
+AttentionTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def packable(blocks: Sequence[nn.Module]) -> bool:
@@ -31,10 +34,16 @@ def packable(blocks: Sequence[nn.Module]) -> bool:
     )
 
 
-def packed_block(block: nn.Module, flat: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+def packed_block(
+    block: nn.Module,
+    flat: torch.Tensor,
+    shapes: Sequence[tuple[int, int]],
+    terms: Sequence[AttentionTerm] | None = None,
+) -> torch.Tensor:
     """``block`` in inference over packed sequences: ``flat`` ``(sum B_i * L_i, D)`` holds batch ``i``'s
     ``(B_i, L_i, D)`` tokens after batch ``i - 1``'s, ``shapes`` the ``(B_i, L_i)``. ``flat`` is updated in
-    place (no autograd) and returned: each batch's rows become ``block(batch)``."""
+    place (no autograd) and returned: each batch's rows become ``block(batch)``; with ``terms``, batch ``i``'s
+    attention output (after its projection) becomes ``terms[i](h_i, output_i)`` first."""
     family = attention_family(block.attn)
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -48,6 +57,14 @@ def packed_block(block: nn.Module, flat: torch.Tensor, shapes: Sequence[tuple[in
         o = family.attend(attn, *family.norm_qk(attn, q, k), v)
         out[start:end].view(batch, length, heads, head_dim).copy_(o.transpose(1, 2))
         start = end
-    flat += block.drop_path1(block.ls1(family.attention_output(attn, out, h)))
+    attended = family.attention_output(attn, out, h)
+    if terms is not None:
+        start = 0
+        for (batch, length), term in zip(shapes, terms, strict=True):
+            end = start + batch * length
+            part = attended[start:end].view(batch, length, -1)
+            part.copy_(term(h[start:end].view(batch, length, -1), part))
+            start = end
+    flat += block.drop_path1(block.ls1(attended))
     flat += block.drop_path2(block.ls2(block.mlp(block.norm2(flat))))
     return flat
