@@ -1,7 +1,7 @@
 """The tables of docs/results.md's sections on every method (MAE and supervised backbones), SPT
 initialisation for the other prompt methods, Prompt Condensation and the per-method searches, from the cells
-in docs/bench/*.csv (each a copy of a bench output folder's cells.csv, written by scripts/bench_methods.sh
-and scripts/bench_grids.sh).
+in docs/bench/*.csv (each a copy of a bench output folder's cells.csv, written by scripts/bench_methods.sh,
+scripts/bench_grids.sh and scripts/bench_prompt_successors.sh).
 
     python scripts/results_tables.py [--bench docs/bench]
 """
@@ -25,6 +25,7 @@ METHODS += ["cvpt", "cvpt (lr 5e-2)", "pc[keep=0.5]", "pc[keep=0.3]", "pc[keep=0
 SPT_PAIRS = [("vpt-deep", "spt-deep"), *[(m, f"{m}[kmeans]") for m in ("gapt", "e2vpt", "vfpt", "cvpt")]]
 SPT_PAIRS += [("cvpt (lr 5e-2)", "cvpt (lr 5e-2)[kmeans]")]
 CVPT_FAST = {"cvpt[xavier]": "cvpt (lr 5e-2)", "cvpt[kmeans]": "cvpt (lr 5e-2)[kmeans]"}
+SUCCESSORS = ["vpt-deep", "spt-deep", "spt-deep[vipamin]", "apt", "ipt", "bpt"]
 PC_ROWS = [(1.0, "vpt-deep[M=10]"), (0.5, "vpt-deep[M=5]"), (0.3, "vpt-deep[M=3]"), (0.1, "vpt-deep[M=1]")]
 
 
@@ -164,6 +165,50 @@ def science_table(bench: Path) -> str:
     return "\n".join(lines)
 
 
+def chosen_lr(row: dict[str, Any]) -> str:
+    """The rate a searched cell trained with, from its ``chosen`` column (``{'optim.lr': 0.05}``)."""
+    return row["chosen"].split(": ")[-1].rstrip("}")
+
+
+def successors_table(bench: Path) -> str:
+    """APT, IPT, BPT and VIPAMIN beside vpt-deep and spt-deep, each at its own searched rate, per backbone:
+    mean ± std over seeds, the rates seed 0's search chose, and paired intervals against vpt-deep and spt-deep
+    (per backbone, then over both)."""
+    parts, both = [], []
+    for backbone in (MAE, SUP):
+        rows = [
+            *cells(bench / "successors_cells.csv", backbone=backbone),
+            *cells(bench / "successors_vipamin_cells.csv", backbone=backbone),
+        ]
+        both += rows
+        lines = [
+            f"#### {backbone}\n",
+            f"| method | trainable | {' | '.join(TASKS)} | mean | chosen lr ({', '.join(TASKS)}) | seeds |",
+            "|---|---:|" + "---:|" * (len(TASKS) + 1) + "---|---|",
+        ]
+        for variant in SUCCESSORS:
+            mine = [r for r in rows if r["variant"] == variant]
+            if not mine:
+                continue
+            params = round(statistics.mean(r["trainable_parameters"] for r in mine))
+            accs = " | ".join(accuracy(rows, variant, t) for t in TASKS)
+            lrs = ", ".join(next((chosen_lr(r) for r in mine if r["task"] == t), "-") for t in TASKS)
+            seeds = sorted({r["seed"] for r in mine})
+            mean = mean_over_tasks(rows, variant, TASKS)
+            lines.append(f"| {variant} | {params:,} | {accs} | {mean} | {lrs} | {seeds} |")
+        parts.append("\n".join([*lines, "", *against_references(rows)]))
+    parts.append("\n".join(["#### Both backbones\n", *against_references(both)]))
+    return "\n\n".join(parts)
+
+
+def against_references(rows: list[dict[str, Any]]) -> list[str]:
+    """Each method's paired difference against vpt-deep, then against spt-deep, over the cells both ran."""
+    variants = {r["variant"] for r in rows}
+    pairs = [(a, b) for b in ("vpt-deep", "spt-deep") for a in SUCCESSORS[2:] if {a, b} <= variants]
+    pairs = [("spt-deep", "vpt-deep"), *pairs] if {"spt-deep", "vpt-deep"} <= variants else pairs
+    return [f"- {paired_difference(rows, a, b).describe()}" for a, b in pairs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", type=Path, default=Path("docs/bench"))
@@ -174,6 +219,7 @@ def main() -> None:
         ("SPT initialisation for every prompt method", spt_init_table),
         ("Prompt Condensation against VPT from scratch", pc_table),
         ("Each method's own search (val), over seeds", science_table),
+        ("APT, IPT, BPT and VIPAMIN against VPT and SPT", successors_table),
     ):
         print(f"### {title}\n\n{render(args.bench)}\n")
 
