@@ -176,10 +176,8 @@ def successors_table(bench: Path) -> str:
     (per backbone, then over both)."""
     parts, both = [], []
     for backbone in (MAE, SUP):
-        rows = [
-            *cells(bench / "successors_cells.csv", backbone=backbone),
-            *cells(bench / "successors_vipamin_cells.csv", backbone=backbone),
-        ]
+        files = ("successors", "successors_vipamin", "successors_sup")
+        rows = [r for name in files for r in cells(bench / f"{name}_cells.csv", backbone=backbone)]
         both += rows
         lines = [
             f"#### {backbone}\n",
