@@ -28,12 +28,12 @@ def test_the_six_original_names_and_bitfit_are_registered_in_order():
     ]  # fmt: skip
 
 
-def test_only_the_linear_probe_and_input_prompts_share_the_served_backbone_forward():
-    sharing = {"linear", "vpt-shallow", "vpt-deep", "spt-shallow", "spt-deep"}
+def test_only_the_linear_probe_input_prompts_and_apt_share_the_served_backbone_forward():
+    sharing = {"linear", "vpt-shallow", "vpt-deep", "spt-shallow", "spt-deep", "apt"}
     assert {n: get_method(n).shares_backbone for n in method_names()} == {
         n: n in sharing for n in method_names()
     }
-    assert backbone_sharing_classes() == {"ViTClassifier", "PromptedViT"}
+    assert backbone_sharing_classes() == {"ViTClassifier", "PromptedViT", "APT"}
 
 
 def test_the_second_stages_are_registered_with_their_methods_and_reach_the_cli():

@@ -94,7 +94,8 @@ class Method:
         commands: Its second stage's commands (:class:`StageCommand`), empty for most methods.
         shares_backbone: Its adapters (those holding no ``backbone.*`` tensors) run through the backbone's
             forward shared by a multi-task server (:mod:`selfprompt.serving.multitask` knows the seams of
-            the plain classifier and of input prompts only); False runs its tasks through their own models.
+            the plain classifier, of input prompts and of APT's attention term only); False runs its tasks
+            through their own models.
     """
 
     name: str

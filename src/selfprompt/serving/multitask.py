@@ -51,7 +51,7 @@ class Task:
     Attributes:
         name: What requests call it.
         classes: Its class names, in logit order.
-        shared: True when its rows share the backbone's forward (prompts and linear probes); False when
+        shared: True when its rows share the backbone's forward (prompts, APT, linear probes); False when
             they run through ``model`` (a method that changes backbone weights).
         model: The task's own model (for a shared task: the wrapper its tensors were read from, on the shared
             backbone).
