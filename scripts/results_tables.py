@@ -181,7 +181,8 @@ def successors_table(bench: Path) -> str:
         both += rows
         lines = [
             f"#### {backbone}\n",
-            f"| method | trainable | {' | '.join(TASKS)} | mean | chosen lr ({', '.join(TASKS)}) | seeds |",
+            f"| method | trainable (mean over tasks) | {' | '.join(TASKS)} | mean "
+            f"| chosen lr ({', '.join(TASKS)}) | seeds |",
             "|---|---:|" + "---:|" * (len(TASKS) + 1) + "---|---|",
         ]
         for variant in SUCCESSORS:
