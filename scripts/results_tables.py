@@ -26,6 +26,8 @@ SPT_PAIRS = [("vpt-deep", "spt-deep"), *[(m, f"{m}[kmeans]") for m in ("gapt", "
 SPT_PAIRS += [("cvpt (lr 5e-2)", "cvpt (lr 5e-2)[kmeans]")]
 CVPT_FAST = {"cvpt[xavier]": "cvpt (lr 5e-2)", "cvpt[kmeans]": "cvpt (lr 5e-2)[kmeans]"}
 SUCCESSORS = ["vpt-deep", "spt-deep", "spt-deep[vipamin]", "apt", "ipt", "bpt"]
+REFERENCES = ("vpt-deep", "spt-deep")  # what each of the others is paired against
+SUCCESSOR_FILES = ("successors", "successors_vipamin", "successors_sup")
 PC_ROWS = [(1.0, "vpt-deep[M=10]"), (0.5, "vpt-deep[M=5]"), (0.3, "vpt-deep[M=3]"), (0.1, "vpt-deep[M=1]")]
 
 
@@ -143,6 +145,11 @@ def pc_table(bench: Path) -> str:
     return "\n".join(lines)
 
 
+def chosen_lr(row: dict[str, Any]) -> str:
+    """The rate a searched cell trained with, from its ``chosen`` column (``{'optim.lr': 0.05}``)."""
+    return row["chosen"].split(": ")[-1].rstrip("}")
+
+
 def science_table(bench: Path) -> str:
     """Each method with its own lr search on val: mean ± std over seeds, chosen rates, paired intervals."""
     rows = cells(bench / "science_mae_cells.csv", SCIENCE_TASKS)
@@ -155,7 +162,7 @@ def science_table(bench: Path) -> str:
     ]
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
-        chosen = ", ".join(sorted({r["chosen"].split(": ")[-1].rstrip("}") for r in mine}))
+        chosen = ", ".join(sorted({chosen_lr(r) for r in mine}))
         accs = " | ".join(accuracy(rows, variant, t) for t in SCIENCE_TASKS)
         lines.append(f"| {variant} | {accs} | {chosen} | {sorted({r['seed'] for r in mine})} |")
     lines.append("")
@@ -165,19 +172,13 @@ def science_table(bench: Path) -> str:
     return "\n".join(lines)
 
 
-def chosen_lr(row: dict[str, Any]) -> str:
-    """The rate a searched cell trained with, from its ``chosen`` column (``{'optim.lr': 0.05}``)."""
-    return row["chosen"].split(": ")[-1].rstrip("}")
-
-
 def successors_table(bench: Path) -> str:
     """APT, IPT, BPT and VIPAMIN beside vpt-deep and spt-deep, each at its own searched rate, per backbone:
     mean ± std over seeds, the rates seed 0's search chose, and paired intervals against vpt-deep and spt-deep
     (per backbone, then over both)."""
     parts, both = [], []
     for backbone in (MAE, SUP):
-        files = ("successors", "successors_vipamin", "successors_sup")
-        rows = [r for name in files for r in cells(bench / f"{name}_cells.csv", backbone=backbone)]
+        rows = [r for name in SUCCESSOR_FILES for r in cells(bench / f"{name}_cells.csv", backbone=backbone)]
         both += rows
         lines = [
             f"#### {backbone}\n",
@@ -203,9 +204,9 @@ def successors_table(bench: Path) -> str:
 def against_references(rows: list[dict[str, Any]]) -> list[str]:
     """Each method's paired difference against vpt-deep, then against spt-deep, over the cells both ran."""
     variants = {r["variant"] for r in rows}
-    pairs = [(a, b) for b in ("vpt-deep", "spt-deep") for a in SUCCESSORS[2:] if {a, b} <= variants]
-    pairs = [("spt-deep", "vpt-deep"), *pairs] if {"spt-deep", "vpt-deep"} <= variants else pairs
-    return [f"- {paired_difference(rows, a, b).describe()}" for a, b in pairs]
+    others = [a for a in SUCCESSORS if a not in REFERENCES]
+    pairs = [REFERENCES[::-1], *((a, b) for b in REFERENCES for a in others)]
+    return [f"- {paired_difference(rows, a, b).describe()}" for a, b in pairs if {a, b} <= variants]
 
 
 def main() -> None:

@@ -163,6 +163,12 @@ def searched_by(cfg: BenchConfig, cell: Cell) -> Cell | None:
     return replace(cell, seed=cfg.seeds[0])
 
 
+def searched_best(cfg: BenchConfig, cell: Cell, out: Path) -> dict[str, Any]:
+    """The best setting (``params``, ``val_acc``) of the search whose choice ``cell`` trained: its own
+    ``sweep.json``, or its first seed's under ``--search_seeds first``."""
+    return read_json((searched_by(cfg, cell) or cell).directory(out) / "sweep.json")["best"]
+
+
 def backbones(cfg: BenchConfig) -> list[str]:
     if cfg.backbones is not None:
         return cfg.backbones
@@ -239,9 +245,8 @@ def cell_commands(cfg: BenchConfig, cell: Cell, out: Path, resume: bool) -> list
     condense`` of its source's run for a method that condenses one."""
     train = train_command(cfg, cell, out, resume)
     search = cell_search(cfg, cell)
-    searcher = searched_by(cfg, cell)
-    if searcher is not None:
-        chosen = read_json(searcher.directory(out) / "sweep.json")["best"]["params"]
+    if searched_by(cfg, cell) is not None:
+        chosen = searched_best(cfg, cell, out)["params"]
         settings = [
             a for k, v in chosen.items() for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))
         ]
@@ -304,10 +309,8 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, threads: int) -> dict[str,
                 f"cell {directory} failed (exit {done.returncode}); see {directory / LOG_NAME}"
             )
     search, searcher = cell_search(cfg, cell), searched_by(cfg, cell)
-    if searcher is not None:
-        chosen = read_json(searcher.directory(out) / "sweep.json")["best"]
-    elif search is not None:
-        chosen = read_json(directory / "sweep.json")["best"]
+    chosen = searched_best(cfg, cell, out) if search is not None else None
+    if search is not None and searcher is None:  # the sweep's retrained run
         run = RunDir(directory / "final")
     results, env_info = run.read_results(), run.read_env()
     final = next(r for r in results if r.stage == "final")

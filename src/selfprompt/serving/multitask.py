@@ -117,7 +117,8 @@ class _Bank:
             self.weight[k, : task.num_classes] = task.model.head.weight.detach()
             self.bias[k, : task.num_classes] = task.model.head.bias.detach()
         self.max_prompts = max(self.lengths_list, default=0)
-        self.attention_terms = [_stacked_terms(tasks, i, embed_dim, device, dtype) for i in range(depth)]
+        apt = {k: t.model.attention_terms() for k, t in enumerate(tasks) if isinstance(t.model, APT)}
+        self.attention_terms = [_stacked_terms(apt, n, i, embed_dim, device, dtype) for i in range(depth)]
 
 
 class MultiTaskViT(nn.Module):
@@ -336,10 +337,10 @@ class MultiTaskViT(nn.Module):
 
     def _block(self, layer: int, block: nn.Module, x: torch.Tensor, rows: _Pass, bank: _Bank) -> torch.Tensor:
         """One block over one pass, with its key mask and the rows' APT terms."""
-        attention = block.attn if rows.mask is None else partial(block.attn, attn_mask=rows.mask)
         term = _attention_term(bank, layer, rows.ids)
         if term is None:
             return block(x) if rows.mask is None else block(x, attn_mask=rows.mask)
+        attention = block.attn if rows.mask is None else partial(block.attn, attn_mask=rows.mask)
         return self.family.residual_branches(block, x, None, layer, attn=lambda h: term(h, attention(h)))
 
     def _packed(self, passes: list[_Pass], bank: _Bank) -> list[torch.Tensor]:
@@ -418,19 +419,21 @@ class _Pass:
 
 
 def _stacked_terms(
-    tasks: list[Task], layer: int, dim: int, device: torch.device, dtype: torch.dtype
+    apt: dict[int, list[tuple[torch.Tensor, ...]]],
+    n: int,
+    layer: int,
+    dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The tasks' APT keys, prompts and scales at ``layer``, stacked by task (see :class:`_Bank`)."""
-    terms = {
-        k: t.model.attention_terms()[layer]
-        for k, t in enumerate(tasks)
-        if isinstance(t.model, APT) and layer < t.model.num_prompt_layers
-    }
+    """The APT keys, prompts and scales at ``layer`` of ``n`` tasks, stacked by task (see :class:`_Bank`);
+    ``apt``: task index -> its :meth:`~selfprompt.methods.apt.APT.attention_terms`."""
+    terms = {k: layers[layer] for k, layers in apt.items() if layer < len(layers)}
     if not terms:
         return None
     width = max(keys.shape[0] for keys, _, _ in terms.values())
-    keys = torch.zeros(len(tasks), width, dim, device=device, dtype=dtype)
-    prompts, scales = torch.zeros_like(keys), torch.ones(len(tasks), device=device, dtype=dtype)
+    keys = torch.zeros(n, width, dim, device=device, dtype=dtype)
+    prompts, scales = torch.zeros_like(keys), torch.ones(n, device=device, dtype=dtype)
     for k, (key, prompt, scale) in terms.items():
         keys[k, : len(key)], prompts[k, : len(prompt)], scales[k] = key, prompt, scale
     return keys, prompts, scales
