@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from selfprompt.apps.report import write_report
 from selfprompt.apps.stats import paired_difference
+from selfprompt.apps.sweep import RECORD_NAME
 from selfprompt.atomic import read_json, write_json
 from selfprompt.config import MethodName
 from selfprompt.data import registry
@@ -166,7 +167,7 @@ def searched_by(cfg: BenchConfig, cell: Cell) -> Cell | None:
 def searched_best(cfg: BenchConfig, cell: Cell, out: Path) -> dict[str, Any]:
     """The best setting (``params``, ``val_acc``) of the search whose choice ``cell`` trained: its own
     ``sweep.json``, or its first seed's under ``--search_seeds first``."""
-    return read_json((searched_by(cfg, cell) or cell).directory(out) / "sweep.json")["best"]
+    return read_json((searched_by(cfg, cell) or cell).directory(out) / RECORD_NAME)["best"]
 
 
 def backbones(cfg: BenchConfig) -> list[str]:

@@ -54,6 +54,7 @@ SAMPLERS = ("grid", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 MEDIAN_STARTUP_TRIALS = 3  # finished trials before the median pruner judges (Optuna's default is 5)
 STUDY_NAME = "sweep"
+RECORD_NAME = "sweep.json"  # the search's record, beside its trials
 HEARTBEAT_SECONDS = 60
 
 
@@ -253,7 +254,7 @@ def sweep(base: TrainConfig, settings: SweepSettings, log: Callable[[str], None]
     record = _record(optuna, study, settings, out)
     if settings.final and record["complete"]:
         record["final"] = _final(base, record["best"]["params"], out, log)
-    write_json(out / "sweep.json", record)
+    write_json(out / RECORD_NAME, record)
     _draw(record, out)
     return record
 
